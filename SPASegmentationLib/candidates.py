@@ -133,13 +133,8 @@ def feedback_from_choice(
     return (float(col), float(row)), bool(selected[row, col] >= 0.5), mask
 
 
-def nearest_candidate(candidates: Candidates, target: np.ndarray) -> int:
-    """The simulated user's choice: the candidate with the highest Dice to the target mask."""
-    target = target.astype(bool)
-    best, best_dice = 0, -1.0
-    for index, mask in enumerate(candidates.masks):
-        total = mask.sum() + target.sum()
-        dice = 1.0 if total == 0 else 2.0 * np.logical_and(mask, target).sum() / total
-        if dice > best_dice:
-            best, best_dice = index, dice
-    return best
+def nearest_candidate(candidate_masks: np.ndarray, target: np.ndarray) -> int:
+    """The simulated user's choice: the candidate (K, h, w) with the highest Dice to the target."""
+    from .evaluation.metrics import dice
+
+    return int(np.argmax([dice(mask, target) for mask in candidate_masks]))

@@ -14,6 +14,7 @@ are image pixels, (x, y) = (column, row). Candidate indices are 0-based here (fr
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,18 +93,45 @@ def run_model_round(
     n_samples: int,
     seed: int,
     n_candidates: int = N_CANDIDATES,
+    timings: dict[str, float] | None = None,
 ) -> ModelRound:
-    """Sample N masks for one prompt, aggregate them and find the candidates (model frame)."""
+    """Sample N masks for one prompt, aggregate them and find the candidates (model frame).
+
+    ``timings``, when given, receives the seconds spent in each stage (for ``spa bench``).
+    """
+    clock = _StageClock(timings, model.device)
     sparse, valid, dense = model.encode_prompts([prompt])
     mixture = model.mixture(embedding, sparse, valid, dense, previous_weights.to(model.device)[None])
+    clock.lap("generator")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     z, _ = _sample_on_cpu(mixture, n_samples, generator, model.config.sampling, model.device)
+    clock.lap("sampling")
     logits = model.sample_logits(embedding, sparse, dense, z)[0]
+    clock.lap("conditioning_and_decoding")
     rows, cols = geometry.valid_shape_at(model.backbone.mask_size)
     probabilities = torch.sigmoid(logits[:, :rows, :cols]).float().cpu().numpy()
     mean, _, std = aggregate(probabilities, model.config.recommend_threshold)
+    clock.lap("aggregation")
     candidates = cluster_candidates(probabilities, n_candidates, seed=seed % (2**31), threshold=model.config.recommend_threshold)
+    clock.lap("kmeans")
     return ModelRound(prompt, mixture.select(0).detach(), candidates, mean, std)
+
+
+class _StageClock:
+    """Adds the time since the previous lap to ``timings[stage]`` (no-op without timings)."""
+
+    def __init__(self, timings: dict[str, float] | None, device: torch.device):
+        self.timings, self.device = timings, device
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self.timings is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
+        self.last = now
 
 
 def _sample_on_cpu(mixture: PreferenceMixture, n: int, generator: torch.Generator, mode: str, device: torch.device):
@@ -125,6 +153,36 @@ def feedback_prompt(model: SPAModel, model_round: ModelRound, chosen: int, seed:
         factor = model.backbone.image_size / side
         point = ((point[0] + 0.5) * factor - 0.5, (point[1] + 0.5) * factor - 0.5)
     return model_round.prompt.with_feedback(point, label, mask_logits)
+
+
+def start_prompt(
+    geometry: ImageGeometry,
+    point: tuple[float, float] | None = None,
+    box: tuple[float, float, float, float] | None = None,
+    label: bool = True,
+) -> Prompt:
+    """The first prompt in the model frame from a point and/or box in image pixels, validated."""
+    if point is None and box is None:
+            raise InputError("start needs a point (x, y) inside the structure or a box (x0, y0, x1, y1)")
+    prompt = Prompt()
+    height, width = geometry.height, geometry.width
+    if point is not None:
+        x, y = _pair(point, "point")
+        if not (-0.5 <= x <= width - 0.5 and -0.5 <= y <= height - 0.5):
+            raise InputError(f"point ({x:g}, {y:g}) is outside the image (x 0..{width - 1}, y 0..{height - 1})")
+        mx, my = geometry.to_model(np.array([x, y]))
+        prompt = Prompt([(float(mx), float(my))], [bool(label)])
+    if box is not None:
+        if len(box) != 4:
+            raise InputError(f"a box needs four numbers x0,y0,x1,y1, got {len(box)}")
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not (x1 > x0 and y1 > y0):
+            raise InputError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is empty; it needs x0 < x1 and y0 < y1")
+        if x0 < -0.5 or y0 < -0.5 or x1 > width - 0.5 or y1 > height - 0.5:
+            raise InputError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) extends outside the image (x 0..{width - 1}, y 0..{height - 1})")
+        corners = geometry.to_model(np.array([[x0, y0], [x1, y1]]))
+        prompt.box = (float(corners[0, 0]), float(corners[0, 1]), float(corners[1, 0]), float(corners[1, 1]))
+    return prompt
 
 
 class Session:
@@ -183,26 +241,7 @@ class Session:
         label: bool = True,
     ) -> Round:
         """Begin with a point inside the structure and/or a box (x0, y0, x1, y1) around it."""
-        if point is None and box is None:
-            raise InputError("start needs a point (x, y) inside the structure or a box (x0, y0, x1, y1)")
-        prompt = Prompt()
-        height, width = self.geometry.height, self.geometry.width
-        if point is not None:
-            x, y = _pair(point, "point")
-            if not (-0.5 <= x <= width - 0.5 and -0.5 <= y <= height - 0.5):
-                raise InputError(f"point ({x:g}, {y:g}) is outside the image (x 0..{width - 1}, y 0..{height - 1})")
-            mx, my = self.geometry.to_model(np.array([x, y]))
-            prompt = Prompt([(float(mx), float(my))], [bool(label)])
-        if box is not None:
-            if len(box) != 4:
-                raise InputError(f"a box needs four numbers x0,y0,x1,y1, got {len(box)}")
-            x0, y0, x1, y1 = (float(v) for v in box)
-            if not (x1 > x0 and y1 > y0):
-                raise InputError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is empty; it needs x0 < x1 and y0 < y1")
-            if x0 < -0.5 or y0 < -0.5 or x1 > width - 0.5 or y1 > height - 0.5:
-                raise InputError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) extends outside the image (x 0..{width - 1}, y 0..{height - 1})")
-            corners = self.geometry.to_model(np.array([[x0, y0], [x1, y1]]))
-            prompt.box = (float(corners[0, 0]), float(corners[0, 1]), float(corners[1, 0]), float(corners[1, 1]))
+        prompt = start_prompt(self.geometry, point, box, label)
         self._start = {"point": None if point is None else [float(v) for v in point], "label": bool(label),
                        "box": None if box is None else [float(v) for v in box]}
         self._choices, self._model_rounds, self._rounds, self.accepted = [], [], [], False
@@ -311,8 +350,6 @@ class Session:
         return self._rounds[-1]
 
     def _advance(self, prompt: Prompt, previous_weights: torch.Tensor) -> Round:
-        import time
-
         began = time.perf_counter()
         index = len(self._rounds) + 1
         model_round = run_model_round(

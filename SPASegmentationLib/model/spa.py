@@ -205,6 +205,13 @@ class SPAModel(nn.Module):
         """Write the SPA weights (not the backbone's) atomically, as float16 to keep the file small."""
         from ..jsonio import write_bytes_atomic
 
+        # Round this model's own weights to what the file holds, so that it behaves, and is
+        # fingerprinted, exactly like the model that will be loaded from the file.
+        with torch.no_grad():
+            for tensor in self.spa_state_dict().values():
+                if tensor.is_floating_point():
+                    tensor.copy_(tensor.half().float())
+        self.invalidate_fingerprint()
         payload = {
             "format": WEIGHTS_FORMAT,
             "format_version": WEIGHTS_VERSION,

@@ -1,0 +1,452 @@
+"""The ``spa`` command: demo, segment, profile, train, evaluate, bench, generate-data.
+
+Every user error prints one line ``spa: error: …`` and exits with status 2; nothing else
+should reach the user as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+DEFAULT_OUTPUT = Path("output")
+
+
+# ----- argument helpers ---------------------------------------------------------------------------
+def _numbers(text: str, count: int, what: str) -> tuple[float, ...]:
+    from .errors import InputError
+
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"{what} {text!r} must be {count} comma-separated numbers") from None
+    if len(values) != count:
+        raise InputError(f"{what} {text!r} must be {count} comma-separated numbers, got {len(values)}")
+    return values
+
+
+def _choices(text: str | None) -> list[int]:
+    from .errors import InputError
+
+    if not text:
+        return []
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise InputError(f"--choose {text!r} must be candidate numbers 1-4 separated by commas, e.g. 2,1") from None
+    if any(v < 1 for v in values):
+        raise InputError(f"--choose {text!r}: candidates are numbered from 1")
+    return values
+
+
+def _device(name: str) -> str:
+    import torch
+
+    from .errors import InputError
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device {name} was requested but no CUDA GPU is available; use --device cpu")
+    return name
+
+
+def _load_model(args: argparse.Namespace):
+    from .model.spa import default_model, load_model
+
+    device = _device(getattr(args, "device", "auto"))
+    if getattr(args, "model", None):
+        return load_model(Path(args.model), backbone_checkpoint=_opt_path(args, "checkpoint"), device=device)
+    return default_model(device=device)
+
+
+def _opt_path(args: argparse.Namespace, name: str) -> Path | None:
+    value = getattr(args, name, None)
+    return Path(value) if value else None
+
+
+def _print_json(payload: Any) -> None:
+    print(json.dumps(payload, indent=2))
+
+
+# ----- demo ---------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    """A simulated clinician segments the bundled sample, one PNG per round."""
+    from .data.folder import MultiRaterFolder
+    from .evaluation.figures import render_round
+    from .evaluation.metrics import dice
+    from .evaluation.protocol import initial_point
+    from .candidates import nearest_candidate
+    from .jsonio import write_json_atomic
+    from .resources import sample_case_dir
+    from .session import Session
+    from .errors import InputError
+
+    started = time.perf_counter()
+    sample = sample_case_dir()
+    folder = MultiRaterFolder(sample.parent)
+    case = folder.load(sample.name)
+    rater = args.rater or sorted(case.raters)[-1]
+    if rater not in case.raters:
+        raise InputError(f"rater {rater!r} is not in the sample; choose one of {', '.join(sorted(case.raters))}")
+    target = case.raters[rater]
+    model = _load_model(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    point = initial_point(case.raters, target)
+    session = Session(model, case.image, seed=args.seed, n_samples=args.samples)
+    print(f"SPA demo: sample {sample.name} ({case.image.shape[1]}×{case.image.shape[0]}), simulated clinician "
+          f"with the style of rater '{rater}', first click at ({point[0]:.0f}, {point[1]:.0f}); model {model.fingerprint()}")
+    round_ = session.start(point=point)
+    rounds_summary = []
+    while True:
+        score = dice(round_.recommended, target)
+        accept = score >= args.accept_dice or round_.index >= args.rounds
+        chosen = None if accept else nearest_candidate(round_.candidates, target)
+        picture = render_round(
+            case.image, round_, out / f"round_{round_.index}.png", chosen=chosen, target=target,
+            points=[(point[0], point[1], True)],
+            title=f"Round {round_.index}: Dice {score:.3f} to the clinician's style '{rater}'"
+                  + (" — accepted" if accept else f" — clinician picks candidate {chosen + 1}"),
+        )
+        rounds_summary.append({"round": round_.index, "dice": score, "candidates": round_.n_candidates,
+                               "chosen": None if chosen is None else chosen + 1, "seconds": round_.seconds,
+                               "picture": picture.name})
+        print(f"  round {round_.index}: Dice {score:.3f}  ({round_.seconds:.2f} s)"
+              + ("  accepted" if accept else f"  → picks candidate {chosen + 1} of {round_.n_candidates}"))
+        if accept:
+            break
+        round_ = session.choose(chosen)
+    mask = session.accept()
+    summary = {
+        "kind": "spa-demo",
+        "sample": sample.name,
+        "data_fingerprint": folder.fingerprint([sample.name]),
+        "rater_style": rater,
+        "model_fingerprint": model.fingerprint(),
+        "seed": args.seed,
+        "n_samples": args.samples,
+        "first_point": list(point),
+        "rounds": rounds_summary,
+        "final_dice": dice(mask, target),
+        "seconds_total": time.perf_counter() - started,
+        "session_state": session.state(),
+    }
+    write_json_atomic(out / "summary.json", summary)
+    print(f"Final Dice {summary['final_dice']:.3f} after {len(rounds_summary)} round(s); pictures and summary.json in {out}")
+    return 0
+
+
+# ----- segment ------------------------------------------------------------------------------------
+def cmd_segment(args: argparse.Namespace) -> int:
+    """Segment one image from a point or box; optional scripted choices; write masks in its format."""
+    from .errors import InputError
+    from .evaluation.figures import render_round
+    from .io.images import mask_extension, read_image, write_mask
+    from .jsonio import write_json_atomic
+    from .profiles import ProfileStore
+    from .session import Session
+
+    if (args.user is None) != (args.structure is None):
+        raise InputError("--user and --structure go together: give both to use and update a preference profile")
+    if args.point is None and args.box is None:
+        raise InputError("give the first prompt: --point X,Y inside the structure or --box X0,Y0,X1,Y1 around it")
+    choices = _choices(args.choose)
+    loaded = read_image(Path(args.image), slice_index=args.slice)
+    window = _numbers(args.window, 2, "--window") if args.window else None
+    model = _load_model(args)
+    store = ProfileStore(_opt_path(args, "profiles"), model_fingerprint=model.fingerprint()) if args.user else None
+    initial = store.initial_weights(args.user, args.structure) if store else None
+    session = Session(model, loaded.array, seed=args.seed, n_samples=args.samples, initial_weights=initial, window=window)
+    point = _numbers(args.point, 2, "--point") if args.point else None
+    box = _numbers(args.box, 4, "--box") if args.box else None
+    round_ = session.start(point=point, box=box)
+    for number in choices:
+        if number > round_.n_candidates:
+            raise InputError(f"--choose: round {round_.index} has {round_.n_candidates} candidate(s), so {number} does not exist")
+        round_ = session.choose(number - 1)
+    mask = session.accept()
+    out = Path(args.out)
+    stem = Path(args.image).name.split(".")[0] or "image"
+    ext = mask_extension(loaded)
+    written = {"recommended": str(write_mask(out / f"{stem}_spa_recommended{ext}", mask, loaded))}
+    for k in range(round_.n_candidates):
+        written[f"candidate_{k + 1}"] = str(write_mask(out / f"{stem}_spa_candidate{k + 1}{ext}", round_.candidates[k], loaded))
+    preview = render_round(loaded.array, round_, out / f"{stem}_spa_round{round_.index}.png", window=window,
+                           points=[(point[0], point[1], True)] if point else [],
+                           title=f"{Path(args.image).name}: round {round_.index}")
+    profile_info = None
+    if store:
+        profile = store.update(args.user, args.structure, session.mixture, rounds=round_.index)
+        profile_info = {"user": profile.user, "structure": profile.structure, "n_sessions": profile.n_sessions}
+    summary = {
+        "kind": "spa-segment", "image": str(args.image), "slice": args.slice, "model_fingerprint": model.fingerprint(),
+        "rounds": round_.index, "choices": choices, "recommended_pixels": int(mask.sum()),
+        "candidate_pixels": [int(c.sum()) for c in round_.candidates], "outputs": written, "preview": str(preview),
+        "profile": profile_info, "session_state": session.state(),
+    }
+    write_json_atomic(out / f"{stem}_spa_summary.json", summary)
+    print(f"round {round_.index}: recommended mask {int(mask.sum())} px, {round_.n_candidates} candidate(s) "
+          f"(" + ", ".join(f"{k + 1}: {int(c.sum())} px" for k, c in enumerate(round_.candidates)) + ")")
+    print(f"wrote {written['recommended']} and {round_.n_candidates} candidate mask(s), preview {preview}")
+    if profile_info:
+        print(f"profile {args.user}/{args.structure} updated ({profile_info['n_sessions']} session(s))")
+    return 0
+
+
+# ----- profiles -----------------------------------------------------------------------------------
+def cmd_profile(args: argparse.Namespace) -> int:
+    """list | show | export | import | delete preference profiles."""
+    from .profiles import ProfileStore
+
+    fingerprint = args.fingerprint or _load_model(args).fingerprint()
+    store = ProfileStore(_opt_path(args, "profiles"), model_fingerprint=fingerprint)
+    if args.action == "list":
+        summaries = store.list_profiles()
+        if not summaries:
+            print(f"no profiles in {store.root}")
+        for s in summaries:
+            state = f"ERROR: {s.error}" if s.error else f"{s.n_sessions} session(s), updated {s.updated}"
+            print(f"{s.user}\t{s.structure}\t{state}")
+        return 0
+    if args.action == "show":
+        profile = store.load(args.user, args.structure)
+        if profile is None:
+            from .errors import ProfileError
+
+            raise ProfileError(f"no profile for user {args.user!r} and structure {args.structure!r}; see `spa profile list`")
+        _print_json(profile.to_dict())
+        return 0
+    if args.action == "export":
+        print(store.export(args.user, args.structure, Path(args.file)))
+        return 0
+    if args.action == "import":
+        profile = store.import_profile(Path(args.file), user=args.user, structure=args.structure, overwrite=args.overwrite)
+        print(f"imported profile {profile.user}/{profile.structure} ({profile.n_sessions} session(s))")
+        return 0
+    if args.action == "delete":
+        store.delete(args.user, args.structure)
+        print(f"deleted profile {args.user}/{args.structure}")
+        return 0
+    raise AssertionError(args.action)
+
+
+# ----- train / evaluate / bench / data ------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train SPA on a multi-rater folder with simulated users."""
+    import torch
+
+    from .data.folder import MultiRaterFolder
+    from .model.spa import SPAConfig, build_model
+    from .training import TrainConfig, load_training_cases, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    config = SPAConfig(backbone=args.backbone, conditioning=args.conditioning)
+    model = build_model(config, backbone_checkpoint=_opt_path(args, "checkpoint"), device=_device(args.device))
+    train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, rounds=args.rounds, n_samples=args.samples,
+                               seed=args.seed, first_prompt=args.first_prompt, lr=args.lr)
+    cases = load_training_cases(Path(args.data), args.split, model, Path(args.cache))
+    folder = MultiRaterFolder(Path(args.data))
+    description = {"root": str(args.data), "split": args.split, "n_cases": len(cases),
+                   "fingerprint": folder.fingerprint([c.case_id for c in cases])}
+    run = train(model, cases, out, train_config, data_description=description)
+    print(f"trained {run.steps_done} steps in {run.seconds / 60:.1f} min; weights {out / 'spa_model.pt'} "
+          f"(fingerprint {model.fingerprint()})")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate SPA model(s) and the click baseline on held-out cases."""
+    import torch
+
+    from .evaluation.report import markdown_summary_table, write_report
+    from .evaluation.runner import evaluate
+    from .model.spa import build_model, default_model, load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    methods = {}
+    paths = args.model or [None]
+    for index, path in enumerate(paths):
+        model = default_model(device) if path is None else load_model(Path(path), _opt_path(args, "checkpoint"), device)
+        name = f"spa_{model.config.conditioning}" + (f"_{index + 1}" if len(paths) > 1 else "")
+        label = f"SPA ({model.config.conditioning} conditioning, {Path(path).parent.name if path else 'shipped'})"
+        methods[name] = (label, model)
+    baseline = None
+    if not args.no_baseline:
+        baseline = build_model(device=device) if args.checkpoint is None else build_model(
+            next(iter(methods.values()))[1].config, _opt_path(args, "checkpoint"), device)
+    targets = _numbers(args.targets, len(args.targets.split(",")), "--targets")
+    results = evaluate(methods, Path(args.data), args.split, baseline_model=baseline, seed=args.seed,
+                       max_rounds=args.rounds, targets=targets, first_prompt=args.first_prompt,
+                       n_samples=args.samples, max_cases=args.max_cases, cache_dir=Path(args.cache))
+    paths_written = write_report(results, Path(args.out))
+    print(markdown_summary_table(json.loads(paths_written["results"].read_text())))
+    print(f"report: {paths_written['report']}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Encoding and per-round time, by stage, and peak memory, for the default and the paper's conditioning."""
+    from .bench import format_report, machine_description, run_bench
+    from .jsonio import write_json_atomic
+    from .resources import default_model_path
+
+    device = _device(args.device)
+    configs = []
+    for conditioning in args.conditioning.split(","):
+        weights = args.model if (args.model and conditioning == "token") else None
+        if conditioning == "token" and weights is None and default_model_path().is_file():
+            weights = str(default_model_path())
+        configs.append({"conditioning": conditioning, "n_samples": args.samples, "repeats": args.repeats,
+                        "device": device, "weights": weights, "threads": args.threads})
+    reports = run_bench(configs)
+    print(format_report(reports))
+    payload = {"kind": "spa-bench", "machine": machine_description(), "reports": reports}
+    write_json_atomic(Path(args.out) / "bench.json", payload)
+    print(f"written {Path(args.out) / 'bench.json'}")
+    return 0
+
+
+def cmd_generate_data(args: argparse.Namespace) -> int:
+    """Write a synthetic multi-rater dataset in the generic folder format."""
+    from .data.synthetic import write_dataset
+
+    root = write_dataset(Path(args.out), n_cases=args.cases, seed=args.seed)
+    print(f"wrote {args.cases} cases to {root}")
+    return 0
+
+
+# ----- parser -------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spa", description="SPA: segment by choosing among candidates; the model learns your preference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", help="SPA weights from `spa train` (default: the shipped LiteMedSAM model)")
+        p.add_argument("--checkpoint", help="backbone checkpoint for SAM/MedSAM ViT-B models")
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+
+    p = sub.add_parser("demo", help="simulated clinician session on the bundled sample (the main job)")
+    model_options(p)
+    p.add_argument("--out", default=str(DEFAULT_OUTPUT / "demo"))
+    p.add_argument("--rater", help="whose style the simulated clinician has (default: the most generous)")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--accept-dice", type=float, default=0.95, help="the clinician accepts at this Dice")
+    p.add_argument("--samples", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("segment", help="segment one image (PNG/JPEG/NIfTI/NRRD/DICOM)")
+    model_options(p)
+    p.add_argument("image")
+    p.add_argument("--point", help="X,Y pixel inside the structure")
+    p.add_argument("--box", help="X0,Y0,X1,Y1 pixel box around the structure")
+    p.add_argument("--choose", help="candidates picked in successive rounds, e.g. 2,1 (numbered 1-4)")
+    p.add_argument("--slice", type=int, help="slice index of a 3-D volume")
+    p.add_argument("--window", help="LOW,HIGH intensity window (e.g. -160,240 for CT soft tissue)")
+    p.add_argument("--user", help="user whose preference profile to use and update")
+    p.add_argument("--structure", help="structure name of the profile (e.g. 'liver tumour')")
+    p.add_argument("--profiles", help="profile folder (default ~/.spa/profiles or $SPA_HOME/profiles)")
+    p.add_argument("--out", default=str(DEFAULT_OUTPUT / "segment"))
+    p.add_argument("--samples", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("profile", help="list, show, export, import or delete preference profiles")
+    model_options(p)
+    p.add_argument("action", choices=["list", "show", "export", "import", "delete"])
+    p.add_argument("--user")
+    p.add_argument("--structure")
+    p.add_argument("--file", help="file to export to or import from")
+    p.add_argument("--overwrite", action="store_true", help="import over an existing profile")
+    p.add_argument("--profiles", help="profile folder (default ~/.spa/profiles or $SPA_HOME/profiles)")
+    p.add_argument("--fingerprint", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("train", help="train SPA with simulated users on a multi-rater folder")
+    p.add_argument("data", help="multi-rater folder (see README: <case>/image.*, <case>/rater_<name>.*)")
+    p.add_argument("--out", default=str(DEFAULT_OUTPUT / "train"))
+    p.add_argument("--split", default="train")
+    p.add_argument("--backbone", default="litemedsam", choices=["litemedsam", "sam_vit_b", "medsam_vit_b"])
+    p.add_argument("--checkpoint", help="backbone checkpoint (required for sam_vit_b / medsam_vit_b)")
+    p.add_argument("--conditioning", default="token", choices=["token", "concat"])
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--samples", type=int, default=24)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--first-prompt", default="mixed", choices=["point", "box", "mixed"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--cache", default=str(DEFAULT_OUTPUT / "cache" / "embeddings"))
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="simulated-user evaluation: Dice per round and NoI, SPA vs click baseline")
+    p.add_argument("data")
+    p.add_argument("--model", action="append", help="SPA weights; repeat to compare (default: the shipped model)")
+    p.add_argument("--checkpoint")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", default=str(DEFAULT_OUTPUT / "evaluate"))
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--targets", default="0.8,0.9")
+    p.add_argument("--first-prompt", default="point", choices=["point", "box"])
+    p.add_argument("--samples", type=int, default=48)
+    p.add_argument("--max-cases", type=int)
+    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--cache", default=str(DEFAULT_OUTPUT / "cache" / "embeddings"))
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("bench", help="time encoding and rounds (N=48, K=4) for both conditionings")
+    p.add_argument("--model", help="SPA weights for the token conditioning (default: the shipped model)")
+    p.add_argument("--conditioning", default="token,concat")
+    p.add_argument("--samples", type=int, default=48)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=str(DEFAULT_OUTPUT / "bench"))
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("generate-data", help="write a synthetic multi-rater dataset")
+    p.add_argument("out")
+    p.add_argument("--cases", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate_data)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``spa`` command."""
+    import warnings
+
+    from .errors import SPAError
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm\..*")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SPAError as exc:
+        print(f"spa: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spa: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        print(f"spa: error: {exc.strerror or exc} ({exc.filename or ''})", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Run the evaluation protocol: simulated users on held-out cases, SPA vs a click baseline.
+
+Per case the target preference is a fixed, seeded rater subset (``protocol.fixed_preferences``);
+the first prompt is the deepest point of the all-rater region (or a box around the target). Every
+method then runs ``max_rounds`` rounds and the Dice of its recommended mask is recorded after each:
+- SPA: the simulated user picks the candidate with the highest Dice to the target each round;
+- click baseline (what SAM/MedSAM users do): one click per round at the deepest pixel of the
+  largest error region, the previous logits as mask prompt, on the pretrained backbone alone.
+The user keeps choosing to the last round, so NoI at any target is read off one Dice curve.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..candidates import nearest_candidate
+from ..data.folder import MultiRaterCase, MultiRaterFolder
+from ..model.cache import EmbeddingCache
+from ..model.spa import Prompt, SPAModel
+from ..session import Session, start_prompt
+from .metrics import candidate_diversity, dice
+from .protocol import consensus, fixed_preferences, initial_box, initial_point, largest_error_click
+
+DEFAULT_TARGETS = (0.8, 0.9)
+
+
+def first_prompt_for(case: MultiRaterCase, target: np.ndarray, kind: str) -> dict[str, Any]:
+    """The simulated user's first prompt as Session.start keyword arguments."""
+    if kind == "box":
+        return {"box": initial_box(target)}
+    return {"point": initial_point(case.raters, target)}
+
+
+def run_spa(
+    model: SPAModel, case: MultiRaterCase, target: np.ndarray, first: dict[str, Any], embedding: torch.Tensor,
+    max_rounds: int, seed: int, n_samples: int,
+) -> dict[str, Any]:
+    """One simulated SPA session: Dice per round, candidate diversity, seconds per round."""
+    session = Session(model, case.image, seed=seed, n_samples=n_samples, embedding=embedding)
+    round_ = session.start(**first)
+    dices, diversity, seconds = [dice(round_.recommended, target)], [candidate_diversity(list(round_.candidates))], [round_.seconds]
+    while round_.index < max_rounds:
+        round_ = session.choose(nearest_candidate(round_.candidates, target))
+        dices.append(dice(round_.recommended, target))
+        diversity.append(candidate_diversity(list(round_.candidates)))
+        seconds.append(round_.seconds)
+    return {"dice": dices, "candidate_diversity": diversity, "seconds_per_round": float(np.mean(seconds)),
+            "choices": session.choices}
+
+
+@torch.no_grad()
+def run_click_baseline(
+    model: SPAModel, case: MultiRaterCase, target: np.ndarray, first: dict[str, Any], embedding: torch.Tensor,
+    max_rounds: int,
+) -> dict[str, Any]:
+    """Click refinement on the backbone alone: one corrective click per round, previous logits as mask."""
+    from ..model.preprocess import ImageGeometry
+
+    geometry = ImageGeometry(case.image.shape[0], case.image.shape[1], model.backbone.image_size)
+    side = model.backbone.mask_size
+    prompt = start_prompt(geometry, **first)
+    dices, seconds = [], []
+    for _ in range(max_rounds):
+        began = time.perf_counter()
+        logits = model.plain_logits(embedding, [prompt])[0]
+        prediction = geometry.maps_to_image(logits[None], side)[0].numpy() > 0
+        seconds.append(time.perf_counter() - began)
+        dices.append(dice(prediction, target))
+        click = largest_error_click(prediction, target)
+        if click is None:
+            break
+        x, y, positive = click
+        mx, my = geometry.to_model(np.array([x, y]))
+        prompt = prompt.with_feedback((float(mx), float(my)), positive, logits.cpu())
+    while len(dices) < max_rounds:
+        dices.append(dices[-1])
+    return {"dice": dices, "seconds_per_round": float(np.mean(seconds))}
+
+
+def evaluate(
+    methods: dict[str, tuple[str, SPAModel]],
+    root: Path,
+    split: str = "test",
+    *,
+    baseline_model: SPAModel | None = None,
+    seed: int = 0,
+    max_rounds: int = 6,
+    targets: tuple[float, ...] = DEFAULT_TARGETS,
+    first_prompt: str = "point",
+    n_samples: int = 48,
+    max_cases: int | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    on_case: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate SPA models (name → (label, model)) and optionally the click baseline on one split."""
+    folder = MultiRaterFolder(root)
+    case_ids = folder.split(split)
+    if max_cases is not None:
+        case_ids = case_ids[:max_cases]
+    cases = {case_id: folder.load(case_id) for case_id in case_ids}
+    preferences = fixed_preferences({cid: c.raters for cid, c in cases.items()}, seed)
+    any_model = baseline_model or next(iter(methods.values()))[1]
+    cache = EmbeddingCache(cache_dir or Path("output/cache/embeddings"), any_model)
+    results: dict[str, Any] = {"methods": {}}
+    for name, (label, _) in methods.items():
+        results["methods"][name] = {"label": label, "per_case": {}}
+    if baseline_model is not None:
+        results["methods"]["click_baseline"] = {"label": "Click refinement (LiteMedSAM, one click per round)", "per_case": {}}
+    for case_id in tqdm(case_ids, desc=f"evaluating ({split})", disable=not progress, unit="case"):
+        case = cases[case_id]
+        target = consensus(case.raters, preferences[case_id])
+        first = first_prompt_for(case, target, first_prompt)
+        embedding, _ = cache.get(case.image)
+        for name, (_, model) in methods.items():
+            results["methods"][name]["per_case"][case_id] = run_spa(
+                model, case, target, first, embedding.to(model.device), max_rounds, seed, n_samples
+            )
+        if baseline_model is not None:
+            results["methods"]["click_baseline"]["per_case"][case_id] = run_click_baseline(
+                baseline_model, case, target, first, embedding.to(baseline_model.device), max_rounds
+            )
+        if on_case:
+            on_case(case_id)
+    results.update({
+        "kind": "spa-evaluation",
+        "seed": seed,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "data": {"root": str(root), "fingerprint": folder.fingerprint(case_ids), "split": split, "cases": case_ids},
+        "model": {name: {"fingerprint": model.fingerprint(), "conditioning": model.config.conditioning,
+                         "backbone": model.backbone.info.name, "training": model.training_info.get("train_config", {})}
+                  for name, (_, model) in methods.items()},
+        "protocol": {"max_rounds": max_rounds, "targets": list(targets), "first_prompt": first_prompt,
+                     "n_samples": n_samples, "preferences": preferences},
+    })
+    return results

@@ -1,0 +1,306 @@
+"""Training with simulated users (paper Algorithm 1), on this machine's CPU or a GPU.
+
+Each step, for a batch of training images:
+1. the target is one plausible preference: the mean of a random non-empty subset of the image's
+   raters, binarised at 0.5 (the same draw the evaluation uses);
+2. the first prompt comes from the target — a point drawn uniformly from the region all raters agree
+   on (paper) or a box around the target with jitter (LiteMedSAM style), mixed by ``first_prompt``;
+3. for up to ``rounds`` rounds: the generator gives the mixture, N latents are drawn, N masks decoded;
+   the loss is BCE (pos_weight 2) of the aggregated probability, plus a best-of-N term (the sample
+   nearest the target), plus MSE of the mixture weights to their E-step target; the simulated user
+   then picks the candidate nearest the target and its feedback becomes the next prompt.
+
+The image encoder is frozen and its embeddings cached on disk, so training never re-encodes an image.
+By default the decoder's transformer is frozen too; its upscaling and mask head train with SPA's parts.
+Training resumes from ``<out>/checkpoint.pt``; every source of randomness is seeded.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .candidates import cluster_candidates, nearest_candidate
+from .errors import DataError
+from .evaluation.protocol import draw_preference, initial_box
+from .jsonio import write_bytes_atomic, write_json_atomic
+from .model.preprocess import ImageGeometry
+from .model.spa import TRAINED_DECODER_PREFIXES, Prompt, SPAModel
+from .preference import e_step_weights, uniform_weights
+from .model.cache import EmbeddingCache
+from .session import ModelRound, feedback_prompt, start_prompt
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (recorded in the weights file)."""
+
+    steps: int = 1500
+    batch_size: int = 4
+    rounds: int = 6
+    n_samples: int = 24
+    n_candidates: int = 4
+    lr: float = 3e-4
+    decoder_lr: float = 3e-5
+    weight_decay: float = 1e-4
+    pos_weight: float = 2.0
+    best_of_n_weight: float = 0.5
+    pi_weight: float = 1.0
+    e_step_temperature: float = 0.05
+    first_prompt: str = "mixed"  # "point", "box" or "mixed" (half each)
+    seed: int = 0
+    checkpoint_every: int = 25
+    log_every: int = 5
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainingCase:
+    """A training image reduced to what training needs: its embedding, geometry and raters."""
+
+    case_id: str
+    embedding: torch.Tensor  # (C, e, e) float32
+    geometry: ImageGeometry
+    raters: dict[str, np.ndarray]  # image-size bool masks
+
+
+def load_training_cases(root: Path, split: str, model: SPAModel, cache_dir: Path, progress: bool = True) -> list[TrainingCase]:
+    """Read a multi-rater folder's split and make sure every image's embedding is cached."""
+    from tqdm import tqdm
+
+    from .data.folder import MultiRaterFolder
+
+    folder = MultiRaterFolder(root)
+    case_ids = folder.split(split)
+    if not case_ids:
+        raise DataError(f"split {split!r} of {root} has no cases; add cases or fix splits.json")
+    cache = EmbeddingCache(cache_dir, model)
+    cases = []
+    for case_id in tqdm(case_ids, desc=f"embeddings ({split})", disable=not progress, unit="img"):
+        case = folder.load(case_id)
+        embedding, geometry = cache.get(case.image)
+        cases.append(TrainingCase(case_id, embedding[0], geometry, case.raters))
+    return cases
+
+
+def _first_prompt(case: TrainingCase, target: np.ndarray, kind: str, rng: np.random.Generator) -> Prompt:
+    """The simulated user's first prompt on the image, in the model frame."""
+    if kind == "box":
+        margin = float(rng.uniform(0.0, 3.0))
+        box = initial_box(target, margin_px=margin, rng=rng, jitter_px=2.0)
+        if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+            kind = "point"
+        else:
+            return start_prompt(case.geometry, box=box)
+    agreed = np.logical_and.reduce([m for m in case.raters.values()] + [target])
+    region = agreed if agreed.any() else target
+    rows, cols = np.nonzero(region)
+    pick = int(rng.integers(len(rows)))
+    return start_prompt(case.geometry, point=(float(cols[pick]), float(rows[pick])))
+
+
+def _target_in_model_frame(case: TrainingCase, target: np.ndarray, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target ≥ 0.5 on the low-resolution grid, validity mask of that grid)."""
+    soft = case.geometry.mask_to_model(target, side)
+    valid = torch.zeros(side, side)
+    rows, cols = case.geometry.valid_shape_at(side)
+    valid[:rows, :cols] = 1.0
+    return (soft >= 0.5).float(), valid
+
+
+def _masked_bce(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, pos_weight: float) -> torch.Tensor:
+    """Mean BCE over valid pixels; logits (..., h, w), target/valid broadcastable."""
+    loss = F.binary_cross_entropy_with_logits(
+        logits, target.expand_as(logits), pos_weight=torch.tensor(pos_weight, device=logits.device), reduction="none"
+    )
+    return (loss * valid).sum((-2, -1)) / valid.sum((-2, -1)).clamp_min(1.0)
+
+
+def _probability_bce(probability: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, pos_weight: float) -> torch.Tensor:
+    """BCE of a probability map (the aggregate of N samples), pos_weight on the foreground term."""
+    p = probability.clamp(1e-6, 1 - 1e-6)
+    loss = -(pos_weight * target * torch.log(p) + (1 - target) * torch.log(1 - p))
+    return (loss * valid).sum((-2, -1)) / valid.sum((-2, -1)).clamp_min(1.0)
+
+
+def set_trainable(model: SPAModel) -> list[torch.nn.Parameter]:
+    """Freeze the backbone except the decoder parts SPA trains; return the decoder's trainable parameters."""
+    decoder_params = []
+    for name, parameter in model.named_parameters():
+        if name.startswith("backbone."):
+            trainable = name.startswith(TRAINED_DECODER_PREFIXES)
+            parameter.requires_grad_(trainable)
+            if trainable:
+                decoder_params.append(parameter)
+    return decoder_params
+
+
+def training_step(
+    model: SPAModel, cases: list[TrainingCase], config: TrainConfig, rng: np.random.Generator, generator: torch.Generator
+) -> dict[str, float]:
+    """One optimisation step's forward and backward over a batch (gradients accumulate per round)."""
+    device = model.device
+    side = model.backbone.mask_size
+    batch = len(cases)
+    embeddings = torch.stack([c.embedding for c in cases]).to(device)
+    targets, valids, prompts, full_targets = [], [], [], []
+    for case in cases:
+        _, target = draw_preference(case.raters, rng)
+        kind = config.first_prompt if config.first_prompt != "mixed" else ("point" if rng.random() < 0.5 else "box")
+        prompts.append(_first_prompt(case, target, kind, rng))
+        t, v = _target_in_model_frame(case, target, side)
+        targets.append(t)
+        valids.append(v)
+        full_targets.append(t)
+    target = torch.stack(targets).to(device).unsqueeze(1)  # (B, 1, m, m)
+    valid = torch.stack(valids).to(device).unsqueeze(1)
+    weights = uniform_weights(model.config.n_components, batch).to(device)
+    totals = {"loss": 0.0, "aggregate_bce": 0.0, "best_bce": 0.0, "pi_mse": 0.0, "dice_first": 0.0, "dice_last": 0.0}
+    for round_index in range(config.rounds):
+        sparse, valid_tokens, dense = model.encode_prompts(prompts)
+        mixture = model.mixture(embeddings, sparse, valid_tokens, dense, weights)
+        z, component = mixture.sample(config.n_samples, generator=generator, mode=model.config.sampling)
+        logits = model.sample_logits(embeddings, sparse, dense, z, trainable_transformer=False)  # (B, N, m, m)
+        probability = torch.sigmoid(logits).mean(1, keepdim=True)
+        aggregate_loss = _probability_bce(probability, target, valid, config.pos_weight).mean()
+        per_sample = _masked_bce(logits, target, valid, config.pos_weight)  # (B, N)
+        best_loss = per_sample.min(1).values.mean()
+        pi_target = e_step_weights(mixture.weights, component, per_sample, config.e_step_temperature)
+        # MSE as in the paper, scaled by K_g² so that it is O(1) for weights of order 1/K_g.
+        pi_loss = F.mse_loss(mixture.weights, pi_target) * model.config.n_components**2
+        loss = (aggregate_loss + config.best_of_n_weight * best_loss + config.pi_weight * pi_loss) / config.rounds
+        loss.backward()
+        totals["loss"] += float(loss.detach())
+        totals["aggregate_bce"] += float(aggregate_loss) / config.rounds
+        totals["best_bce"] += float(best_loss) / config.rounds
+        totals["pi_mse"] += float(pi_loss) / config.rounds
+        with torch.no_grad():
+            recommended = (probability >= model.config.recommend_threshold).float()
+            inter = (recommended * target * valid).sum((-2, -1))
+            dice = (2 * inter / ((recommended * valid).sum((-2, -1)) + (target * valid).sum((-2, -1))).clamp_min(1)).mean()
+            if round_index == 0:
+                totals["dice_first"] = float(dice)
+            totals["dice_last"] = float(dice)
+            if round_index == config.rounds - 1:
+                break
+            probs = torch.sigmoid(logits).cpu().numpy()
+            next_prompts = []
+            for i, case in enumerate(cases):
+                rows, cols = case.geometry.valid_shape_at(side)
+                maps = probs[i, :, :rows, :cols]
+                candidates = cluster_candidates(maps, config.n_candidates, seed=int(rng.integers(2**31)))
+                goal = full_targets[i][:rows, :cols].numpy().astype(bool)
+                chosen = nearest_candidate(candidates.masks, goal)
+                model_round = ModelRound(prompts[i], mixture.select(i).detach(), candidates, maps.mean(0), maps.std(0))
+                next_prompts.append(feedback_prompt(model, model_round, chosen, int(rng.integers(2**31))))
+            prompts = next_prompts
+            weights = mixture.weights.detach()
+    return totals
+
+
+@dataclass
+class TrainingRun:
+    """What a finished (or interrupted) run reports."""
+
+    steps_done: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def train(
+    model: SPAModel,
+    cases: list[TrainingCase],
+    out_dir: Path,
+    config: TrainConfig,
+    data_description: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> TrainingRun:
+    """Train ``model`` in place; resumes from ``out_dir/checkpoint.pt`` when it exists."""
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    decoder_params = set_trainable(model)
+    own_params = [p for n, p in model.named_parameters() if n.startswith(("generator.", "conditioning."))]
+    optimizer = torch.optim.AdamW(
+        [{"params": own_params, "lr": config.lr}, {"params": decoder_params, "lr": config.decoder_lr}],
+        weight_decay=config.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.steps), eta_min=config.lr * 0.05)
+    rng = np.random.default_rng(config.seed)
+    generator = torch.Generator(device="cpu").manual_seed(config.seed)
+    step, seconds_before = 0, 0.0
+    checkpoint_path = out_dir / "checkpoint.pt"
+    if checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        rng.bit_generator.state = state["numpy_rng"]
+        generator.set_state(state["torch_rng"])
+        step, seconds_before = state["step"], state["seconds"]
+    log_path = out_dir / "train_log.jsonl"
+    model.train()
+    started = time.perf_counter()
+    history = []
+    bar = tqdm(total=config.steps, initial=step, desc="training", disable=not progress, unit="step")
+    while step < config.steps:
+        indices = rng.choice(len(cases), size=min(config.batch_size, len(cases)), replace=False)
+        optimizer.zero_grad(set_to_none=True)
+        totals = training_step(model, [cases[i] for i in indices], config, rng, generator)
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        totals["step"] = step
+        history.append(totals)
+        bar.update(1)
+        bar.set_postfix(loss=f"{totals['loss']:.3f}", dice1=f"{totals['dice_first']:.2f}", diceT=f"{totals['dice_last']:.2f}")
+        if step % config.log_every == 0 or step == config.steps:
+            recent = history[-config.log_every:]
+            mean = {k: float(np.mean([h[k] for h in recent])) for k in recent[0] if k != "step"}
+            with open(log_path, "a") as handle:
+                handle.write(json.dumps({"step": step, **mean, "elapsed_s": seconds_before + time.perf_counter() - started}) + "\n")
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, rng, generator, step,
+                             seconds_before + time.perf_counter() - started)
+    bar.close()
+    model.eval()
+    seconds = seconds_before + time.perf_counter() - started
+    model.training_info = {
+        "train_config": asdict(config),
+        "data": data_description or {},
+        "steps": step,
+        "seconds": round(seconds, 1),
+        "device": str(model.device),
+        "torch": torch.__version__,
+    }
+    model.invalidate_fingerprint()
+    model.save(out_dir / "spa_model.pt")
+    write_json_atomic(out_dir / "training.json", model.training_info | {"fingerprint": model.fingerprint()})
+    return TrainingRun(step, seconds, history)
+
+
+def _save_checkpoint(path: Path, model: SPAModel, optimizer, scheduler, rng, generator, step: int, seconds: float) -> None:
+    import io
+
+    state = {
+        "model": model.spa_state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "numpy_rng": rng.bit_generator.state,
+        "torch_rng": generator.get_state(),
+        "step": step,
+        "seconds": seconds,
+    }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes_atomic(path, buffer.getvalue())

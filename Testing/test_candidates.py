@@ -1,0 +1,93 @@
+"""Aggregation, k-means candidates, signed differences and feedback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from SPASegmentationLib.candidates import (
+    aggregate, cluster_candidates, feedback_from_choice, nearest_candidate, signed_differences,
+)
+from SPASegmentationLib.errors import InputError
+
+
+def discs(radii, size=64, soft=1.5):
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(xx - size / 2, yy - size / 2)
+    return np.stack([1 / (1 + np.exp((r - radius) / soft)) for radius in radii]).astype(np.float32)
+
+
+def test_aggregate_thresholds_the_mean_probability_and_reports_spread():
+    maps = np.stack([np.full((4, 4), 0.2), np.full((4, 4), 0.9)]).astype(np.float32)
+    mean, recommended, std = aggregate(maps)
+    assert np.allclose(mean, 0.55) and recommended.all() and np.allclose(std, 0.35)
+    assert not aggregate(maps, threshold=0.6)[1].any()
+
+
+def test_four_groups_give_four_candidates_smallest_first_with_shares():
+    radii = [8] * 10 + [20] * 14 + [14] * 12 + [26] * 12
+    cands = cluster_candidates(discs(radii), k=4, seed=0)
+    assert len(cands) == 4
+    areas = cands.masks.sum((1, 2))
+    assert list(areas) == sorted(areas)
+    assert np.allclose(cands.shares, [10 / 48, 12 / 48, 14 / 48, 12 / 48])
+    assert (cands.sample_cluster[:10] == 0).all() and (cands.sample_cluster[10:24] == 2).all()
+
+
+def test_order_is_stable_under_sample_permutation_and_seed():
+    radii = [8] * 10 + [20] * 14 + [14] * 12 + [26] * 12
+    maps = discs(radii)
+    a = cluster_candidates(maps, seed=0)
+    b = cluster_candidates(maps[np.random.default_rng(1).permutation(48)], seed=7)
+    assert np.array_equal(a.masks, b.masks)
+
+
+@pytest.mark.parametrize("radii, expected", [([10] * 48, 1), ([10] * 20 + [20] * 28, 2), ([8, 12, 16] * 16, 3)])
+def test_fewer_distinct_predictions_give_fewer_candidates(radii, expected):
+    cands = cluster_candidates(discs(radii), k=4)
+    assert len(cands) == expected
+    assert len({c.tobytes() for c in cands.masks}) == expected
+    assert np.isclose(cands.shares.sum(), 1.0)
+
+
+def test_clusters_with_identical_thresholded_masks_are_merged():
+    # Same binary mask (radius 10 disc) but different confidence: k-means separates them, the user could not.
+    sharp, soft = discs([10], soft=0.3), discs([10], soft=2.5)
+    maps = np.concatenate([np.repeat(sharp, 24, 0), np.repeat(soft, 24, 0)])
+    assert len(cluster_candidates(maps, k=4)) == 1
+
+
+def test_signed_differences_mark_added_and_removed_pixels():
+    recommended = np.zeros((3, 3), bool)
+    recommended[1, 1] = recommended[0, 0] = True
+    candidate = np.zeros((1, 3, 3), bool)
+    candidate[0, 1, 1] = candidate[0, 2, 2] = True
+    diff = signed_differences(candidate, recommended)
+    assert diff.dtype == np.int8
+    assert diff[0, 2, 2] == 1 and diff[0, 0, 0] == -1 and diff[0, 1, 1] == 0 and np.abs(diff).sum() == 2
+
+
+def test_feedback_point_lies_where_the_choice_differs_and_is_labelled_by_it():
+    cands = cluster_candidates(discs([8] * 12 + [14] * 12 + [20] * 12 + [26] * 12))
+    mean = cands.probabilities.mean(0)
+    rng = np.random.default_rng(0)
+    point, label, mask = feedback_from_choice(cands, 3, mean, rng)  # the largest: adds an outer ring
+    x, y = point
+    r = np.hypot(x - 32, y - 32)
+    assert label is True and 20 <= r <= 28 and np.array_equal(mask, cands.masks[3])
+    point, label, _ = feedback_from_choice(cands, 0, mean, rng)  # the smallest: removes
+    assert label is False and np.hypot(point[0] - 32, point[1] - 32) >= 7
+
+
+def test_feedback_without_disagreement_gives_only_the_mask():
+    cands = cluster_candidates(discs([10] * 8))
+    point, _, mask = feedback_from_choice(cands, 0, cands.probabilities[0], np.random.default_rng(0))
+    assert point is None and mask.any()
+    with pytest.raises(InputError, match="does not exist"):
+        feedback_from_choice(cands, 1, cands.probabilities[0], np.random.default_rng(0))
+
+
+def test_simulated_user_picks_the_candidate_nearest_the_target():
+    cands = cluster_candidates(discs([8] * 12 + [14] * 12 + [20] * 12 + [26] * 12))
+    target = discs([19])[0] >= 0.5
+    assert nearest_candidate(cands.masks, target) == 2

@@ -1,0 +1,150 @@
+"""Session: start, choose, accept, undo, state/restore, determinism and user errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from SPASegmentationLib.errors import InputError
+from SPASegmentationLib.session import Session
+from conftest import disc_image
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A model whose conditioning is perturbed so that samples differ (as after training)."""
+    from SPASegmentationLib.model.spa import SPAConfig, build_model
+
+    torch.manual_seed(1)
+    m = build_model(SPAConfig())
+    with torch.no_grad():
+        for p in m.conditioning.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    m.invalidate_fingerprint()
+    return m
+
+
+def run_rounds(model, image, choices, seed=3, **kwargs):
+    session = Session(model, image, seed=seed, n_samples=16, **kwargs)
+    rounds = [session.start(box=(80, 50, 160, 130))]
+    for k in choices:
+        rounds.append(session.choose(min(k, rounds[-1].n_candidates - 1)))
+    return session, rounds
+
+
+def test_round_outputs_are_image_sized_and_consistent(model, ct_image):
+    session, rounds = run_rounds(model, ct_image, [])
+    r = rounds[0]
+    h, w = ct_image.shape
+    assert r.index == 1 and r.probability.shape == (h, w) and r.uncertainty.shape == (h, w)
+    assert r.recommended.dtype == bool and np.array_equal(r.recommended, r.probability >= 0.5)
+    assert 1 <= r.n_candidates <= 4 and r.candidates.shape == (r.n_candidates, h, w)
+    assert r.differences.shape == r.candidates.shape
+    assert np.array_equal(r.differences == 1, r.candidates & ~r.recommended[None])
+    assert np.isclose(r.candidate_shares.sum(), 1.0) and np.isclose(r.mixture_weights.sum(), 1.0)
+    # The structure (disc at 120, 90, radius 35) is found from the box.
+    yy, xx = np.mgrid[:h, :w]
+    inside = np.hypot(xx - 120, yy - 90) < 30
+    assert r.recommended[inside].mean() > 0.9 and r.recommended[~np.hypot(xx - 120, yy - 90).__lt__(45)].mean() < 0.05
+
+
+def test_rounds_are_deterministic_for_a_seed_and_differ_across_seeds(model, ct_image):
+    _, a = run_rounds(model, ct_image, [0, 1], seed=5)
+    _, b = run_rounds(model, ct_image, [0, 1], seed=5)
+    _, c = run_rounds(model, ct_image, [0, 1], seed=6)
+    assert all(np.array_equal(x.probability, y.probability) for x, y in zip(a, b))
+    assert not np.array_equal(a[0].probability, c[0].probability)
+
+
+def test_choose_moves_the_mixture_and_counts_rounds(model, ct_image):
+    session, rounds = run_rounds(model, ct_image, [0, 0])
+    assert [r.index for r in rounds] == [1, 2, 3] and session.choices == [0, 0]
+    with pytest.raises(InputError, match="does not exist"):
+        session.choose(7)
+    with pytest.raises(InputError, match="does not exist"):
+        session.choose(-1)
+
+
+def test_accept_undo_and_undo_to_an_earlier_round(model, ct_image):
+    session, rounds = run_rounds(model, ct_image, [0, 0, 0])
+    mask = session.accept()
+    assert np.array_equal(mask, rounds[-1].recommended) and session.accepted
+    with pytest.raises(InputError, match="accepted"):
+        session.choose(0)
+    assert session.undo() is session.current and not session.accepted  # first undo reopens
+    back = session.undo()
+    assert back.index == 3 and np.array_equal(back.probability, rounds[2].probability)
+    first = session.undo(to_round=1)
+    assert first.index == 1 and session.choices == [] and np.array_equal(first.probability, rounds[0].probability)
+    with pytest.raises(InputError, match="cannot undo"):
+        session.undo(to_round=4)
+    again = session.choose(0)
+    assert np.array_equal(again.probability, rounds[1].probability)  # same choice, same round
+
+
+def test_state_is_plain_json_and_restores_the_same_session(model, ct_image):
+    session, rounds = run_rounds(model, ct_image, [1, 0])
+    session.accept()
+    state = json.loads(json.dumps(session.state()))
+    restored = Session.restore(model, ct_image, state)
+    assert restored.accepted and restored.choices == session.choices
+    assert np.array_equal(restored.current.probability, rounds[-1].probability)
+    assert np.array_equal(restored.current.candidates, rounds[-1].candidates)
+    with pytest.raises(InputError, match="different image"):
+        Session.restore(model, disc_image(seed=9), state)
+    tampered = dict(state, model_fingerprint="0" * 16)
+    with pytest.raises(InputError, match="made with model"):
+        Session.restore(model, ct_image, tampered)
+    with pytest.raises(InputError, match="not an SPA session"):
+        Session.restore(model, ct_image, {"kind": "other"})
+
+
+def test_initial_weights_from_a_profile_are_used_for_the_first_round(model, ct_image):
+    weights = np.zeros(16)
+    weights[3] = 1.0
+    session = Session(model, ct_image, seed=0, n_samples=8, initial_weights=weights)
+    r = session.start(point=(120, 90))
+    assert r.mixture_weights[3] == pytest.approx(1.0, abs=1e-4)  # π network is zero-initialised here
+    with pytest.raises(InputError, match="initial mixture weights"):
+        Session(model, ct_image, initial_weights=np.ones(3))
+
+
+def test_a_precomputed_embedding_skips_encoding_and_gives_the_same_result(model, ct_image):
+    from SPASegmentationLib.session import encode_image
+
+    embedding, _ = encode_image(model, ct_image)
+    _, direct = run_rounds(model, ct_image, [0])
+    session = Session(model, ct_image, seed=3, n_samples=16, embedding=embedding)
+    first = session.start(box=(80, 50, 160, 130))
+    assert np.array_equal(first.probability, direct[0].probability)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "needs a point"),
+        ({"point": (500, 10)}, "outside the image"),
+        ({"point": (10, -3)}, "outside the image"),
+        ({"point": ("a", 1)}, "two numbers"),
+        ({"point": (np.nan, 1)}, "not finite"),
+        ({"box": (50, 50, 40, 60)}, "empty"),
+        ({"box": (0, 0, 400, 60)}, "outside the image"),
+        ({"box": (1, 2, 3)}, "four numbers"),
+    ],
+)
+def test_bad_prompts_are_clear_errors(model, ct_image, kwargs, message):
+    session = Session(model, ct_image, n_samples=4)
+    with pytest.raises(InputError, match=message):
+        session.start(**kwargs)
+
+
+def test_using_a_session_before_start_is_a_clear_error(model, ct_image):
+    session = Session(model, ct_image, n_samples=4)
+    for call in (lambda: session.choose(0), session.accept, session.undo):
+        with pytest.raises(InputError, match="has not started"):
+            call()
+    with pytest.raises(InputError, match="n_samples"):
+        Session(model, ct_image, n_samples=0)
