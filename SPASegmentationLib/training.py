@@ -178,9 +178,9 @@ def training_step(
         loss = (aggregate_loss + config.best_of_n_weight * best_loss + config.pi_weight * pi_loss) / config.rounds
         loss.backward()
         totals["loss"] += float(loss.detach())
-        totals["aggregate_bce"] += float(aggregate_loss) / config.rounds
-        totals["best_bce"] += float(best_loss) / config.rounds
-        totals["pi_mse"] += float(pi_loss) / config.rounds
+        totals["aggregate_bce"] += float(aggregate_loss.detach()) / config.rounds
+        totals["best_bce"] += float(best_loss.detach()) / config.rounds
+        totals["pi_mse"] += float(pi_loss.detach()) / config.rounds
         with torch.no_grad():
             recommended = (probability >= model.config.recommend_threshold).float()
             inter = (recommended * target * valid).sum((-2, -1))
@@ -281,7 +281,7 @@ def train(
         "steps": step,
         "seconds": round(seconds, 1),
         "device": str(model.device),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
     }
     model.invalidate_fingerprint()
     model.save(out_dir / "spa_model.pt")

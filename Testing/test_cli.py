@@ -1,0 +1,95 @@
+"""The `spa` command end to end, in real subprocesses: outputs, and one clear line per user error."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import disc_image
+
+
+def spa(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, SPA_HOME=str(cwd / "home"), **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "SPASegmentationLib.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def one_clear_line(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("spa: error: "), result.stderr
+    assert "Traceback" not in result.stderr and fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def nrrd_image(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("img")
+    image = sitk.GetImageFromArray(disc_image())
+    image.SetSpacing((0.7, 0.8))
+    image.SetOrigin((-12.0, 30.0))
+    sitk.WriteImage(image, str(folder / "ct.nrrd"))
+    return folder / "ct.nrrd"
+
+
+def test_segment_writes_masks_in_the_input_geometry_and_updates_the_profile(tmp_path, nrrd_image):
+    result = spa("segment", str(nrrd_image), "--point", "120,90", "--choose", "1,2", "--user", "alice",
+                 "--structure", "lesion", "--out", "out", "--samples", "16", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    recommended = sitk.ReadImage(str(tmp_path / "out" / "ct_spa_recommended.nrrd"))
+    assert recommended.GetSpacing() == pytest.approx((0.7, 0.8)) and recommended.GetOrigin() == pytest.approx((-12.0, 30.0))
+    mask = sitk.GetArrayFromImage(recommended) > 0
+    assert mask.shape == (180, 240) and mask[90, 120] and not mask[5, 5]
+    summary = json.loads((tmp_path / "out" / "ct_spa_summary.json").read_text())
+    assert summary["rounds"] == 3 and summary["choices"] == [1, 2] and summary["profile"]["n_sessions"] == 1
+    assert (tmp_path / "out" / summary["preview"].split("/")[-1]).is_file()
+    listed = spa("profile", "list", cwd=tmp_path)
+    assert listed.returncode == 0 and "alice\tlesion\t1 session(s)" in listed.stdout
+    exported = spa("profile", "export", "--user", "alice", "--structure", "lesion", "--file", "p.json", cwd=tmp_path)
+    assert exported.returncode == 0 and json.loads((tmp_path / "p.json").read_text())["user"] == "alice"
+    again = spa("profile", "import", "--file", "p.json", cwd=tmp_path)
+    one_clear_line(again, "overwrite")
+    assert spa("profile", "delete", "--user", "alice", "--structure", "lesion", cwd=tmp_path).returncode == 0
+    one_clear_line(spa("profile", "show", "--user", "alice", "--structure", "lesion", cwd=tmp_path), "no profile")
+
+
+def test_a_corrupt_profile_is_reported_and_kept(tmp_path, nrrd_image):
+    assert spa("segment", str(nrrd_image), "--point", "120,90", "--user", "bob", "--structure", "liver",
+               "--samples", "8", cwd=tmp_path).returncode == 0
+    path = next((tmp_path / "home" / "profiles").rglob("liver.json"))
+    path.write_text("{ not json")
+    result = spa("segment", str(nrrd_image), "--point", "120,90", "--user", "bob", "--structure", "liver",
+                 "--samples", "8", cwd=tmp_path)
+    one_clear_line(result, str(path.name))
+    assert path.read_text() == "{ not json"
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["segment", "missing.png", "--point", "1,1"], "missing.png"),
+        (["segment", "{img}", "--point", "900,10"], "outside the image"),
+        (["segment", "{img}", "--point", "1"], "2 comma-separated numbers"),
+        (["segment", "{img}"], "--point"),
+        (["segment", "{img}", "--point", "120,90", "--choose", "9"], "does not exist"),
+        (["segment", "{img}", "--point", "120,90", "--choose", "x"], "--choose"),
+        (["segment", "{img}", "--point", "120,90", "--user", "a"], "--structure"),
+        (["segment", "{img}", "--point", "120,90", "--model", "nope.pt"], "nope.pt"),
+        (["segment", "{img}", "--point", "120,90", "--model", "{corrupt}"], "corrupt"),
+        (["segment", "{const}", "--point", "3,3"], "constant"),
+        (["segment", "{vol}", "--point", "3,3"], "--slice"),
+        (["train", "nowhere"], "nowhere"),
+    ],
+)
+def test_user_errors_print_one_clear_line(tmp_path, nrrd_image, args, fragment):
+    (tmp_path / "corrupt.pt").write_bytes(b"not a model")
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((20, 20), 7, np.int16)), str(tmp_path / "const.nrrd"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(3, 20, 20))), str(tmp_path / "vol.nii.gz"))
+    names = {"{img}": str(nrrd_image), "{corrupt}": "corrupt.pt", "{const}": "const.nrrd", "{vol}": "vol.nii.gz"}
+    one_clear_line(spa(*[names.get(a, a) for a in args], cwd=tmp_path), fragment)

@@ -1,0 +1,76 @@
+"""Training with simulated users: it learns, it is seeded, and it resumes exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from SPASegmentationLib.model.spa import SPAConfig, build_model, load_model
+from SPASegmentationLib.session import encode_image
+from SPASegmentationLib.training import TrainConfig, TrainingCase, train
+from conftest import disc_image
+
+
+@pytest.fixture(scope="module")
+def cases():
+    """Two images with three raters of distinct styles (tight, core, generous)."""
+    torch.manual_seed(0)
+    model = build_model(SPAConfig())
+    out = []
+    for i, (cx, cy) in enumerate([(120, 90), (100, 100)]):
+        image = disc_image(centre=(cx, cy), seed=i)
+        yy, xx = np.mgrid[: image.shape[0], : image.shape[1]]
+        r = np.hypot(xx - cx, yy - cy)
+        embedding, geometry = encode_image(model, image)
+        out.append(TrainingCase(f"c{i}", embedding[0], geometry, {"tight": r < 31, "core": r < 35, "rim": r < 40}))
+    return out
+
+
+def fresh_model():
+    torch.manual_seed(0)
+    return build_model(SPAConfig())
+
+
+CONFIG = dict(batch_size=2, rounds=2, n_samples=4, checkpoint_every=2, log_every=1, seed=4)
+
+
+def test_training_resumes_to_exactly_the_same_weights(tmp_path, cases, monkeypatch):
+    straight = fresh_model()
+    train(straight, cases, tmp_path / "straight", TrainConfig(steps=4, **CONFIG), progress=False)
+
+    import SPASegmentationLib.training as training
+
+    real_step, calls = training.training_step, []
+
+    def dies_at_third_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the process is killed after the step-2 checkpoint
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(training, "training_step", dies_at_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh_model(), cases, tmp_path / "resumed", TrainConfig(steps=4, **CONFIG), progress=False)
+    monkeypatch.setattr(training, "training_step", real_step)
+    resumed = fresh_model()  # a new process starts from scratch and finds the checkpoint
+    run = train(resumed, cases, tmp_path / "resumed", TrainConfig(steps=4, **CONFIG), progress=False)
+    assert run.steps_done == 4
+    for key, value in straight.spa_state_dict().items():
+        assert torch.allclose(value, resumed.spa_state_dict()[key], atol=1e-6), key
+    assert (tmp_path / "resumed" / "train_log.jsonl").read_text().count("\n") == 4
+    loaded = load_model(tmp_path / "resumed" / "spa_model.pt")
+    assert loaded.fingerprint() == resumed.fingerprint()
+    assert loaded.training_info["steps"] == 4
+
+
+def test_training_reduces_the_loss(tmp_path, cases):
+    model = fresh_model()
+    run = train(model, cases, tmp_path / "run", TrainConfig(steps=12, lr=1e-3, **{**CONFIG, "checkpoint_every": 100}),
+                progress=False)
+    first = np.mean([h["aggregate_bce"] for h in run.history[:3]])
+    last = np.mean([h["aggregate_bce"] for h in run.history[-3:]])
+    assert last < first * 0.9
+    # Only SPA's own parts and the decoder head changed; the encoder and transformer stay pretrained.
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n.startswith("backbone.image_encoder."))
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "mask_decoder.transformer" in n)
