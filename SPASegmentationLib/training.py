@@ -32,7 +32,7 @@ from .errors import DataError
 from .evaluation.protocol import draw_preference, initial_box
 from .jsonio import write_bytes_atomic, write_json_atomic
 from .model.preprocess import ImageGeometry
-from .model.spa import TRAINED_DECODER_PREFIXES, Prompt, SPAModel
+from .model.spa import DEEP_DECODER_PREFIXES, TRAINED_DECODER_PREFIXES, Prompt, SPAModel
 from .preference import e_step_weights, uniform_weights
 from .model.cache import EmbeddingCache
 from .session import ModelRound, feedback_prompt, start_prompt
@@ -55,6 +55,7 @@ class TrainConfig:
     pi_weight: float = 1.0
     e_step_temperature: float = 0.05
     first_prompt: str = "mixed"  # "point", "box" or "mixed" (half each)
+    transformer_rounds: int = 1  # the first rounds whose loss also trains the decoder transformer and prompt encoder
     seed: int = 0
     checkpoint_every: int = 25
     log_every: int = 5
@@ -130,12 +131,13 @@ def _probability_bce(probability: torch.Tensor, target: torch.Tensor, valid: tor
     return (loss * valid).sum((-2, -1)) / valid.sum((-2, -1)).clamp_min(1.0)
 
 
-def set_trainable(model: SPAModel) -> list[torch.nn.Parameter]:
+def set_trainable(model: SPAModel, config: TrainConfig) -> list[torch.nn.Parameter]:
     """Freeze the backbone except the decoder parts SPA trains; return the decoder's trainable parameters."""
+    prefixes = TRAINED_DECODER_PREFIXES if config.transformer_rounds == 0 else TRAINED_DECODER_PREFIXES + DEEP_DECODER_PREFIXES
     decoder_params = []
     for name, parameter in model.named_parameters():
         if name.startswith("backbone."):
-            trainable = name.startswith(TRAINED_DECODER_PREFIXES)
+            trainable = name.startswith(prefixes)
             parameter.requires_grad_(trainable)
             if trainable:
                 decoder_params.append(parameter)
@@ -167,7 +169,8 @@ def training_step(
         sparse, valid_tokens, dense = model.encode_prompts(prompts)
         mixture = model.mixture(embeddings, sparse, valid_tokens, dense, weights)
         z, component = mixture.sample(config.n_samples, generator=generator, mode=model.config.sampling)
-        logits = model.sample_logits(embeddings, sparse, dense, z, trainable_transformer=False)  # (B, N, m, m)
+        deep = round_index < config.transformer_rounds
+        logits = model.sample_logits(embeddings, sparse, dense, z, trainable_transformer=deep)  # (B, N, m, m)
         probability = torch.sigmoid(logits).mean(1, keepdim=True)
         aggregate_loss = _probability_bce(probability, target, valid, config.pos_weight).mean()
         per_sample = _masked_bce(logits, target, valid, config.pos_weight)  # (B, N)
@@ -228,7 +231,7 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    decoder_params = set_trainable(model)
+    decoder_params = set_trainable(model, config)
     own_params = [p for n, p in model.named_parameters() if n.startswith(("generator.", "conditioning."))]
     optimizer = torch.optim.AdamW(
         [{"params": own_params, "lr": config.lr}, {"params": decoder_params, "lr": config.decoder_lr}],

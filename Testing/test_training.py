@@ -71,6 +71,15 @@ def test_training_reduces_the_loss(tmp_path, cases):
     first = np.mean([h["aggregate_bce"] for h in run.history[:3]])
     last = np.mean([h["aggregate_bce"] for h in run.history[-3:]])
     assert last < first * 0.9
-    # Only SPA's own parts and the decoder head changed; the encoder and transformer stay pretrained.
+    # The image encoder stays pretrained (its embeddings are cached); the decoder trains.
     assert all(not p.requires_grad for n, p in model.named_parameters() if n.startswith("backbone.image_encoder."))
-    assert all(not p.requires_grad for n, p in model.named_parameters() if "mask_decoder.transformer" in n)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "mask_decoder.transformer" in n)
+
+
+def test_head_only_training_keeps_the_decoder_transformer_pretrained(tmp_path, cases):
+    model = fresh_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "mask_decoder.transformer" in n}
+    train(model, cases, tmp_path / "run", TrainConfig(steps=2, transformer_rounds=0, **CONFIG), progress=False)
+    # Unchanged up to the float16 rounding every saved SPA model gets.
+    assert all(torch.equal(p, before[n].half().float()) for n, p in model.named_parameters() if n in before)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n in before)

@@ -187,7 +187,7 @@ class SPAModel(nn.Module):
         """The weights SPA owns: generator, conditioning, and the decoder parts training changes."""
         state = {}
         for name, tensor in self.state_dict().items():
-            if name.startswith(("generator.", "conditioning.")) or name.startswith(TRAINED_DECODER_PREFIXES):
+            if name.startswith(("generator.", "conditioning.") + TRAINED_DECODER_PREFIXES + DEEP_DECODER_PREFIXES):
                 state[name] = tensor
         return state
 
@@ -228,8 +228,10 @@ class SPAModel(nn.Module):
         write_bytes_atomic(path, buffer.getvalue())
 
 
-# Decoder parts that SPA training updates (the transformer stays as pretrained by default).
+# Backbone parts that SPA training updates: the decoder's upscaling and mask head in every round;
+# the decoder transformer and the prompt encoder only through the first round(s) (TrainConfig).
 TRAINED_DECODER_PREFIXES = ("backbone.mask_decoder.output_upscaling.", "backbone.mask_decoder.output_hypernetworks_mlps.0.")
+DEEP_DECODER_PREFIXES = ("backbone.mask_decoder.transformer.", "backbone.prompt_encoder.")
 
 
 def read_weights(path: Path) -> dict[str, Any]:
