@@ -380,7 +380,7 @@ class Session:
             differences=signed_differences(candidates, recommended),
             candidate_shares=model_round.candidates.shares.copy(),
             mixture_weights=model_round.mixture.weights.cpu().numpy().astype(np.float64),
-            seconds=seconds + 0.0,
+            seconds=seconds,
         )
 
 

@@ -152,7 +152,7 @@ def training_step(
     side = model.backbone.mask_size
     batch = len(cases)
     embeddings = torch.stack([c.embedding for c in cases]).to(device)
-    targets, valids, prompts, full_targets = [], [], [], []
+    targets, valids, prompts = [], [], []
     for case in cases:
         _, target = draw_preference(case.raters, rng)
         kind = config.first_prompt if config.first_prompt != "mixed" else ("point" if rng.random() < 0.5 else "box")
@@ -160,7 +160,6 @@ def training_step(
         t, v = _target_in_model_frame(case, target, side)
         targets.append(t)
         valids.append(v)
-        full_targets.append(t)
     target = torch.stack(targets).to(device).unsqueeze(1)  # (B, 1, m, m)
     valid = torch.stack(valids).to(device).unsqueeze(1)
     weights = uniform_weights(model.config.n_components, batch).to(device)
@@ -199,7 +198,7 @@ def training_step(
                 rows, cols = case.geometry.valid_shape_at(side)
                 maps = probs[i, :, :rows, :cols]
                 candidates = cluster_candidates(maps, config.n_candidates, seed=int(rng.integers(2**31)))
-                goal = full_targets[i][:rows, :cols].numpy().astype(bool)
+                goal = targets[i][:rows, :cols].numpy().astype(bool)
                 chosen = nearest_candidate(candidates.masks, goal)
                 model_round = ModelRound(prompts[i], mixture.select(i).detach(), candidates, maps.mean(0), maps.std(0))
                 next_prompts.append(feedback_prompt(model, model_round, chosen, int(rng.integers(2**31))))

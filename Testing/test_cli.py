@@ -93,3 +93,18 @@ def test_user_errors_print_one_clear_line(tmp_path, nrrd_image, args, fragment):
     sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(3, 20, 20))), str(tmp_path / "vol.nii.gz"))
     names = {"{img}": str(nrrd_image), "{corrupt}": "corrupt.pt", "{const}": "const.nrrd", "{vol}": "vol.nii.gz"}
     one_clear_line(spa(*[names.get(a, a) for a in args], cwd=tmp_path), fragment)
+
+
+def test_demo_writes_one_picture_per_round_and_a_summary(tmp_path):
+    result = spa("demo", "--out", "demo", "--samples", "24", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    rounds = summary["rounds"]
+    assert 1 <= len(rounds) <= 6 and summary["model_fingerprint"] and summary["data_fingerprint"]
+    for r in rounds:
+        picture = tmp_path / "demo" / r["picture"]
+        assert picture.is_file() and picture.stat().st_size > 20_000
+        assert f"round {r['round']}: Dice {r['dice']:.3f}" in result.stdout
+    assert summary["session_state"]["kind"] == "spa-session"
+    # Choosing moves the recommendation towards the clinician's style.
+    assert rounds[-1]["dice"] >= rounds[0]["dice"]
