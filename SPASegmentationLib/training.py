@@ -11,7 +11,8 @@ Each step, for a batch of training images:
    then picks the candidate nearest the target and its feedback becomes the next prompt.
 
 The image encoder is frozen and its embeddings cached on disk, so training never re-encodes an image.
-By default the decoder's transformer is frozen too; its upscaling and mask head train with SPA's parts.
+The decoder's upscaling and mask head train in every round; its transformer and the prompt encoder
+through one round per step (see ``TrainConfig.deep_first_round_probability``).
 Training resumes from ``<out>/checkpoint.pt``; every source of randomness is seeded.
 """
 
@@ -55,7 +56,11 @@ class TrainConfig:
     pi_weight: float = 1.0
     e_step_temperature: float = 0.05
     first_prompt: str = "mixed"  # "point", "box" or "mixed" (half each)
-    transformer_rounds: int = 1  # the first rounds whose loss also trains the decoder transformer and prompt encoder
+    # One round per step also trains the decoder transformer and prompt encoder ("deep"): the first
+    # round with this probability (it teaches the first prompt), else a random later round (it teaches
+    # the feedback prompts). 0 disables it: only the decoder's upscaling and mask head train.
+    deep_first_round_probability: float = 0.5
+    deep_rounds: bool = True
     seed: int = 0
     checkpoint_every: int = 25
     log_every: int = 5
@@ -133,7 +138,7 @@ def _probability_bce(probability: torch.Tensor, target: torch.Tensor, valid: tor
 
 def set_trainable(model: SPAModel, config: TrainConfig) -> list[torch.nn.Parameter]:
     """Freeze the backbone except the decoder parts SPA trains; return the decoder's trainable parameters."""
-    prefixes = TRAINED_DECODER_PREFIXES if config.transformer_rounds == 0 else TRAINED_DECODER_PREFIXES + DEEP_DECODER_PREFIXES
+    prefixes = TRAINED_DECODER_PREFIXES + DEEP_DECODER_PREFIXES if config.deep_rounds else TRAINED_DECODER_PREFIXES
     decoder_params = []
     for name, parameter in model.named_parameters():
         if name.startswith("backbone."):
@@ -163,12 +168,16 @@ def training_step(
     target = torch.stack(targets).to(device).unsqueeze(1)  # (B, 1, m, m)
     valid = torch.stack(valids).to(device).unsqueeze(1)
     weights = uniform_weights(model.config.n_components, batch).to(device)
+    if rng.random() < config.deep_first_round_probability or config.rounds == 1:
+        deep_round = 0
+    else:
+        deep_round = int(rng.integers(1, config.rounds))
     totals = {"loss": 0.0, "aggregate_bce": 0.0, "best_bce": 0.0, "pi_mse": 0.0, "dice_first": 0.0, "dice_last": 0.0}
     for round_index in range(config.rounds):
         sparse, valid_tokens, dense = model.encode_prompts(prompts)
         mixture = model.mixture(embeddings, sparse, valid_tokens, dense, weights)
         z, component = mixture.sample(config.n_samples, generator=generator, mode=model.config.sampling)
-        deep = round_index < config.transformer_rounds
+        deep = config.deep_rounds and round_index == deep_round
         logits = model.sample_logits(embeddings, sparse, dense, z, trainable_transformer=deep)  # (B, N, m, m)
         probability = torch.sigmoid(logits).mean(1, keepdim=True)
         aggregate_loss = _probability_bce(probability, target, valid, config.pos_weight).mean()

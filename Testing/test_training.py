@@ -79,7 +79,7 @@ def test_training_reduces_the_loss(tmp_path, cases):
 def test_head_only_training_keeps_the_decoder_transformer_pretrained(tmp_path, cases):
     model = fresh_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "mask_decoder.transformer" in n}
-    train(model, cases, tmp_path / "run", TrainConfig(steps=2, transformer_rounds=0, **CONFIG), progress=False)
+    train(model, cases, tmp_path / "run", TrainConfig(steps=2, deep_rounds=False, **CONFIG), progress=False)
     # Unchanged up to the float16 rounding every saved SPA model gets.
     assert all(torch.equal(p, before[n].half().float()) for n, p in model.named_parameters() if n in before)
     assert not any(p.requires_grad for n, p in model.named_parameters() if n in before)
