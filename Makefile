@@ -41,7 +41,7 @@ data: $(DATA)/splits.json
 
 # The shipped default: token conditioning, full budget. Rerun after an interruption: it resumes.
 train-default: $(DATA)/splits.json
-	$(BIN)/spa train $(DATA) --out $(TRAIN_OUT)/token --steps 700 --batch-size 4 --samples 24 --rounds 6 --seed 0 --threads $(THREADS)
+	$(BIN)/spa train $(DATA) --out $(TRAIN_OUT)/token --steps 500 --batch-size 4 --samples 24 --rounds 6 --seed 0 --threads $(THREADS)
 
 # Side by side at one small, equal budget: the paper's concat conditioning vs the default token one.
 train-compare: $(DATA)/splits.json
