@@ -6,7 +6,9 @@ method then runs ``max_rounds`` rounds and the Dice of its recommended mask is r
 - SPA: the simulated user picks the candidate with the highest Dice to the target each round;
 - click baseline (what SAM/MedSAM users do): one click per round at the deepest pixel of the
   largest error region, the previous logits as mask prompt, on the pretrained backbone alone.
-The user keeps choosing to the last round, so NoI at any target is read off one Dice curve.
+As the protocol says, the user accepts (and stops) once Dice ≥ the highest target; the accepted mask
+stays the result for later rounds (``dice``). Each method also runs on to the last round regardless
+(``dice_all_rounds``), which shows what choosing does beyond the point a user would stop.
 """
 
 from __future__ import annotations
@@ -38,6 +40,14 @@ def first_prompt_for(case: MultiRaterCase, target: np.ndarray, kind: str) -> dic
     return {"point": initial_point(case.raters, target)}
 
 
+def accepted_curve(dice_all_rounds: list[float], accept_at: float) -> list[float]:
+    """The protocol's curve: after the first round with Dice ≥ accept_at, that Dice is kept."""
+    curve = []
+    for value in dice_all_rounds:
+        curve.append(curve[-1] if curve and curve[-1] >= accept_at else value)
+    return curve
+
+
 def run_spa(
     model: SPAModel, case: MultiRaterCase, target: np.ndarray, first: dict[str, Any], embedding: torch.Tensor,
     max_rounds: int, seed: int, n_samples: int,
@@ -51,7 +61,7 @@ def run_spa(
         dices.append(dice(round_.recommended, target))
         diversity.append(candidate_diversity(list(round_.candidates)))
         seconds.append(round_.seconds)
-    return {"dice": dices, "candidate_diversity": diversity, "seconds_per_round": float(np.mean(seconds)),
+    return {"dice_all_rounds": dices, "candidate_diversity": diversity, "seconds_per_round": float(np.mean(seconds)),
             "choices": session.choices}
 
 
@@ -81,7 +91,7 @@ def run_click_baseline(
         prompt = prompt.with_feedback((float(mx), float(my)), positive, logits.cpu())
     while len(dices) < max_rounds:
         dices.append(dices[-1])
-    return {"dice": dices, "seconds_per_round": float(np.mean(seconds))}
+    return {"dice_all_rounds": dices, "seconds_per_round": float(np.mean(seconds))}
 
 
 def evaluate(
@@ -120,15 +130,21 @@ def evaluate(
         first = first_prompt_for(case, target, first_prompt)
         embedding, _ = cache.get(case.image)
         for name, (_, model) in methods.items():
-            results["methods"][name]["per_case"][case_id] = run_spa(
-                model, case, target, first, embedding.to(model.device), max_rounds, seed, n_samples
-            )
+            record = run_spa(model, case, target, first, embedding.to(model.device), max_rounds, seed, n_samples)
+            record["dice"] = accepted_curve(record["dice_all_rounds"], max(targets))
+            results["methods"][name]["per_case"][case_id] = record
         if baseline_model is not None:
-            results["methods"]["click_baseline"]["per_case"][case_id] = run_click_baseline(
-                baseline_model, case, target, first, embedding.to(baseline_model.device), max_rounds
-            )
+            record = run_click_baseline(baseline_model, case, target, first, embedding.to(baseline_model.device), max_rounds)
+            record["dice"] = accepted_curve(record["dice_all_rounds"], max(targets))
+            results["methods"]["click_baseline"]["per_case"][case_id] = record
         if on_case:
             on_case(case_id)
+    for name in list(results["methods"]):
+        method = results["methods"][name]
+        results["methods"][f"{name}_all_rounds"] = {
+            "label": f"{method['label']}, keeps choosing to round {max_rounds}",
+            "per_case": {cid: dict(rec, dice=rec["dice_all_rounds"]) for cid, rec in method["per_case"].items()},
+        }
     results.update({
         "kind": "spa-evaluation",
         "seed": seed,
@@ -138,6 +154,6 @@ def evaluate(
                          "backbone": model.backbone.info.name, "training": model.training_info.get("train_config", {})}
                   for name, (_, model) in methods.items()},
         "protocol": {"max_rounds": max_rounds, "targets": list(targets), "first_prompt": first_prompt,
-                     "n_samples": n_samples, "preferences": preferences},
+                     "n_samples": n_samples, "accept_at": max(targets), "preferences": preferences},
     })
     return results
