@@ -90,7 +90,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     sample = sample_case_dir()
     folder = MultiRaterFolder(sample.parent)
     case = folder.load(sample.name)
-    rater = args.rater or sorted(case.raters)[-1]
+    rater = args.rater or max(sorted(case.raters), key=lambda name: int(case.raters[name].sum()))
     if rater not in case.raters:
         raise InputError(f"rater {rater!r} is not in the sample; choose one of {', '.join(sorted(case.raters))}")
     target = case.raters[rater]

@@ -37,11 +37,26 @@ def test_dataset_loads_with_splits_and_all_modalities(dataset):
     assert meta["seed"] == 3 and meta["raters"] == list(DEFAULT_RATERS)
 
 
+def _all_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def test_generation_is_deterministic_per_seed(tmp_path):
     a = write_dataset(tmp_path / "a", n_cases=3, seed=7)
     b = write_dataset(tmp_path / "b", n_cases=3, seed=7)
     c = write_dataset(tmp_path / "c", n_cases=3, seed=8)
+    assert _all_files(a) == _all_files(b)  # same bytes, splits.json and dataset.json included
     assert MultiRaterFolder(a).fingerprint() == MultiRaterFolder(b).fingerprint() != MultiRaterFolder(c).fingerprint()
+    # Rewriting a dataset folder with another seed leaves no stale files behind, and it still loads.
+    write_dataset(a, n_cases=3, seed=8)
+    assert _all_files(a) == _all_files(c)
+
+
+def test_generator_does_not_write_into_a_foreign_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="not a synthetic dataset"):
+        write_dataset(tmp_path, n_cases=2, seed=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_rater_styles_are_consistent_across_cases_and_distinct():
@@ -55,9 +70,34 @@ def test_rater_styles_are_consistent_across_cases_and_distinct():
         pairwise += [dice(case.raters[x], case.raters[y]) for i, x in enumerate(names) for y in names[i + 1:]]
         # Consistent styles: on every image the tight rater is inside the core, the rim one outside it.
         assert case.raters["tight"].sum() < case.raters["core"].sum() < case.raters["rim"].sum() < case.raters["generous"].sum()
+        masks = list(case.raters.values())
+        assert all(m.any() for m in masks)
+        assert not any(np.array_equal(masks[i], masks[j]) for i in range(len(masks)) for j in range(i))
     mean = {k: np.mean(v) for k, v in areas.items()}
     assert mean["conservative_smooth"] < mean["core"] < mean["smooth"] < mean["generous"]
+    assert mean["tight"] < mean["core"] < mean["smooth"] < mean["rim"]
     assert 0.6 < np.median(pairwise) < 0.97 and max(pairwise) < 1.0
+
+
+def test_default_raters_differ_in_a_sensible_range():
+    """Raters are distinct styles, not noise: mean pairwise Dice of the default four in 0.6–0.95."""
+    pairwise = []
+    for index in range(20):
+        case = generate_case(np.random.default_rng([5, index]), DEFAULT_RATERS)
+        assert 192 <= min(case.image.shape[:2]) and max(case.image.shape[:2]) <= 320
+        names = sorted(case.raters)
+        pairwise.append(np.mean([dice(case.raters[x], case.raters[y]) for i, x in enumerate(names) for y in names[i + 1:]]))
+    assert 0.6 < np.mean(pairwise) < 0.95
+
+
+def test_modalities_have_their_native_types():
+    rng = np.random.default_rng(0)
+    ct, mr, photo = (generate_case(rng, modality=m) for m in ("ct", "mr", "photo"))
+    assert ct.image.dtype == np.int16 and -1024 <= ct.image.min() and 80 <= np.percentile(ct.image, 99.5) <= 400
+    assert mr.image.dtype == np.float32 and mr.image.min() >= 0
+    assert photo.image.dtype == np.uint8 and photo.image.shape[2] == 3
+    with pytest.raises(InputError, match="unknown modality"):
+        generate_case(rng, modality="xray")
 
 
 def test_demo_case_is_reproducible(tmp_path):
@@ -72,6 +112,10 @@ def test_generator_refuses_bad_requests():
         generate_case(np.random.default_rng(0), ["nobody", "core"])
     with pytest.raises(InputError, match="2-7 raters"):
         generate_case(np.random.default_rng(0), ["core"])
+    with pytest.raises(InputError, match="distinct"):
+        generate_case(np.random.default_rng(0), ["core", "core"])
+    with pytest.raises(InputError, match="test_fraction"):
+        write_dataset(Path("unused"), n_cases=2, seed=0, test_fraction=1.0)
 
 
 def write_png(path: Path, array: np.ndarray) -> None:
@@ -107,6 +151,17 @@ def test_folder_without_splits_uses_a_stable_split(tiny_root):
         (lambda r: write_png(r / "p1" / "rater_b.png", np.zeros((20, 20), np.uint8)), "empty"),
         (lambda r: (r / "splits.json").write_text('{"train": ["p9"]}'), "unknown cases"),
         (lambda r: (r / "splits.json").write_text("{oops"), "not valid JSON"),
+        (lambda r: (r / "splits.json").write_text('{"train": ["p1"], "test": ["p1"]}'), "in both"),
+        (lambda r: (r / "splits.json").write_text('{"train": "p1"}'), "lists of case ids"),
+        (lambda r: write_png(r / "p1" / "image.jpg", np.zeros((20, 20), np.uint8)), "2 image files"),
+        (lambda r: write_png(r / "p1" / "rater_a.nrrd", np.ones((20, 20), np.uint8)), "two masks for rater 'a'"),
+        (lambda r: [write_png(r / "p1" / f"rater_x{k}.png", np.ones((20, 20), np.uint8)) for k in range(6)], "8 rater mask"),
+        (lambda r: sitk.WriteImage(sitk.GetImageFromArray(np.dstack([np.eye(20, dtype=np.uint8) * 255] * 2 + [np.zeros((20, 20), np.uint8)]),
+                                                          isVector=True), str(r / "p1" / "rater_b.png")), "colour image"),
+        (lambda r: (r / "p1" / "image.png").write_bytes(b"not a png"), "could not be read"),
+        (lambda r: ((r / "p1" / "image.png").unlink(),
+                    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 20, 20), np.int16)), str(r / "p1" / "image.nii.gz"))),
+         "3-D volume with 3 slices"),
     ],
 )
 def test_folder_problems_are_named_with_the_fix(tiny_root, damage, message):
@@ -116,8 +171,50 @@ def test_folder_problems_are_named_with_the_fix(tiny_root, damage, message):
         folder.load("p1")
 
 
+def test_problem_messages_name_the_case_file(tiny_root):
+    write_png(tiny_root / "p1" / "rater_b.png", np.full((20, 20), 7, np.uint8))
+    with pytest.raises(DataError) as info:
+        MultiRaterFolder(tiny_root).load("p1")
+    assert str(tiny_root / "p1" / "rater_b.png") in str(info.value)
+
+
+def test_folder_accepts_medical_images_and_mask_encodings(tiny_root):
+    case = tiny_root / "p2"
+    case.mkdir()
+    ct = sitk.GetImageFromArray((np.arange(400).reshape(20, 20) - 1000).astype(np.int16))
+    ct.SetSpacing((0.7, 0.7))
+    sitk.WriteImage(ct, str(case / "image.nii.gz"))
+    one = np.zeros((20, 20), np.uint8)
+    one[2:9, 3:8] = 1
+    sitk.WriteImage(sitk.GetImageFromArray(one), str(case / "rater_zero_one.nii.gz"))
+    write_png(case / "rater_full.png", np.full((20, 20), 255, np.uint8))
+    (case / "notes.txt").write_text("ignored")
+    (tiny_root / "splits.json").write_text('{"train": ["p1"], "test": ["p2"], "val": []}')
+    folder = MultiRaterFolder(tiny_root)
+    assert folder.split("test") == ["p2"] and folder.split("val") == []
+    with pytest.raises(DataError, match="no split 'extra'"):
+        folder.split("extra")
+    loaded = folder.load("p2")
+    assert loaded.image.dtype == np.int16 and loaded.image.min() == -1000
+    assert loaded.raters["zero_one"].sum() == 35 and loaded.raters["full"].all()
+    assert loaded.image_path == case / "image.nii.gz"
+    before = folder.fingerprint(["p2"])
+    (case / "notes.txt").write_text("changed")  # not a case file
+    assert MultiRaterFolder(tiny_root).fingerprint(["p2"]) == before != folder.fingerprint(["p1"])
+    write_png(case / "rater_full.png", np.full((20, 20), 1, np.uint8))
+    assert MultiRaterFolder(tiny_root).fingerprint(["p2"]) != before and len(before) == 16
+    with pytest.raises(DataError, match="'p3' is not a case folder"):
+        folder.load("p3")
+
+
 def test_missing_or_empty_root_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         MultiRaterFolder(tmp_path / "nowhere")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(DataError, match="is not a folder"):
+        MultiRaterFolder(tmp_path / "file.txt")
+    with pytest.raises(DataError, match="no case folders"):
+        MultiRaterFolder(tmp_path)
+    (tmp_path / "splits.json").write_text("{}")
     with pytest.raises(DataError, match="no case folders"):
         MultiRaterFolder(tmp_path)

@@ -4,9 +4,12 @@
     <root>/<case>/rater_<name>.<png|nii.gz|nrrd|mha>    binary masks, same size as the image
     <root>/splits.json                                  optional {"train": [...], "test": [...], "val": [...]}
 
-Any case may have 2–7 raters and rater names may differ between cases. CT in Hounsfield units is
-allowed. Masks may be bool, 0/1 or 0/255. Without splits.json a deterministic 80/20 split by a stable
-hash of the case id is used.
+Every visible sub-folder of ``<root>`` is a case; its name is the case id. A case holds exactly one
+2-D image (CT in Hounsfield units is fine; read with ``io.images.read_image``) and 2–7 rater masks;
+rater names may differ between cases. Masks may be bool, 0/1 or 0/255 and must not be empty. Other
+files in a case folder are ignored. Without splits.json a deterministic 80/20 train/test split by a
+stable hash of the case id is used. The folder's layout is checked when it is opened; the pixels of
+a case when it is loaded. Every problem is a ``DataError`` naming the case, the file and the fix.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, InputError
-from ..io.images import read_image
+from ..io.images import SliceRequiredError, read_image
 
 IMAGE_STEM = "image"
 RATER_PREFIX = "rater_"
 MIN_RATERS, MAX_RATERS = 2, 7
 SPLITS_FILE = "splits.json"
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".dcm", ".tif", ".tiff", ".bmp")
+DEFAULT_TEST_SHARE = 5  # without splits.json, one case in five (by hash) is a test case
 
 
 @dataclass
@@ -32,110 +37,173 @@ class MultiRaterCase:
     """One image and its raters' masks."""
 
     case_id: str
-    image: np.ndarray
-    raters: dict[str, np.ndarray]
+    image: np.ndarray  # as read by io.images.read_image: (H, W) native dtype or (H, W, 3) uint8
+    raters: dict[str, np.ndarray]  # rater name → (H, W) bool
     image_path: Path
 
 
+@dataclass
+class _CaseFiles:
+    """Where one case's image and rater masks are."""
+
+    image: Path
+    raters: dict[str, Path]
+
+
 def _stem(path: Path) -> str:
+    """The file name without a recognised image ending, or "" when the ending is not an image one."""
     name = path.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".dcm", ".tif", ".tiff", ".bmp"):
+    for suffix in IMAGE_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return ""
 
 
+def _in_test_by_hash(case_id: str) -> bool:
+    """The stable default split: a case is a test case when the sha256 of its id is 0 modulo 5."""
+    return int(hashlib.sha256(case_id.encode()).hexdigest(), 16) % DEFAULT_TEST_SHARE == 0
+
+
 class MultiRaterFolder:
     """A folder of multi-rater cases (see the module docstring for the layout)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: str | Path):
         self.root = Path(root)
         if not self.root.exists():
             raise DataError(f"dataset folder {self.root} does not exist; pass a folder of <case>/image.* and rater_<name>.* files")
         if not self.root.is_dir():
             raise DataError(f"{self.root} is not a folder; pass the dataset's root folder")
-        self.case_ids = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        self.case_ids: list[str] = sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
         if not self.case_ids:
             raise DataError(f"dataset folder {self.root} has no case folders; each case is a folder with image.* and rater_<name>.*")
+        self._files = {case_id: self._find_case_files(case_id) for case_id in self.case_ids}
         self._splits = self._read_splits()
 
     def __len__(self) -> int:
         return len(self.case_ids)
 
     def _read_splits(self) -> dict[str, list[str]] | None:
+        """splits.json as {split name: case ids}, checked against the case folders; None when absent."""
         path = self.root / SPLITS_FILE
         if not path.is_file():
             return None
         try:
-            splits = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            splits = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise DataError(f"{path} is not valid JSON ({exc}); fix it or remove it to use the default 80/20 split") from exc
-        if not isinstance(splits, dict) or not all(isinstance(v, list) for v in splits.values()):
+        if not isinstance(splits, dict) or not all(
+            isinstance(ids, list) and all(isinstance(i, str) for i in ids) for ids in splits.values()
+        ):
             raise DataError(f"{path} must map split names to lists of case ids, e.g. {{\"train\": [...], \"test\": [...]}}")
         known = set(self.case_ids)
         for name, ids in splits.items():
-            unknown = [str(i) for i in ids if str(i) not in known]
+            unknown = [i for i in ids if i not in known]
             if unknown:
                 raise DataError(f"{path} split {name!r} names unknown cases {unknown[:5]}; fix the ids or add the case folders")
-        return {name: [str(i) for i in ids] for name, ids in splits.items()}
+        names = sorted(splits)
+        for index, first in enumerate(names):
+            for second in names[index + 1:]:
+                shared = sorted(set(splits[first]) & set(splits[second]))
+                if shared:
+                    raise DataError(
+                        f"{path} puts cases {shared[:5]} in both {first!r} and {second!r}; keep each case in one split"
+                    )
+        return {name: list(ids) for name, ids in splits.items()}
 
     def split(self, name: str) -> list[str]:
         """Case ids of a split: from splits.json, else a stable 80/20 train/test split by case-id hash."""
         if self._splits is not None:
             if name not in self._splits:
-                raise DataError(f"{self.root / SPLITS_FILE} has no split {name!r}; it has {sorted(self._splits)}")
+                raise DataError(
+                    f"{self.root / SPLITS_FILE} has no split {name!r}; choose one of {sorted(self._splits)} or add it there"
+                )
             return list(self._splits[name])
         if name not in ("train", "test"):
-            raise DataError(f"{self.root} has no splits.json, so only 'train' and 'test' exist (not {name!r})")
-        in_test = [int(hashlib.sha256(c.encode()).hexdigest(), 16) % 5 == 0 for c in self.case_ids]
-        return [c for c, t in zip(self.case_ids, in_test) if t == (name == "test")]
+            raise DataError(
+                f"{self.root} has no splits.json, so only 'train' and 'test' exist (not {name!r}); add a splits.json to define it"
+            )
+        return [c for c in self.case_ids if _in_test_by_hash(c) == (name == "test")]
 
-    def _case_files(self, case_id: str) -> tuple[Path, dict[str, Path]]:
+    def _find_case_files(self, case_id: str) -> _CaseFiles:
+        """The image and rater files of a case folder, checking the layout (not the pixels)."""
         folder = self.root / case_id
-        if not folder.is_dir():
-            raise DataError(f"case {case_id!r} is not a folder of {self.root}")
-        images = [p for p in folder.iterdir() if _stem(p) == IMAGE_STEM]
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        images = [p for p in files if _stem(p) == IMAGE_STEM]
         if len(images) != 1:
-            found = "no image file" if not images else f"{len(images)} image files"
+            found = "no image file" if not images else f"{len(images)} image files ({', '.join(p.name for p in images)})"
             raise DataError(f"case {folder} has {found}; it needs exactly one image.<png|jpg|nii.gz|nrrd|mha|dcm>")
-        raters = {_stem(p)[len(RATER_PREFIX):]: p for p in sorted(folder.iterdir()) if _stem(p).startswith(RATER_PREFIX)}
+        raters: dict[str, Path] = {}
+        for path in files:
+            stem = _stem(path)
+            if not stem.startswith(RATER_PREFIX):
+                continue
+            name = stem[len(RATER_PREFIX):]
+            if not name:
+                raise DataError(f"{path} has no rater name; call it rater_<name>{path.name[len(stem):]}")
+            if name in raters:
+                raise DataError(
+                    f"case {folder} has two masks for rater {name!r} ({raters[name].name}, {path.name}); keep one of them"
+                )
+            raters[name] = path
         if not MIN_RATERS <= len(raters) <= MAX_RATERS:
             raise DataError(
                 f"case {folder} has {len(raters)} rater mask(s); SPA needs {MIN_RATERS}-{MAX_RATERS} files named rater_<name>.*"
             )
-        return images[0], raters
+        return _CaseFiles(images[0], raters)
+
+    def _files_of(self, case_id: str) -> _CaseFiles:
+        """The files of a known case, or a DataError naming the unknown id."""
+        if case_id not in self._files:
+            raise DataError(f"case {case_id!r} is not a case folder of {self.root}; choose one of its sub-folders")
+        return self._files[case_id]
+
+    def _read(self, case_id: str, path: Path) -> np.ndarray:
+        """One 2-D image of a case as an array, with read problems turned into DataErrors."""
+        try:
+            return read_image(path).array
+        except SliceRequiredError as exc:
+            raise DataError(
+                f"case {case_id!r}: {path} is a 3-D volume with {exc.n_slices} slices; save one 2-D slice per case"
+            ) from exc
+        except InputError as exc:
+            raise DataError(f"case {case_id!r}: {exc}") from exc
+
+    def _read_mask(self, case_id: str, path: Path, image_shape: tuple[int, ...]) -> np.ndarray:
+        """A rater mask as a bool array, checked to be binary, non-empty and of the image's size."""
+        mask = self._read(case_id, path)
+        if mask.ndim == 3:
+            if not (np.array_equal(mask[..., 0], mask[..., 1]) and np.array_equal(mask[..., 0], mask[..., 2])):
+                raise DataError(f"{path} is a colour image; save the mask as one channel with values 0/1 or 0/255")
+            mask = mask[..., 0]
+        if mask.shape != image_shape[:2]:
+            raise DataError(
+                f"{path} is {mask.shape[1]}×{mask.shape[0]} but the image is {image_shape[1]}×{image_shape[0]}; "
+                "masks must match the image"
+            )
+        values = set(np.unique(mask).tolist())
+        if not (values <= {0, 1} or values <= {0, 255}):
+            shown = sorted(values)[:6]
+            raise DataError(f"{path} is not a binary mask (values {shown}…); save it with values 0/1 or 0/255")
+        binary = mask > 0
+        if not binary.any():
+            raise DataError(f"{path} is empty; remove the rater file or draw the structure")
+        return binary
 
     def load(self, case_id: str) -> MultiRaterCase:
         """Read and validate one case."""
-        image_path, rater_paths = self._case_files(case_id)
-        try:
-            image = read_image(image_path).array
-        except InputError as exc:
-            raise DataError(f"case {case_id!r}: {exc}") from exc
-        raters = {}
-        for name, path in rater_paths.items():
-            try:
-                mask = read_image(path).array
-            except InputError as exc:
-                raise DataError(f"case {case_id!r}: {exc}") from exc
-            if mask.ndim == 3:
-                mask = mask[..., 0]
-            if mask.shape != image.shape[:2]:
-                raise DataError(f"{path} is {mask.shape[1]}×{mask.shape[0]} but the image is {image.shape[1]}×{image.shape[0]}; masks must match the image")
-            values = np.unique(mask)
-            if not (set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}):
-                raise DataError(f"{path} is not a binary mask (values {values[:6].tolist()}…); use 0/1 or 0/255")
-            if not (mask > 0).any():
-                raise DataError(f"{path} is empty; remove the rater file or draw the structure")
-            raters[name] = mask > 0
-        return MultiRaterCase(case_id, image, raters, image_path)
+        files = self._files_of(case_id)
+        image = self._read(case_id, files.image)
+        raters = {name: self._read_mask(case_id, path, image.shape) for name, path in files.raters.items()}
+        return MultiRaterCase(case_id, image, raters, files.image)
 
     def fingerprint(self, case_ids: list[str] | None = None) -> str:
-        """16-hex sha256 over the relative paths and bytes of the given cases' files."""
+        """16-hex sha256 over the relative paths and bytes of the given cases' image and mask files."""
         digest = hashlib.sha256()
         for case_id in case_ids if case_ids is not None else self.case_ids:
-            for path in sorted((self.root / case_id).iterdir()):
-                if path.is_file():
-                    digest.update(f"{case_id}/{path.name}".encode())
-                    digest.update(path.read_bytes())
+            files = self._files_of(case_id)
+            for path in sorted([files.image, *files.raters.values()]):
+                digest.update(f"{case_id}/{path.name}".encode())
+                digest.update(path.read_bytes())
         return digest.hexdigest()[:16]

@@ -34,11 +34,18 @@ def display_image(image: np.ndarray, window: tuple[float, float] | None = None) 
 
 
 def _crop_box(masks: Sequence[np.ndarray], shape: tuple[int, int], margin: float = 0.35, minimum: int = 64) -> tuple[slice, slice]:
+    from scipy import ndimage
+
     union = np.zeros(shape, dtype=bool)
     for mask in masks:
         union |= mask
     if not union.any():
         return slice(0, shape[0]), slice(0, shape[1])
+    # Frame the structure, not stray specks: keep components of at least 5 % of the largest.
+    labels, count = ndimage.label(union)
+    if count > 1:
+        sizes = ndimage.sum(union, labels, range(1, count + 1))
+        union = np.isin(labels, 1 + np.flatnonzero(sizes >= 0.05 * sizes.max()))
     rows, cols = np.flatnonzero(union.any(1)), np.flatnonzero(union.any(0))
     half = max(rows[-1] - rows[0], cols[-1] - cols[0], minimum) * (0.5 + margin)
     cy, cx = (rows[0] + rows[-1]) / 2, (cols[0] + cols[-1]) / 2
