@@ -108,3 +108,20 @@ def test_demo_writes_one_picture_per_round_and_a_summary(tmp_path):
     assert summary["session_state"]["kind"] == "spa-session"
     # Choosing moves the recommendation towards the clinician's style.
     assert rounds[-1]["dice"] >= rounds[0]["dice"]
+
+
+def test_generate_train_evaluate_end_to_end(tmp_path):
+    assert spa("generate-data", "data", "--cases", "6", "--seed", "2", cwd=tmp_path).returncode == 0
+    trained = spa("train", "data", "--out", "run", "--steps", "2", "--batch-size", "2", "--samples", "4",
+                  "--rounds", "2", "--cache", "cache", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    assert (tmp_path / "run" / "spa_model.pt").is_file() and (tmp_path / "run" / "train_log.jsonl").is_file()
+    evaluated = spa("evaluate", "data", "--model", "run/spa_model.pt", "--rounds", "3", "--samples", "8",
+                    "--first-prompt", "box", "--out", "eval", "--cache", "cache", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert set(results["methods"]) == {"spa_token", "click_baseline", "spa_token_all_rounds", "click_baseline_all_rounds"}
+    per_case = results["methods"]["spa_token"]["per_case"]
+    assert len(per_case) == 1 and all(len(r["dice"]) == 3 for r in per_case.values())
+    assert results["data"]["fingerprint"] and results["model"]["spa_token"]["fingerprint"]
+    assert "NoI@0.8" in evaluated.stdout and (tmp_path / "eval" / "dice_vs_round.png").is_file()
