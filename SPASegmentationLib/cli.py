@@ -250,7 +250,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = SPAConfig(backbone=args.backbone, conditioning=args.conditioning)
     model = build_model(config, backbone_checkpoint=_opt_path(args, "checkpoint"), device=_device(args.device))
     train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, rounds=args.rounds, n_samples=args.samples,
-                               seed=args.seed, first_prompt=args.first_prompt, lr=args.lr)
+                               seed=args.seed, first_prompt=args.first_prompt, lr=args.lr,
+                               best_of_n_weight=args.best_of_n_weight)
     cases = load_training_cases(Path(args.data), args.split, model, Path(args.cache))
     folder = MultiRaterFolder(Path(args.data))
     description = {"root": str(args.data), "split": args.split, "n_cases": len(cases),
@@ -383,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--samples", type=int, default=24)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--best-of-n-weight", type=float, default=1.5, help="weight of the best-sample loss (sample diversity)")
     p.add_argument("--first-prompt", default="mixed", choices=["point", "box", "mixed"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")

@@ -52,7 +52,7 @@ class TrainConfig:
     decoder_lr: float = 3e-5
     weight_decay: float = 1e-4
     pos_weight: float = 2.0
-    best_of_n_weight: float = 0.5
+    best_of_n_weight: float = 1.5
     pi_weight: float = 1.0
     e_step_temperature: float = 0.05
     first_prompt: str = "mixed"  # "point", "box" or "mixed" (half each)
