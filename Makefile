@@ -45,8 +45,8 @@ train-default: $(DATA)/splits.json
 
 # Side by side at one small, equal budget: the paper's concat conditioning vs the default token one.
 train-compare: $(DATA)/splits.json
-	$(BIN)/spa train $(DATA) --out $(TRAIN_OUT)/compare_token --conditioning token --steps 60 --batch-size 2 --samples 8 --rounds 4 --seed 0 --best-of-n-weight 0.5 --threads $(THREADS)
-	$(BIN)/spa train $(DATA) --out $(TRAIN_OUT)/compare_concat --conditioning concat --steps 60 --batch-size 2 --samples 8 --rounds 4 --seed 0 --best-of-n-weight 0.5 --threads $(THREADS)
+	$(BIN)/spa train $(DATA) --out $(TRAIN_OUT)/compare_token --conditioning token --steps 60 --batch-size 2 --samples 8 --rounds 4 --seed 0 --best-of-n-weight 0.5 --deep-first-round-probability 1.0 --threads $(THREADS)
+	$(BIN)/spa train $(DATA) --out $(TRAIN_OUT)/compare_concat --conditioning concat --steps 60 --batch-size 2 --samples 8 --rounds 4 --seed 0 --best-of-n-weight 0.5 --deep-first-round-probability 1.0 --threads $(THREADS)
 
 THREADS ?= 2
 .PHONY: data train-default train-compare

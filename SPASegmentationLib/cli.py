@@ -251,7 +251,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = build_model(config, backbone_checkpoint=_opt_path(args, "checkpoint"), device=_device(args.device))
     train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, rounds=args.rounds, n_samples=args.samples,
                                seed=args.seed, first_prompt=args.first_prompt, lr=args.lr,
-                               best_of_n_weight=args.best_of_n_weight)
+                               best_of_n_weight=args.best_of_n_weight,
+                               deep_first_round_probability=args.deep_first_round_probability)
     cases = load_training_cases(Path(args.data), args.split, model, Path(args.cache))
     folder = MultiRaterFolder(Path(args.data))
     description = {"root": str(args.data), "split": args.split, "n_cases": len(cases),
@@ -384,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--samples", type=int, default=24)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--deep-first-round-probability", type=float, default=0.5,
+                   help="how often the round that also trains the decoder transformer is the first one")
     p.add_argument("--best-of-n-weight", type=float, default=1.5, help="weight of the best-sample loss (sample diversity)")
     p.add_argument("--first-prompt", default="mixed", choices=["point", "box", "mixed"])
     p.add_argument("--seed", type=int, default=0)
