@@ -61,18 +61,21 @@ class PreferenceMixture:
             raise ValueError(f"unknown sampling mode {mode!r}; use one of {SAMPLING_MODES}")
         batch_shape = self.weights.shape[:-1]
         device = self.means.device
+        # Randomness is drawn where the generator lives (the CPU by default) and then moved, so a
+        # seed gives the same draws on every device.
+        draw_device = generator.device if generator is not None else device
         eps = torch.randn(
-            (*batch_shape, n, self.latent_dim), generator=generator, device=device, dtype=self.means.dtype
-        )
+            (*batch_shape, n, self.latent_dim), generator=generator, device=draw_device, dtype=self.means.dtype
+        ).to(device)
         if mode == "moment_matched":
             w = self.weights.unsqueeze(-1)
             mu = (w * self.means).sum(-2, keepdim=True)
             sigma = (w * self.stds).sum(-2, keepdim=True)
             index = self.weights.argmax(-1, keepdim=True).expand(*batch_shape, n)
             return mu + sigma * eps, index
-        flat_weights = self.weights.detach().reshape(-1, self.n_components).clamp_min(0)
+        flat_weights = self.weights.detach().reshape(-1, self.n_components).clamp_min(0).to(draw_device)
         index = torch.multinomial(flat_weights, n, replacement=True, generator=generator)
-        index = index.reshape(*batch_shape, n)
+        index = index.reshape(*batch_shape, n).to(device)
         gather = index.unsqueeze(-1).expand(*batch_shape, n, self.latent_dim)
         mu = torch.gather(self.means, -2, gather)
         sigma = torch.gather(self.stds, -2, gather)

@@ -104,7 +104,7 @@ def run_model_round(
     mixture = model.mixture(embedding, sparse, valid, dense, previous_weights.to(model.device)[None])
     clock.lap("generator")
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    z, _ = _sample_on_cpu(mixture, n_samples, generator, model.config.sampling, model.device)
+    z, _ = mixture.sample(n_samples, generator=generator, mode=model.config.sampling)
     clock.lap("sampling")
     logits = model.sample_logits(embedding, sparse, dense, z)[0]
     clock.lap("conditioning_and_decoding")
@@ -132,13 +132,6 @@ class _StageClock:
         now = time.perf_counter()
         self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
         self.last = now
-
-
-def _sample_on_cpu(mixture: PreferenceMixture, n: int, generator: torch.Generator, mode: str, device: torch.device):
-    """Draw on the CPU (so results match across devices), then move the latents to ``device``."""
-    cpu = PreferenceMixture(mixture.weights.cpu(), mixture.means.cpu(), mixture.stds.cpu())
-    z, index = cpu.sample(n, generator=generator, mode=mode)
-    return z.to(device), index
 
 
 def feedback_prompt(model: SPAModel, model_round: ModelRound, chosen: int, seed: int) -> Prompt:
