@@ -158,12 +158,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
     choices = _choices(args.choose)
     loaded = read_image(Path(args.image), slice_index=args.slice)
     window = _numbers(args.window, 2, "--window") if args.window else None
+    point = _numbers(args.point, 2, "--point") if args.point else None
+    box = _numbers(args.box, 4, "--box") if args.box else None
     model = _load_model(args)
     store = ProfileStore(_opt_path(args, "profiles"), model_fingerprint=model.fingerprint()) if args.user else None
     initial = store.initial_weights(args.user, args.structure) if store else None
     session = Session(model, loaded.array, seed=args.seed, n_samples=args.samples, initial_weights=initial, window=window)
-    point = _numbers(args.point, 2, "--point") if args.point else None
-    box = _numbers(args.box, 4, "--box") if args.box else None
     round_ = session.start(point=point, box=box)
     for number in choices:
         if number > round_.n_candidates:
