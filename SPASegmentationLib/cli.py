@@ -1,4 +1,4 @@
-"""The ``spa`` command: demo, segment, profile, train, evaluate, bench, generate-data.
+"""The ``spa`` command: demo, segment, profile, train, evaluate, bench, generate-data, export-seg.
 
 Every user error prints one line ``spa: error: …`` and exits with status 2; nothing else
 should reach the user as a traceback.
@@ -326,6 +326,44 @@ def cmd_generate_data(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----- export-seg ---------------------------------------------------------------------------------
+def cmd_export_seg(args: argparse.Namespace) -> int:
+    """Write a mask file as a DICOM SEG that references the DICOM series it was drawn on."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .errors import InputError
+    from .io.dicom_seg import export_dicom_seg, ijk_to_lps_from_sitk, load_source_series, terminology_for
+    from .io.images import read_reference
+
+    mask_path, series_path = Path(args.mask), Path(args.series)
+    if not mask_path.is_file():
+        raise InputError(f"{mask_path} is not a mask file; pass the mask written by `spa segment` (.nrrd, .nii.gz, .seg.nrrd …)")
+    if not series_path.is_dir():
+        raise InputError(f"{series_path} is not a folder; pass the folder holding the DICOM series the mask was drawn on")
+    image, _ = read_reference(mask_path)
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{mask_path} has {image.GetNumberOfComponentsPerPixel()} values per voxel (overlapping layers); "
+                         "export it as a single label map")
+    if image.GetDimension() != 3:
+        raise InputError(f"{mask_path} is a {image.GetDimension()}-D image; pass the 3-D mask of the whole series")
+    series = load_source_series(series_path)
+    mask = sitk.GetArrayFromImage(image)
+    if mask.dtype.kind == "f":
+        mask = np.rint(mask).astype(np.int64)
+    out = export_dicom_seg(
+        mask, series, Path(args.out), segment_label=args.label, structure=args.structure,
+        ijk_to_lps=ijk_to_lps_from_sitk(image), model_fingerprint=args.model_fingerprint, seed=args.seed,
+        series_description=args.series_description, content_creator=args.creator,
+    )
+    terms = terminology_for(args.structure)
+    labels = [int(v) for v in np.unique(mask) if v != 0]
+    print(f"wrote {out}: {len(labels)} segment(s) as {terms.category.meaning} / {terms.type.meaning}"
+          + (f" in {terms.region.meaning}" if terms.region else "")
+          + f", referencing series {series.series_uid} ({series.shape[0]} slices)")
+    return 0
+
+
 # ----- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spa", description="SPA: segment by choosing among candidates; the model learns your preference.")
@@ -428,6 +466,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate_data)
+
+    p = sub.add_parser("export-seg", help="write a mask as a DICOM SEG referencing its DICOM series")
+    p.add_argument("mask", help="mask in the series' geometry (.nrrd/.nii.gz/.seg.nrrd …; one segment per label value)")
+    p.add_argument("series", help="folder holding the DICOM series the mask was drawn on")
+    p.add_argument("--out", required=True, help="DICOM SEG file to write")
+    p.add_argument("--label", default="SPA segmentation", help="segment label (label maps: 'LABEL N' per value)")
+    p.add_argument("--structure", help="what was segmented, e.g. 'liver' or 'liver tumour' (SNOMED codes; default tissue)")
+    p.add_argument("--series-description", default="SPA segmentation")
+    p.add_argument("--creator", help="content creator name, e.g. 'Doe^Jane'")
+    p.add_argument("--model-fingerprint", help="fingerprint of the SPA model that made the mask (recorded)")
+    p.add_argument("--seed", type=int, help="seed of the session that made the mask (recorded)")
+    p.set_defaults(func=cmd_export_seg)
     return parser
 
 
