@@ -1,0 +1,329 @@
+"""Carry an accepted 2-D SPA mask through the neighbouring slices of a volume.
+
+    result = propagate(model, volume, start_index=40, start_mask=mask, initial_weights=weights)
+    result.masks          # {slice index: (H, W) bool}, the start slice included
+    result.stopped        # {"forward": "structure ended", "backward": "image edge"}
+
+Each new slice gets a fresh :class:`~SPASegmentationLib.session.Session` that starts from the
+user's adapted mixture weights, prompted with the box (and/or deepest point) of the previous
+slice's mask. Its recommended mask, reduced to the connected parts that touch the previous mask,
+becomes the next slice's mask. A direction stops when the structure ends (the mask vanishes,
+shrinks below a fraction of the start area, overlaps the previous slice's mask poorly, or covers
+pixels whose intensity no longer looks like the structure's: a box prompt on a slice past the end
+of a structure still yields a box-shaped blob), at the volume's edge, after ``max_slices`` slices,
+or when ``progress`` returns False. Runs on the caller's thread (the ModelWorker in Slicer); no Qt, no slicer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .errors import InputError
+from .session import DEFAULT_SAMPLES, Session
+
+if TYPE_CHECKING:
+    from .model.spa import SPAModel
+    from .worker import EmbeddingLookup
+
+DIRECTIONS = ("forward", "backward")
+STRUCTURE_ENDED = "structure ended"
+IMAGE_EDGE = "image edge"
+CANCELLED = "cancelled"
+MAX_SLICES = "max slices"
+PROMPT_KINDS = ("box", "point", "both")
+BOX_MARGIN_PX = 2.0  # the simulated users in training widen their boxes by 0-3 px
+
+SliceSource = Callable[[int], np.ndarray] | np.ndarray
+
+
+@dataclass
+class PropagationResult:
+    """The masks of one propagation and why each direction stopped."""
+
+    masks: dict[int, np.ndarray]  # slice index -> (H, W) bool mask, includes the start slice
+    stopped: dict[str, str]  # "forward"/"backward" -> why it stopped
+    seconds: float
+    start_index: int = 0
+    initial_weights: np.ndarray | None = None  # the mixture weights every slice started from (normalised)
+    areas: dict[int, int] = field(default_factory=dict)  # slice index -> foreground pixels
+    mixture_weights: dict[int, np.ndarray] = field(default_factory=dict)  # each slice tried -> weights its round sampled
+
+    @property
+    def indices(self) -> list[int]:
+        """The slice indices that received a mask, ascending."""
+        return sorted(self.masks)
+
+    def stack(self, n_slices: int) -> np.ndarray:
+        """The masks as one (n_slices, H, W) bool array, empty where no slice mask exists."""
+        first = self.masks[self.start_index]
+        volume = np.zeros((n_slices, *first.shape), dtype=bool)
+        for index, mask in self.masks.items():
+            volume[index] = mask
+        return volume
+
+
+def slice_seed(seed: int, index: int) -> int:
+    """The seed of one slice's session, derived from the propagation seed and the slice index."""
+    return int(np.random.SeedSequence([int(seed), 0x5350, int(index)]).generate_state(1)[0] % (2**31))
+
+
+def prompt_from_mask(
+    mask: np.ndarray, margin: float = BOX_MARGIN_PX
+) -> tuple[tuple[float, float], tuple[float, float, float, float]]:
+    """(point, box) for a mask: its deepest pixel (x, y) and its bounds widened by ``margin`` px, clipped."""
+    mask = _as_mask(mask, "mask")
+    if not mask.any():
+        raise InputError("the mask is empty; a prompt needs at least one foreground pixel")
+    if margin < 0:
+        raise InputError(f"the box margin must be >= 0 pixels, got {margin}")
+    padded = np.pad(mask, 1, mode="constant", constant_values=False)
+    depth = ndimage.distance_transform_edt(padded)[1:-1, 1:-1]
+    row, col = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    height, width = mask.shape
+    x0, x1 = _widened(float(cols[0]), float(cols[-1]), margin, width)
+    y0, y1 = _widened(float(rows[0]), float(rows[-1]), margin, height)
+    return (float(col), float(row)), (x0, y0, x1, y1)
+
+
+def keep_touching(mask: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The 8-connected components of ``mask`` that share at least one pixel with ``reference``."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if count == 0:
+        return np.zeros_like(mask, dtype=bool)
+    touching = np.unique(labels[reference & (labels > 0)])
+    return np.isin(labels, touching[touching > 0])
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two masks (1.0 when both are empty)."""
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
+
+
+def intensity_shift(
+    previous_image: np.ndarray, previous_mask: np.ndarray, image: np.ndarray, mask: np.ndarray, ring_px: int = 3
+) -> float | None:
+    """How far the new mask's median intensity moved from the previous mask's, in units of the previous contrast.
+
+    The contrast is the previous mask's median minus the median of a ``ring_px`` ring around it. None
+    when that contrast is within three noise standard deviations (the structure is not told apart
+    by intensity, so intensity says nothing about where it ends) or a mask is empty.
+    """
+    if not mask.any() or not previous_mask.any():
+        return None
+    previous_values = _grey(previous_image)
+    ring = ndimage.binary_dilation(previous_mask, iterations=ring_px) & ~previous_mask
+    if not ring.any():
+        return None
+    inside = previous_values[previous_mask]
+    inside_median = float(np.median(inside))
+    contrast = inside_median - float(np.median(previous_values[ring]))
+    noise = 1.4826 * float(np.median(np.abs(inside - inside_median)))
+    if abs(contrast) <= 3.0 * noise or contrast == 0.0:
+        return None
+    return abs(float(np.median(_grey(image)[mask])) - inside_median) / abs(contrast)
+
+
+def propagate(
+    model: "SPAModel",
+    slices: SliceSource,
+    start_index: int,
+    start_mask: np.ndarray,
+    *,
+    n_slices: int | None = None,
+    initial_weights: np.ndarray | torch.Tensor | None = None,
+    seed: int = 0,
+    n_samples: int = DEFAULT_SAMPLES,
+    window: tuple[float, float] | None = None,
+    embeddings: "EmbeddingLookup | None" = None,
+    progress: Callable[[int, int], bool] | None = None,
+    max_slices: int | None = None,
+    min_area_fraction: float = 0.05,
+    min_dice: float = 0.3,
+    max_intensity_shift: float | None = 0.5,
+    prompt: str = "box",
+    box_margin: float = BOX_MARGIN_PX,
+) -> PropagationResult:
+    """Propagate ``start_mask`` (on slice ``start_index``) forward, then backward, through the volume.
+
+    ``slices`` is a (n_slices, H, W) array or a callable index -> (H, W) image (then ``n_slices`` is
+    required). ``max_slices`` caps the new slices per direction. ``progress(done, total_estimate)``
+    is called before the first slice and after each one; returning False cancels, keeping the masks
+    made so far. A slice's mask ends its direction when it is empty, smaller than
+    ``min_area_fraction`` of the start mask, or its Dice with the previous slice's mask is below
+    ``min_dice``, or its median intensity moved by more than ``max_intensity_shift`` times the previous
+    slice's structure-to-surroundings contrast (see :func:`intensity_shift`; None turns that test
+    off); that slice gets no mask. ``prompt`` is "box" (as trained), "point" or "both".
+    """
+    began = time.perf_counter()
+    get_slice, total_slices = _slice_source(slices, n_slices)
+    if isinstance(start_index, bool) or not isinstance(start_index, (int, np.integer)):
+        raise InputError(f"the start slice index must be an integer, got {start_index!r}")
+    start_index = int(start_index)
+    if not 0 <= start_index < total_slices:
+        raise InputError(f"start slice {start_index} is outside the volume (slices 0..{total_slices - 1})")
+    start_mask = _as_mask(start_mask, "start mask")
+    if not start_mask.any():
+        raise InputError("the start mask is empty; accept a segmentation on the start slice before propagating")
+    start_image = np.asarray(get_slice(start_index))
+    if start_image.shape[:2] != start_mask.shape:
+        raise InputError(
+            f"the start mask is {start_mask.shape[0]}×{start_mask.shape[1]} but slice {start_index} is "
+            f"{start_image.shape[0]}×{start_image.shape[1]}; pass the mask of that slice"
+        )
+    if max_slices is not None and (isinstance(max_slices, bool) or int(max_slices) < 0):
+        raise InputError(f"max_slices must be a non-negative number of slices, got {max_slices!r}")
+    if not 0.0 <= min_area_fraction < 1.0 or not 0.0 <= min_dice <= 1.0:
+        raise InputError(f"min_area_fraction ({min_area_fraction}) must be in [0, 1) and min_dice ({min_dice}) in [0, 1]")
+    if prompt not in PROMPT_KINDS:
+        raise InputError(f"unknown propagation prompt {prompt!r}; use one of {', '.join(PROMPT_KINDS)}")
+    weights = _normalised_weights(initial_weights)
+    if weights is not None and weights.size != model.config.n_components:
+        raise InputError(
+            f"the adapted mixture weights have {weights.size} values but this model's mixture has "
+            f"{model.config.n_components} components; pass the weights of a session with this model"
+        )
+
+    masks: dict[int, np.ndarray] = {start_index: start_mask.copy()}
+    areas = {start_index: int(start_mask.sum())}
+    mixture_weights: dict[int, np.ndarray] = {}
+    stopped: dict[str, str] = {}
+    reach = {
+        "forward": total_slices - 1 - start_index,
+        "backward": start_index,
+    }
+    if max_slices is not None:
+        reach = {direction: min(n, int(max_slices)) for direction, n in reach.items()}
+    minimum_area = min_area_fraction * areas[start_index]
+    done = 0
+
+    def estimate(remaining: dict[str, int]) -> int:
+        return done + sum(remaining[d] for d in DIRECTIONS if d not in stopped)
+
+    remaining = dict(reach)
+    if progress is not None and progress(0, estimate(remaining)) is False:
+        return PropagationResult(masks, {d: CANCELLED for d in DIRECTIONS}, time.perf_counter() - began,
+                                 start_index, None if weights is None else weights.copy(), areas, mixture_weights)
+
+    for direction in DIRECTIONS:
+        step = 1 if direction == "forward" else -1
+        previous, previous_image = start_mask, start_image
+        index = start_index
+        for _ in range(reach[direction]):
+            index += step
+            image = np.asarray(get_slice(index))
+            if image.shape[:2] != start_mask.shape:
+                raise InputError(
+                    f"slice {index} is {image.shape[0]}×{image.shape[1]} but the start slice is "
+                    f"{start_mask.shape[0]}×{start_mask.shape[1]}; every slice must have the same size"
+                )
+            mask, mixture_weights[index] = _segment_slice(
+                model, image, previous, index, seed=seed, n_samples=n_samples, window=window,
+                weights=weights, embeddings=embeddings, prompt=prompt, box_margin=box_margin,
+            )
+            done += 1
+            remaining[direction] -= 1
+            area = int(mask.sum())
+            shift = None if max_intensity_shift is None else intensity_shift(previous_image, previous, image, mask)
+            if (area == 0 or area < minimum_area or dice(mask, previous) < min_dice
+                    or (shift is not None and shift > max_intensity_shift)):
+                stopped[direction] = STRUCTURE_ENDED
+            else:
+                masks[index] = mask
+                areas[index] = area
+                previous, previous_image = mask, image
+            if progress is not None and progress(done, estimate(remaining)) is False:
+                for d in DIRECTIONS:
+                    stopped.setdefault(d, CANCELLED)
+                break
+            if direction in stopped:
+                break
+        if direction not in stopped:
+            at_edge = index == (total_slices - 1 if direction == "forward" else 0)
+            stopped[direction] = IMAGE_EDGE if at_edge else MAX_SLICES
+        if all(d in stopped for d in DIRECTIONS):
+            break
+    return PropagationResult(masks, {d: stopped[d] for d in DIRECTIONS}, time.perf_counter() - began,
+                             start_index, None if weights is None else weights.copy(), areas, mixture_weights)
+
+
+def _segment_slice(
+    model: "SPAModel",
+    image: np.ndarray,
+    previous: np.ndarray,
+    index: int,
+    *,
+    seed: int,
+    n_samples: int,
+    window: tuple[float, float] | None,
+    weights: np.ndarray | None,
+    embeddings: "EmbeddingLookup | None",
+    prompt: str,
+    box_margin: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One slice: (its recommendation kept where it touches the previous mask, the mixture weights sampled)."""
+    embedding = None if embeddings is None else embeddings.get(image, window)
+    session = Session(model, image, seed=slice_seed(seed, index), n_samples=n_samples,
+                      initial_weights=weights, window=window, embedding=embedding)
+    point, box = prompt_from_mask(previous, margin=box_margin)
+    round_ = session.start(point=None if prompt == "box" else point, box=None if prompt == "point" else box)
+    return keep_touching(round_.recommended, previous), round_.mixture_weights
+
+
+def _slice_source(slices: SliceSource, n_slices: int | None) -> tuple[Callable[[int], np.ndarray], int]:
+    """A getter index -> image and the number of slices, from an array or a callable."""
+    if isinstance(slices, np.ndarray):
+        if slices.ndim not in (3, 4):
+            raise InputError(f"the volume has shape {slices.shape}; pass (n_slices, H, W) or a callable index -> image")
+        if n_slices is not None and int(n_slices) != slices.shape[0]:
+            raise InputError(f"n_slices is {n_slices} but the volume has {slices.shape[0]} slices; leave n_slices out")
+        volume = slices
+        return (lambda i: volume[i]), int(volume.shape[0])
+    if not callable(slices):
+        raise InputError(f"slices must be a (n_slices, H, W) array or a callable index -> image, got {type(slices).__name__}")
+    if n_slices is None or isinstance(n_slices, bool) or int(n_slices) < 1:
+        raise InputError(f"with a callable for slices, pass n_slices (the number of slices, >= 1), got {n_slices!r}")
+    return slices, int(n_slices)
+
+
+def _normalised_weights(weights: np.ndarray | torch.Tensor | None) -> np.ndarray | None:
+    """The start weights as a float64 numpy vector (Session validates and normalises them again)."""
+    if weights is None:
+        return None
+    if isinstance(weights, torch.Tensor):
+        weights = weights.detach().cpu().numpy()
+    values = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if values.size == 0 or not np.isfinite(values).all() or (values < 0).any() or values.sum() <= 0:
+        raise InputError("the adapted mixture weights must be non-negative finite numbers with a positive sum")
+    return values / values.sum()
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    """A 2-D float image: the channel mean of an RGB(A) slice."""
+    values = np.asarray(image, dtype=np.float64)
+    return values[..., :3].mean(axis=-1) if values.ndim == 3 else values
+
+
+def _as_mask(mask: np.ndarray, what: str) -> np.ndarray:
+    """A 2-D boolean copy of ``mask`` or an InputError naming ``what``."""
+    if not isinstance(mask, np.ndarray):
+        raise InputError(f"the {what} must be a numpy array, got {type(mask).__name__}")
+    if mask.ndim != 2:
+        raise InputError(f"the {what} has shape {mask.shape}; it must be one 2-D slice (H, W)")
+    return mask.astype(bool)
+
+
+def _widened(low: float, high: float, margin: float, size: int) -> tuple[float, float]:
+    """Inclusive pixel bounds widened by ``margin`` and clipped to 0..size-1, at least one pixel apart."""
+    low, high = max(0.0, low - margin), min(size - 1.0, high + margin)
+    if high - low < 1.0:
+        low, high = max(0.0, min(low, size - 2.0)), min(size - 1.0, max(high, low + 1.0))
+    return low, high
