@@ -1,0 +1,612 @@
+"""scene.py against real MRML (slicer-core): slices as Slicer shows them, commits, undo, preview, SceneSession."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("slicer")
+
+from mrml import (  # noqa: E402
+    LPS_DIRECTIONS,
+    RAS_DIRECTIONS,
+    SAGITTAL_DIRECTIONS,
+    add_fiducial,
+    add_roi,
+    add_segment,
+    add_segmentation,
+    add_volume,
+    app_logic_of,
+    mrml_scene,  # noqa: F401  (fixture)
+    segment_array_via_export,
+    voxel_ras,
+)
+
+from SPASegmentationLib import scene as sc  # noqa: E402
+from SPASegmentationLib.errors import InputError  # noqa: E402
+from SPASegmentationLib.session import Round  # noqa: E402
+
+GEOMETRIES = {
+    "ras": dict(directions=RAS_DIRECTIONS, spacing=(0.7, 0.8, 2.5), origin=(-10.0, 5.0, 30.0)),
+    "lps": dict(directions=LPS_DIRECTIONS, spacing=(0.7, 0.8, 2.5), origin=(120.0, 90.0, -40.0)),
+    "sagittal": dict(directions=SAGITTAL_DIRECTIONS, spacing=(0.9, 1.1, 3.0), origin=(-60.0, 100.0, 80.0)),
+}
+SHAPE = (5, 7, 9)  # (k, j, i): all different so a wrong axis cannot pass
+# Unit RAS direction of image +x (column) and +y (row) in each Slicer view (default slice presets).
+SCREEN = {
+    "axial": (np.array([-1.0, 0, 0]), np.array([0, -1.0, 0])),
+    "coronal": (np.array([-1.0, 0, 0]), np.array([0, 0, -1.0])),
+    "sagittal": (np.array([0, -1.0, 0]), np.array([0, 0, -1.0])),
+}
+
+
+def labelled_volume(scene, geometry: str):
+    values = np.arange(np.prod(SHAPE), dtype=np.int32).reshape(SHAPE)
+    return add_volume(scene, values, name=geometry, **GEOMETRIES[geometry]), values
+
+
+# ----- geometry ------------------------------------------------------------------------------------
+def test_slice_presets_match_slicer(mrml_scene):
+    """The screen directions assumed here are those of Slicer's own Red/Green/Yellow presets."""
+    import slicer
+
+    logic = slicer.vtkMRMLSliceLogic()
+    logic.SetMRMLApplicationLogic(app_logic_of(mrml_scene))
+    logic.SetMRMLScene(mrml_scene)
+    node = logic.AddSliceNode("Red")
+    for orientation, (right, down) in SCREEN.items():
+        node.SetOrientation(orientation.capitalize())
+        matrix = node.GetSliceToRAS()
+        x_axis = np.array([matrix.GetElement(r, 0) for r in range(3)])
+        y_axis = np.array([matrix.GetElement(r, 1) for r in range(3)])
+        assert np.allclose(x_axis, right) and np.allclose(y_axis, -down), orientation
+
+
+@pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
+@pytest.mark.parametrize("orientation", sc.ORIENTATIONS)
+def test_extracted_image_follows_the_screen(mrml_scene, geometry, orientation):
+    volume, values = labelled_volume(mrml_scene, geometry)
+    assert np.array_equal(sc.volume_array(volume), values)
+    centre = voxel_ras(volume, (2, 3, 4))
+    plane = sc.plane_through(volume, orientation, centre)
+    image = plane.extract(values)
+    right, down = SCREEN[orientation]
+    for (y, x) in [(0, 0), (1, 2), (image.shape[0] - 1, image.shape[1] - 1)]:
+        here = np.array(sc.pixel_to_ras(volume, plane, (x, y)))
+        step_x = np.array(sc.pixel_to_ras(volume, plane, (x + 1, y))) - here
+        step_y = np.array(sc.pixel_to_ras(volume, plane, (x, y + 1))) - here
+        assert np.allclose(step_x / np.linalg.norm(step_x), right)
+        assert np.allclose(step_y / np.linalg.norm(step_y), down)
+        # The pixel value is the voxel at that RAS position.
+        kji = np.rint(np.linalg.solve(_ijk_to_ras(volume), [*here, 1.0])[:3][::-1]).astype(int)
+        assert image[y, x] == values[tuple(kji)]
+    # The slice really is the one through the centre voxel, and insert() inverts extract().
+    kji_centre = (2, 3, 4)
+    assert plane.index == kji_centre[plane.slice_axis]
+    copy = np.zeros_like(values)
+    plane.insert(copy, image)
+    selector = [slice(None)] * 3
+    selector[plane.slice_axis] = plane.index
+    assert np.array_equal(copy[tuple(selector)], values[tuple(selector)])
+    assert copy.sum() == values[tuple(selector)].sum()
+
+
+def _ijk_to_ras(volume):
+    return sc.ijk_to_ras_matrix(volume)
+
+
+@pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
+@pytest.mark.parametrize("orientation", sc.ORIENTATIONS)
+def test_fiducial_at_voxel_centre_maps_to_its_pixel(mrml_scene, geometry, orientation):
+    volume, values = labelled_volume(mrml_scene, geometry)
+    for kji in [(1, 2, 3), (4, 6, 8), (0, 0, 0)]:
+        fiducial = add_fiducial(mrml_scene, voxel_ras(volume, kji))
+        ras = [0.0, 0.0, 0.0]
+        fiducial.GetNthControlPointPositionWorld(0, ras)
+        plane = sc.plane_through(volume, orientation, ras)
+        x, y = sc.ras_to_pixel(volume, plane, ras)
+        assert abs(x - round(x)) < 1e-9 and abs(y - round(y)) < 1e-9
+        assert plane.extract(values)[int(round(y)), int(round(x))] == values[kji]
+        assert np.allclose(sc.pixel_to_ras(volume, plane, (x, y)), ras)
+
+
+def test_ras_pixel_round_trip_is_exact(mrml_scene):
+    volume, _ = labelled_volume(mrml_scene, "sagittal")
+    rng = np.random.default_rng(0)
+    plane = sc.plane_through(volume, "coronal", voxel_ras(volume, (2, 3, 4)))
+    for _ in range(20):
+        xy = tuple(rng.uniform(-0.5, 6.5, 2))
+        assert np.allclose(sc.ras_to_pixel(volume, plane, sc.pixel_to_ras(volume, plane, xy)), xy, atol=1e-9)
+
+
+def test_parent_transform_is_applied(mrml_scene):
+    volume, values = labelled_volume(mrml_scene, "lps")
+    transform = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    import vtk
+
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 25.0)
+    transform.SetMatrixTransformToParent(shift)
+    before = voxel_ras(volume, (1, 2, 3))
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    moved = (before[0] + 25.0, before[1], before[2])
+    plane = sc.plane_through(volume, "axial", moved)
+    x, y = sc.ras_to_pixel(volume, plane, moved)
+    assert plane.extract(values)[int(round(y)), int(round(x))] == values[1, 2, 3]
+
+
+def test_outside_point_and_bad_orientation_are_input_errors(mrml_scene):
+    volume, _ = labelled_volume(mrml_scene, "ras")
+    with pytest.raises(InputError, match="outside"):
+        sc.plane_through(volume, "axial", (0.0, 0.0, 1000.0))
+    with pytest.raises(InputError, match="orientation"):
+        sc.plane_through(volume, "oblique", (0.0, 0.0, 0.0))
+
+
+@pytest.mark.parametrize("geometry", ["lps", "sagittal"])
+def test_box_from_roi(mrml_scene, geometry):
+    volume, _ = labelled_volume(mrml_scene, geometry)
+    a, b = voxel_ras(volume, (1, 1, 2)), voxel_ras(volume, (3, 5, 6))
+    centre = [(u + v) / 2 for u, v in zip(a, b)]
+    size = [abs(u - v) for u, v in zip(a, b)]
+    roi = add_roi(mrml_scene, centre, size)
+    plane = sc.plane_through(volume, "axial", voxel_ras(volume, (2, 3, 4)))
+    x0, y0, x1, y1 = sc.box_from_roi(volume, plane, roi)
+    corners = [sc.ras_to_pixel(volume, plane, a), sc.ras_to_pixel(volume, plane, b)]
+    xs, ys = sorted(c[0] for c in corners), sorted(c[1] for c in corners)
+    assert np.allclose([x0, x1], xs) and np.allclose([y0, y1], ys)
+    # A huge ROI is clipped to the image.
+    big = add_roi(mrml_scene, centre, [1000.0, 1000.0, 1000.0])
+    rows, cols = plane.shape
+    assert np.allclose(sc.box_from_roi(volume, plane, big), (-0.5, -0.5, cols - 0.5, rows - 0.5))
+
+
+# ----- commits and undo ----------------------------------------------------------------------------
+def _two_segments(scene, geometry="lps"):
+    volume, _ = labelled_volume(scene, geometry)
+    seg = add_segmentation(scene, volume)
+    first = np.zeros(SHAPE, dtype=bool)
+    first[1:4, 2:6, 2:7] = True
+    other = np.zeros(SHAPE, dtype=bool)
+    other[2, 0:4, 0:5] = True  # overlaps `first` on slice 2
+    first_id = add_segment(seg, "target", first, volume)
+    other_id = add_segment(seg, "other", other, volume)
+    return volume, seg, first_id, first, other_id, other
+
+
+@pytest.mark.parametrize("orientation", sc.ORIENTATIONS)
+def test_commit_mask_changes_only_that_slice_of_that_segment(mrml_scene, orientation):
+    volume, seg, target, first, other_id, other = _two_segments(mrml_scene)
+    plane = sc.plane_through(volume, orientation, voxel_ras(volume, (2, 3, 4)))
+    mask = np.zeros(plane.shape, dtype=bool)
+    mask[0:2, 1:4] = True
+    sc.commit_mask(seg, target, volume, plane, mask)
+    expected = first.copy()
+    plane.insert(expected, mask)
+    assert np.array_equal(sc.read_segment(seg, target, volume), expected)
+    assert np.array_equal(segment_array_via_export(mrml_scene, seg, target, volume), expected)
+    assert np.array_equal(segment_array_via_export(mrml_scene, seg, other_id, volume), other)
+    # The committed slice seen as Slicer shows it is exactly the mask.
+    assert np.array_equal(plane.extract(sc.read_segment(seg, target, volume)), mask)
+
+
+def test_commit_into_empty_segment_and_wrong_inputs(mrml_scene):
+    volume, _ = labelled_volume(mrml_scene, "sagittal")
+    seg = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode")  # no reference geometry yet
+    seg.CreateDefaultDisplayNodes()
+    segment_id = add_segment(seg, "empty")
+    plane = sc.plane_through(volume, "axial", voxel_ras(volume, (2, 3, 4)))
+    mask = np.zeros(plane.shape, dtype=bool)
+    mask[1, 2] = True
+    sc.commit_mask(seg, segment_id, volume, plane, mask)
+    result = sc.read_segment(seg, segment_id, volume)
+    assert result.sum() == 1 and plane.extract(result)[1, 2]
+    with pytest.raises(InputError, match="does not exist"):
+        sc.commit_mask(seg, "nope", volume, plane, mask)
+    with pytest.raises(InputError, match="does not fit"):
+        sc.commit_mask(seg, segment_id, volume, plane, mask[:-1])
+
+
+def test_commit_volume_mask_only_touched_planes(mrml_scene):
+    volume, seg, target, first, other_id, other = _two_segments(mrml_scene)
+    plane = sc.plane_through(volume, "coronal", voxel_ras(volume, (2, 3, 4)))
+    new = np.zeros(SHAPE, dtype=bool)
+    new[:, :, :] = True  # everything, but only two planes may be written
+    touched = [plane.at(1), plane.at(3)]
+    sc.commit_volume_mask(seg, target, volume, new, touched)
+    expected = first.copy()
+    for p in touched:
+        p.insert(expected, np.ones(p.shape, dtype=bool))
+    assert np.array_equal(sc.read_segment(seg, target, volume), expected)
+    assert np.array_equal(sc.read_segment(seg, other_id, volume), other)
+    sc.commit_volume_mask(seg, target, volume, np.zeros(SHAPE, dtype=bool))
+    assert not sc.read_segment(seg, target, volume).any()
+
+
+def tag(segment, key: str) -> str | None:
+    import vtk
+
+    value = vtk.reference("")
+    return str(value) if segment.GetTag(key, value) else None
+
+
+def test_tag_spa_segment(mrml_scene):
+    import slicer
+
+    volume, seg, target, *_ = _two_segments(mrml_scene)
+    segment = seg.GetSegmentation().GetSegment(target)
+    default = segment.GetTerminology()
+    sc.tag_spa_segment(seg, target, None)
+    assert tag(segment, "DICOM.SegmentAlgorithmType") == "SEMIAUTOMATIC"
+    assert tag(segment, "DICOM.SegmentAlgorithmName") == "SPA"
+    assert segment.GetTerminology() == default  # no structure: the user's terminology stays
+    sc.tag_spa_segment(seg, target, "liver tumour")
+    entry = slicer.vtkSlicerTerminologyEntry()
+    assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(segment.GetTerminology(), entry)
+    assert entry.GetCategoryObject().GetCodeValue() == "49755003"
+    assert entry.GetTypeObject().GetCodeMeaning() == "Neoplasm"
+    assert entry.GetRegionObject().GetCodeValue() == "10200004"
+    assert segment.GetTerminology().startswith("Segmentation category and type - 3D Slicer General Anatomy list~SCT^49755003^")
+    sc.tag_spa_segment(seg, target, "liver")
+    assert "~SCT^10200004^Liver~" in segment.GetTerminology()
+
+
+def test_segment_undo_redo(mrml_scene):
+    volume, seg, target, first, other_id, other = _two_segments(mrml_scene)
+    undo = sc.SegmentUndo(seg)
+    assert not undo.undo() and not undo.redo()
+    plane = sc.plane_through(volume, "axial", voxel_ras(volume, (2, 3, 4)))
+    undo.save()
+    sc.commit_mask(seg, target, volume, plane, np.ones(plane.shape, dtype=bool))
+    changed = sc.read_segment(seg, target, volume)
+    assert not np.array_equal(changed, first)
+    assert undo.undo()
+    assert np.array_equal(sc.read_segment(seg, target, volume), first)
+    assert np.array_equal(sc.read_segment(seg, other_id, volume), other)
+    assert undo.redo()
+    assert np.array_equal(sc.read_segment(seg, target, volume), changed)
+    assert not undo.redo()
+
+
+# ----- the preview ---------------------------------------------------------------------------------
+def synthetic_round(shape, rng) -> Round:
+    recommended = np.zeros(shape, dtype=bool)
+    recommended[1:5, 2:7] = True
+    candidates = np.repeat(recommended[None], 3, axis=0)
+    candidates[0, 1:3, 2:4] = False  # removes a corner
+    candidates[1, 0:6, 1:8] = True  # adds a ring
+    candidates[2, 5, 2:7] = True  # adds a row
+    differences = (candidates.astype(np.int8) - recommended.astype(np.int8))
+    return Round(index=1, probability=recommended.astype(np.float32), recommended=recommended,
+                 uncertainty=np.zeros(shape, np.float32), candidates=candidates, differences=differences,
+                 candidate_shares=np.full(3, 1 / 3), mixture_weights=np.full(4, 0.25), seconds=0.0)
+
+
+def test_overlay_shows_exactly_the_round_and_leaves_user_segmentation_alone(mrml_scene):
+    volume, seg, target, first, other_id, other = _two_segments(mrml_scene, "sagittal")
+    overlay = sc.CandidateOverlay(mrml_scene, volume)
+    assert overlay.node is not seg and overlay.node.GetName() == "SPA preview"
+    plane = sc.plane_through(volume, "coronal", voxel_ras(volume, (2, 3, 4)))
+    round_ = synthetic_round(plane.shape, np.random.default_rng(0))
+    overlay.show(round_, plane)
+
+    def on_slice(segment_id):
+        voxels = sc.read_segment(overlay.node, segment_id, volume)
+        image = plane.extract(voxels)
+        assert voxels.sum() == image.sum()  # nothing outside the shown slice
+        return image
+
+    assert np.array_equal(on_slice(overlay.RECOMMENDED_ID), round_.recommended)
+    for k in range(4):
+        adds, removes = on_slice(overlay.adds_id(k)), on_slice(overlay.removes_id(k))
+        if k < 3:
+            assert np.array_equal(adds, round_.differences[k] > 0)
+            assert np.array_equal(removes, round_.differences[k] < 0)
+        else:
+            assert not adds.any() and not removes.any()
+    segmentation = overlay.node.GetSegmentation()
+    display = overlay.node.GetDisplayNode()
+    for k, colour in enumerate(sc.CANDIDATE_COLOURS):
+        assert segmentation.GetSegment(overlay.adds_id(k)).GetName() == f"Candidate {k + 1} adds"
+        assert np.allclose(segmentation.GetSegment(overlay.adds_id(k)).GetColor(), colour)
+        assert np.allclose(segmentation.GetSegment(overlay.removes_id(k)).GetColor(), sc.removes_colour(k))
+        assert display.GetSegmentVisibility2DFill(overlay.adds_id(k))
+        assert not display.GetSegmentVisibility2DFill(overlay.removes_id(k))
+        assert display.GetSegmentVisibility2DOutline(overlay.removes_id(k))
+    assert np.allclose(segmentation.GetSegment(overlay.RECOMMENDED_ID).GetColor(), sc.RECOMMENDED_COLOUR)
+    assert len(set(sc.CANDIDATE_COLOURS + (sc.RECOMMENDED_COLOUR,))) == 5
+    # The user's segmentation is untouched.
+    assert np.array_equal(sc.read_segment(seg, target, volume), first)
+    assert np.array_equal(sc.read_segment(seg, other_id, volume), other)
+    assert seg.GetSegmentation().GetNumberOfSegments() == 2
+
+    overlay.set_opacity(0.3)
+    assert display.GetOpacity2DFill() == pytest.approx(0.3)
+    with pytest.raises(InputError):
+        overlay.set_opacity(1.5)
+
+    overlay.clear()
+    assert not sc.read_segment(overlay.node, overlay.adds_id(1), volume).any()
+    assert overlay.candidate_at(plane, (1, 0)) is None
+    node_id = overlay.node.GetID()
+    overlay.remove()
+    assert mrml_scene.GetNodeByID(node_id) is None
+
+
+def test_candidate_at_prefers_the_smallest_region(mrml_scene):
+    volume, _ = labelled_volume(mrml_scene, "lps")
+    overlay = sc.CandidateOverlay(mrml_scene, volume)
+    plane = sc.plane_through(volume, "axial", voxel_ras(volume, (2, 3, 4)))
+    round_ = synthetic_round(plane.shape, np.random.default_rng(0))
+    overlay.show(round_, plane)
+    assert overlay.candidate_at(plane, (2, 1)) == 0  # the removed corner
+    assert overlay.candidate_at(plane, (1, 0)) == 1  # only candidate 1 adds the ring
+    assert overlay.candidate_at(plane, (3, 5)) == 2  # the row: candidates 1 and 2 add it, 2 is smaller
+    assert overlay.candidate_at(plane, (4, 3)) is None  # inside the recommendation, no change
+    assert overlay.candidate_at(plane, (100, 100)) is None
+    assert overlay.candidate_at(plane.at(0), (1, 0)) is None  # another slice shows nothing
+
+
+# ----- SceneSession with the real model ------------------------------------------------------------
+def ellipsoid_volume(scene, shape=(6, 96, 96)):
+    """A CT-like volume (LPS geometry) with a bright ellipsoid in the middle."""
+    rng = np.random.default_rng(0)
+    k, j, i = np.mgrid[: shape[0], : shape[1], : shape[2]]
+    inside = ((k - 2.5) / 3.2) ** 2 + ((j - 48) / 22) ** 2 + ((i - 44) / 26) ** 2 < 1
+    values = (40 + 120 * inside + rng.normal(0, 6, shape)).astype(np.int16)
+    volume = add_volume(scene, values, spacing=(0.8, 0.8, 2.0), origin=(40.0, 30.0, -10.0),
+                        directions=LPS_DIRECTIONS, name="ellipsoid")
+    return volume, values, inside
+
+
+@pytest.fixture
+def scene_setup(mrml_scene, untrained_model, tmp_path):
+    from SPASegmentationLib.profiles import ProfileStore
+
+    volume, values, inside = ellipsoid_volume(mrml_scene)
+    seg = add_segmentation(mrml_scene, volume)
+    kept = np.zeros(values.shape, dtype=bool)
+    kept[0, 10:20, 10:20] = True  # a slice the session never touches
+    target = add_segment(seg, "target", kept, volume)
+    other = np.zeros(values.shape, dtype=bool)
+    other[3, 40:60, 30:50] = True
+    other_id = add_segment(seg, "other", other, volume)
+    store = ProfileStore(tmp_path / "profiles", model_fingerprint=untrained_model.fingerprint())
+    return dict(scene=mrml_scene, model=untrained_model, volume=volume, values=values, inside=inside, seg=seg,
+                target=target, kept=kept, other_id=other_id, other=other, store=store)
+
+
+def BOX_RAS(volume):
+    """Two RAS corners of a box around the ellipsoid on slice 3 (the untrained model needs a box)."""
+    return voxel_ras(volume, (3, 24, 16)), voxel_ras(volume, (3, 72, 72))
+
+
+def make_session(s, **kwargs):
+    options = dict(profiles=s["store"], user="alice", structure="liver", n_samples=8, seed=3)
+    options.update(kwargs)
+    return sc.SceneSession(s["scene"], s["model"], s["volume"], s["seg"], s["target"], **options)
+
+
+def preview_slice(session, segment_id):
+    return session.plane.extract(sc.read_segment(session.overlay.node, segment_id, session.volume_node))
+
+
+def test_scene_session_rounds_accept_and_undo(scene_setup):
+    s = scene_setup
+    session = make_session(s)
+    assert session.initial_weights() is None  # no profile yet
+    centre = voxel_ras(s["volume"], (3, 48, 44))
+    round1 = session.start("axial", point_ras=centre, box_ras=BOX_RAS(s["volume"]))
+    assert session.plane.orientation == "axial" and session.plane.index == 3
+    assert np.array_equal(session.session.image, session.plane.extract(s["values"]))
+    assert session.session.state()["start"]["point"] == list(sc.ras_to_pixel(s["volume"], session.plane, centre))
+    assert np.array_equal(preview_slice(session, sc.CandidateOverlay.RECOMMENDED_ID), round1.recommended)
+    assert round1.recommended.any()
+    # Choosing, then undoing a round, shows round 1 again.
+    round2 = session.choose(round1.n_candidates - 1)
+    assert round2.index == 2
+    assert np.array_equal(preview_slice(session, sc.CandidateOverlay.RECOMMENDED_ID), round2.recommended)
+    back = session.undo_round()
+    assert back.index == 1 and np.array_equal(back.recommended, round1.recommended)
+    assert np.array_equal(preview_slice(session, sc.CandidateOverlay.RECOMMENDED_ID), round1.recommended)
+    assert session.undo_round() is None
+    # Nothing has reached the user's segmentation yet.
+    assert np.array_equal(sc.read_segment(s["seg"], s["target"], s["volume"]), s["kept"])
+
+    mixture = session.session.mixture
+    session.accept()
+    expected = s["kept"].copy()
+    session.plane.insert(expected, round1.recommended)
+    assert np.array_equal(sc.read_segment(s["seg"], s["target"], s["volume"]), expected)
+    assert np.array_equal(sc.read_segment(s["seg"], s["other_id"], s["volume"]), s["other"])
+    segment = s["seg"].GetSegmentation().GetSegment(s["target"])
+    assert tag(segment, "DICOM.SegmentAlgorithmName") == "SPA"
+    assert "^Liver~" in segment.GetTerminology()
+    assert not sc.read_segment(session.overlay.node, sc.CandidateOverlay.RECOMMENDED_ID, s["volume"]).any()
+    profile = s["store"].load("alice", "liver")
+    assert profile.n_sessions == 1 and profile.history[-1]["rounds"] == 1
+    assert np.allclose(profile.weights, mixture.weights.numpy() / mixture.weights.numpy().sum(), atol=1e-6)
+    # The commit is one undo step of Slicer's segmentation history.
+    assert session.undo.undo()
+    assert np.array_equal(sc.read_segment(s["seg"], s["target"], s["volume"]), s["kept"])
+    assert session.undo.redo()
+    assert np.array_equal(sc.read_segment(s["seg"], s["target"], s["volume"]), expected)
+
+    # The next session of the same user and structure starts from the profile.
+    later = make_session(s)
+    assert np.allclose(later.initial_weights(), profile.weights)
+    later.compute_start("coronal", point_ras=centre)
+    assert np.allclose(later.session.initial_weights.numpy(), profile.weights, atol=1e-6)
+    later.close()
+    session.close()
+
+
+def test_scene_session_cancel_and_roi_start(scene_setup):
+    s = scene_setup
+    from SPASegmentationLib.worker import EmbeddingLookup
+
+    lookup = EmbeddingLookup(s["model"])
+    session = make_session(s, profiles=None, user=None, structure=None, embeddings=lookup)
+    before_ids = s["seg"].GetSegmentation().GetNumberOfSegments()
+    a, b = voxel_ras(s["volume"], (2, 26, 18)), voxel_ras(s["volume"], (2, 70, 70))
+    roi = add_roi(s["scene"], [(u + v) / 2 for u, v in zip(a, b)], [abs(u - v) + 0.1 for u, v in zip(a, b)])
+    round_ = session.start("axial", roi_node=roi)
+    assert session.plane.index == 2
+    x0, y0, x1, y1 = session.session.state()["start"]["box"]
+    assert x0 < x1 and y0 < y1
+    with pytest.raises(InputError):
+        session.start("axial")
+    session.cancel()
+    assert session.session is None
+    assert not sc.read_segment(session.overlay.node, sc.CandidateOverlay.RECOMMENDED_ID, s["volume"]).any()
+    assert np.array_equal(sc.read_segment(s["seg"], s["target"], s["volume"]), s["kept"])
+    assert s["seg"].GetSegmentation().GetNumberOfSegments() == before_ids
+    with pytest.raises(InputError, match="no SPA segmentation"):
+        session.accept()
+    assert round_.recommended.shape == session.plane.shape
+    # The same slice again reuses the cached embedding and gives the same round.
+    again = session.start("axial", roi_node=roi)
+    assert len(lookup) == 1 and np.array_equal(again.probability, round_.probability)
+
+
+def test_scene_session_propagation(scene_setup):
+    s = scene_setup
+    session = make_session(s, profiles=None, user=None, structure=None)
+    with pytest.raises(InputError, match="accept"):
+        session.compute_propagate()
+    session.start("axial", point_ras=voxel_ras(s["volume"], (3, 48, 44)), box_ras=BOX_RAS(s["volume"]))
+    session.accept()
+    assert session.accepted_mask.any()
+    after_accept = sc.read_segment(s["seg"], s["target"], s["volume"])
+    calls = []
+    result = session.compute_propagate(progress=lambda done, total: calls.append((done, total)) or True, max_slices=1)
+    assert calls and set(result.masks) == {2, 3, 4}  # one slice each way (max_slices=1)
+    assert result.stopped == {"forward": "max slices", "backward": "max slices"}
+    assert 3 in result.masks and np.array_equal(result.masks[3], session.accepted_mask)
+    session.apply_propagation(result)
+    written = sc.read_segment(s["seg"], s["target"], s["volume"])
+    expected = after_accept.copy()
+    for index, mask in result.masks.items():
+        session.plane.at(index).insert(expected, mask)
+    assert np.array_equal(written, expected)
+    assert np.array_equal(sc.read_segment(s["seg"], s["other_id"], s["volume"]), s["other"])
+    assert session.undo.undo()
+    assert np.array_equal(sc.read_segment(s["seg"], s["target"], s["volume"]), after_accept)
+    session.close()
+
+
+def test_segment_undo_through_segment_editor_logic(mrml_scene):
+    """SPA's commits can share the Segment Editor's undo stack (one undo button for both)."""
+    import slicer
+
+    volume, seg, target, first, other_id, other = _two_segments(mrml_scene)
+    editor = slicer.vtkSlicerSegmentEditorLogic()
+    editor.SetMRMLScene(mrml_scene)
+    editor.SetSegmentEditorNode(mrml_scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode"))
+    editor.SetSegmentationNode(seg)
+    editor.SetSourceVolumeNode(volume)
+    undo = sc.SegmentUndo(seg, editor_logic=editor)
+    assert not undo.can_undo
+    plane = sc.plane_through(volume, "sagittal", voxel_ras(volume, (2, 3, 4)))
+    undo.save()
+    sc.commit_mask(seg, target, volume, plane, np.zeros(plane.shape, dtype=bool))
+    changed = sc.read_segment(seg, target, volume)
+    assert not np.array_equal(changed, first) and editor.CanUndo()
+    assert undo.undo() and np.array_equal(sc.read_segment(seg, target, volume), first)
+    assert undo.redo() and np.array_equal(sc.read_segment(seg, target, volume), changed)
+
+
+@pytest.mark.parametrize("geometry", ["lps", "sagittal"])
+def test_extracted_image_is_what_slicer_renders(mrml_scene, geometry):
+    """Independent check: Slicer's own slice view (rendered off-screen) shows plane.extract()'s image."""
+    from mrml import add_colour_tables
+    from slice_view import OffscreenSliceView
+
+    add_colour_tables(mrml_scene)
+    rng = np.random.default_rng(1)
+    values = rng.choice(np.array([100, 400, 700, 1000], dtype=np.int16), size=(6, 8, 10))
+    volume = add_volume(mrml_scene, values, directions=GEOMETRIES[geometry]["directions"], spacing=(1.0, 1.0, 1.0))
+    display = volume.GetDisplayNode()
+    display.SetAutoWindowLevel(0)
+    display.SetWindowLevel(1400, 700)
+    display.SetInterpolate(0)
+    view = OffscreenSliceView(mrml_scene, app_logic_of(mrml_scene), size=(240, 240))
+    try:
+        for orientation in sc.ORIENTATIONS:
+            ras = voxel_ras(volume, (2, 5, 3))
+            view.show_volume(volume, orientation)
+            view.jump_to(ras)
+            grey = view.render()[..., 0].astype(float)
+            if not grey.any():
+                pytest.skip("off-screen rendering is not available on this machine")
+            plane = sc.plane_through(volume, orientation, ras)
+            image = plane.extract(values)
+            rows, cols = np.nonzero(grey > 0)
+            top, left = rows.min(), cols.min()
+            height, width = rows.max() - top + 1, cols.max() - left + 1
+            ys = (top + (np.arange(image.shape[0]) + 0.5) * height / image.shape[0]).astype(int)
+            xs = (left + (np.arange(image.shape[1]) + 0.5) * width / image.shape[1]).astype(int)
+            sampled = grey[np.ix_(ys, xs)]
+            assert np.abs(sampled - image / 1400.0 * 255.0).max() <= 2.0, orientation
+    finally:
+        view.close()
+
+
+def test_preview_is_drawn_in_slicer_slice_view(mrml_scene):
+    """The preview node shows in a real slice view with its colours, and clear() removes it from the view."""
+    from mrml import add_colour_tables
+    from slice_view import OffscreenSliceView
+
+    add_colour_tables(mrml_scene)
+    volume = add_volume(mrml_scene, np.full((6, 8, 10), 100, dtype=np.int16), directions=LPS_DIRECTIONS)
+    volume.GetDisplayNode().SetAutoWindowLevel(0)
+    volume.GetDisplayNode().SetWindowLevel(1400, 700)
+    view = OffscreenSliceView(mrml_scene, app_logic_of(mrml_scene), size=(240, 240))
+    try:
+        ras = voxel_ras(volume, (2, 5, 3))
+        view.show_volume(volume, "axial")
+        view.jump_to(ras)
+        before = view.render()
+        if not before.any():
+            pytest.skip("off-screen rendering is not available on this machine")
+        overlay = sc.CandidateOverlay(mrml_scene, volume)
+        plane = sc.plane_through(volume, "axial", ras)
+        overlay.show(synthetic_round(plane.shape, None), plane)
+        shown = view.render()
+        colours = {tuple(c) for c in shown.reshape(-1, 3).tolist()}
+        for expected in (sc.RECOMMENDED_COLOUR, sc.CANDIDATE_COLOURS[1], sc.CANDIDATE_COLOURS[2], sc.removes_colour(0)):
+            rgb = tuple(int(round(255 * c)) for c in expected)
+            assert any(max(abs(a - b) for a, b in zip(rgb, c)) <= 2 for c in colours), expected
+        # Showing a round where candidate 2 changes nothing must erase its old drawing.
+        smaller = synthetic_round(plane.shape, None)
+        smaller.differences[2] = 0
+        overlay.show(smaller, plane)
+        replaced = view.render()
+        fresh = sc.CandidateOverlay(mrml_scene, volume, name="fresh")
+        overlay.node.GetDisplayNode().SetVisibility(False)
+        fresh.show(smaller, plane)
+        assert np.array_equal(replaced, view.render())
+        fresh.remove()
+        overlay.node.GetDisplayNode().SetVisibility(True)
+        overlay.clear()
+        assert np.array_equal(view.render(), before)
+    finally:
+        view.close()
+
+
+def test_scene_session_candidate_at_ras(mrml_scene):
+    """A click (RAS) on the shown slice finds the candidate drawn there; other slices find none."""
+    volume, _ = labelled_volume(mrml_scene, "sagittal")
+    seg = add_segmentation(mrml_scene, volume)
+    target = add_segment(seg, "target")
+    session = sc.SceneSession(mrml_scene, None, volume, seg, target)  # no model call in this test
+    assert session.candidate_at_ras(voxel_ras(volume, (2, 3, 4))) is None
+    session.plane = sc.plane_through(volume, "coronal", voxel_ras(volume, (2, 3, 4)))
+    round_ = synthetic_round(session.plane.shape, None)
+    session.show(round_)
+    for (x, y), expected in [((2, 1), 0), ((1, 0), 1), ((3, 5), 2), ((4, 3), None)]:
+        ras = sc.pixel_to_ras(volume, session.plane, (x, y))
+        assert session.candidate_at_ras(ras) == expected
+        assert session.candidate_at_ras(sc.pixel_to_ras(volume, session.plane.at(0), (x, y))) is None
+    session.close()
+    assert mrml_scene.GetFirstNodeByName("SPA preview") is None
