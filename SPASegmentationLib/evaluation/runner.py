@@ -80,7 +80,7 @@ def run_click_baseline(
     for _ in range(max_rounds):
         began = time.perf_counter()
         logits = model.plain_logits(embedding, [prompt])[0]
-        prediction = geometry.maps_to_image(logits[None], side)[0].numpy() > 0
+        prediction = geometry.maps_to_image(logits[None], side)[0].cpu().numpy() > 0
         seconds.append(time.perf_counter() - began)
         dices.append(dice(prediction, target))
         click = largest_error_click(prediction, target)
