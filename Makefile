@@ -43,10 +43,21 @@ data: $(DATA)/splits.json
 train-default: $(DATA)/splits.json
 	$(BIN)/spa train $(DATA) --out $(TRAIN_OUT)/token --steps 500 --batch-size 4 --samples 24 --rounds 6 --seed 0 --threads $(THREADS)
 
-# Side by side at one small, equal budget: the paper's concat conditioning vs the default token one.
+# Side by side at the default budget: the paper's concat conditioning vs the default token one, then
+# both evaluated with the click baseline. The model card's pair ran with DEVICE=cuda (one H100);
+# on this CPU the concat evaluation alone takes about an hour.
+DEVICE ?= cpu
+COMPARE_FLAGS = --steps 500 --batch-size 4 --samples 24 --rounds 6 --seed 0 --device $(DEVICE) --threads $(THREADS)
 train-compare: $(DATA)/splits.json
-	$(BIN)/spa train $(DATA) --out $(TRAIN_OUT)/compare_token --conditioning token --steps 60 --batch-size 2 --samples 8 --rounds 4 --seed 0 --best-of-n-weight 0.5 --deep-first-round-probability 1.0 --threads $(THREADS)
-	$(BIN)/spa train $(DATA) --out $(TRAIN_OUT)/compare_concat --conditioning concat --steps 60 --batch-size 2 --samples 8 --rounds 4 --seed 0 --best-of-n-weight 0.5 --deep-first-round-probability 1.0 --threads $(THREADS)
+	$(BIN)/spa train $(DATA) --out $(TRAIN_OUT)/compare_token --conditioning token $(COMPARE_FLAGS)
+	$(BIN)/spa train $(DATA) --out $(TRAIN_OUT)/compare_concat --conditioning concat $(COMPARE_FLAGS)
+	$(BIN)/spa evaluate $(DATA) --model $(TRAIN_OUT)/compare_token/spa_model.pt --model $(TRAIN_OUT)/compare_concat/spa_model.pt \
+		--first-prompt box --targets 0.9,0.95 --device $(DEVICE) --threads $(THREADS) --out output/evaluation/compare
+
+# The model card's evaluation of the shipped weights (CPU).
+evaluate-default: $(DATA)/splits.json
+	$(BIN)/spa evaluate $(DATA) --model Resources/models/spa_litemedsam.pt --first-prompt box --targets 0.9,0.95 \
+		--threads $(THREADS) --out output/evaluation/default
 
 THREADS ?= 2
-.PHONY: data train-default train-compare
+.PHONY: data train-default train-compare evaluate-default

@@ -315,7 +315,8 @@ def _report_markdown(results: Mapping[str, Any], summaries: Mapping[str, Mapping
         f"- Data: {data.get('root', 'unknown')} (split {data.get('split', 'unknown')}, "
         f"{len(data.get('cases', []))} cases), fingerprint `{data.get('fingerprint', 'unknown')}`"
     )
-    lines.append(f"- Model fingerprint: `{model.get('fingerprint', 'unknown')}`")
+    if "fingerprint" in model:  # one model; several are listed by method below
+        lines.append(f"- Model fingerprint: `{model['fingerprint']}`")
     for key, value in model.items():
         if key != "fingerprint":
             lines.append(f"- Model {key}: {value}")
