@@ -219,7 +219,7 @@ def _save_figure(figure: Figure, path: Path) -> None:
     """Render ``figure`` to PNG with the Agg backend and write it atomically."""
     FigureCanvasAgg(figure)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")  # keeps legends below the axes
     write_bytes_atomic(path, buffer.getvalue())
 
 
@@ -243,8 +243,8 @@ def _plot_dice(results: Mapping[str, Any], summaries: Mapping[str, Mapping[str, 
     axes.set_ylabel("Dice of the recommended mask")
     axes.set_title("Dice per round (mean and 95 % CI over images)")
     axes.grid(True, alpha=0.3)
-    axes.legend(loc="best")
-    figure.tight_layout()
+    # Below the axes: with several methods a legend inside would hide the curves.
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize="small", frameon=False)
     _save_figure(figure, path)
 
 
@@ -268,13 +268,12 @@ def _plot_noi(results: Mapping[str, Any], summaries: Mapping[str, Mapping[str, A
     axes.axhline(NOI_FAIL_VALUE, color="grey", linestyle="--", linewidth=1, label=f"never reached ({NOI_FAIL_VALUE})")
     axes.set_xticks(positions)
     axes.set_xticklabels([f"Dice ≥ {t}" for t in targets])
-    axes.set_ylim(0, NOI_FAIL_VALUE + 4)
+    axes.set_ylim(0, NOI_FAIL_VALUE + 1)
     axes.set_xlabel("Dice target")
     axes.set_ylabel("Rounds to reach the target (NoI)")
     axes.set_title("Rounds to reach each Dice target (mean and 95 % CI, lower is better)")
     axes.grid(True, axis="y", alpha=0.3)
-    axes.legend(loc="upper center", ncol=3, fontsize="small")
-    figure.tight_layout()
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize="small", frameon=False)
     _save_figure(figure, path)
 
 
