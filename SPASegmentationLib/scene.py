@@ -72,6 +72,7 @@ CANDIDATE_COLOURS: tuple[tuple[float, float, float], ...] = (
 )
 REMOVES_SHADE = 0.6  # "removes" outlines use the candidate's colour darkened by this factor
 DEFAULT_PREVIEW_OPACITY = 0.5
+PREVIEW_OUTLINE_PX = 2  # outline width in slice views: 1 px rims are hard to see on a CT slice
 
 ALGORITHM_TYPE_TAG = "DICOM.SegmentAlgorithmType"
 ALGORITHM_NAME_TAG = "DICOM.SegmentAlgorithmName"
@@ -541,6 +542,7 @@ class CandidateOverlay:
         self.node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
         display = self.node.GetDisplayNode()
         display.SetVisibility3D(False)
+        display.SetSliceIntersectionThickness(PREVIEW_OUTLINE_PX)
         segmentation = self.node.GetSegmentation()
         segmentation.AddEmptySegment(self.RECOMMENDED_ID, "Recommended", list(RECOMMENDED_COLOUR))
         display.SetSegmentVisibility2DFill(self.RECOMMENDED_ID, False)
@@ -602,12 +604,27 @@ class CandidateOverlay:
                 shown = k < differences.shape[0]
                 self._write_slice(self.adds_id(k), plane, differences[k] > 0 if shown else None)
                 self._write_slice(self.removes_id(k), plane, differences[k] < 0 if shown else None)
+            self._stack_smallest_on_top(differences)
         finally:
             self.node.EndModify(was_modifying)
         self.node.Modified()  # emptied segments fire no event of their own; views must redraw them too
         self.node.GetDisplayNode().SetVisibility(True)
         self._plane = plane
         self._differences = differences.copy()
+
+    def _stack_smallest_on_top(self, differences: np.ndarray) -> None:
+        """Order the preview segments so that slice views draw larger regions first and the recommended
+        outline last: a candidate's region nested in another's stays visible (and is what a click there
+        picks, see ``candidate_at``)."""
+        sizes = {}
+        for k in range(len(CANDIDATE_COLOURS)):
+            shown = k < differences.shape[0]
+            sizes[self.adds_id(k)] = int(np.count_nonzero(differences[k] > 0)) if shown else 0
+            sizes[self.removes_id(k)] = int(np.count_nonzero(differences[k] < 0)) if shown else 0
+        order = sorted(sizes, key=lambda segment_id: -sizes[segment_id]) + [self.RECOMMENDED_ID]
+        segmentation = self.node.GetSegmentation()
+        for index, segment_id in enumerate(order):
+            segmentation.SetSegmentIndex(segment_id, index)
 
     def set_opacity(self, opacity: float) -> None:
         """Fill opacity of the preview in slice views (0..1); outlines stay more visible than fills."""

@@ -347,6 +347,32 @@ def test_candidate_at_prefers_the_smallest_region(mrml_scene):
     assert overlay.candidate_at(plane.at(0), (1, 0)) is None  # another slice shows nothing
 
 
+def test_slice_views_draw_smaller_regions_over_larger_ones(mrml_scene):
+    """Nested regions stay visible: larger ones are drawn first, the recommended outline last."""
+    volume, _ = labelled_volume(mrml_scene, "lps")
+    overlay = sc.CandidateOverlay(mrml_scene, volume)
+    plane = sc.plane_through(volume, "axial", voxel_ras(volume, (2, 3, 4)))
+    round_ = synthetic_round(plane.shape, np.random.default_rng(0))
+    segmentation = overlay.node.GetSegmentation()
+
+    def drawing_order():
+        return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+
+    overlay.show(round_, plane)
+    order = drawing_order()
+    assert order[-1] == overlay.RECOMMENDED_ID
+    # candidate 2 (k=1) adds a ring larger than candidate 3's row (k=2), which is larger than candidate 1's corner
+    assert order.index(overlay.adds_id(1)) < order.index(overlay.adds_id(2)) < order.index(overlay.removes_id(0))
+    # A round where the sizes change re-stacks the same segments.
+    grown = synthetic_round(plane.shape, None)
+    grown.differences[2, :, :] = 1
+    overlay.show(grown, plane)
+    order = drawing_order()
+    assert order.index(overlay.adds_id(2)) < order.index(overlay.adds_id(1)) and order[-1] == overlay.RECOMMENDED_ID
+    assert sorted(order) == sorted(drawing_order()) and len(order) == 9
+    assert overlay.node.GetDisplayNode().GetSliceIntersectionThickness() == sc.PREVIEW_OUTLINE_PX
+
+
 # ----- SceneSession with the real model ------------------------------------------------------------
 def ellipsoid_volume(scene, shape=(6, 96, 96)):
     """A CT-like volume (LPS geometry) with a bright ellipsoid in the middle."""
