@@ -292,12 +292,18 @@ def test_icon_url_points_at_a_128px_png_in_the_repository():
     assert png_size(path) == (128, 128)
 
 
-def test_screenshot_urls_point_into_the_repository_resources():
-    # The screenshot file itself is added by the lead; only where the URLs point is checked here.
+def test_screenshot_urls_point_at_pngs_in_the_repository_resources():
+    # Resources/Screenshots/ is written by Testing/make_screenshot.py (a headless Slicer slice view).
     urls = " ".join(cmake_set_values(TOP_CMAKE)["EXTENSION_SCREENSHOTURLS"]).split()
     assert urls
     for url in urls:
         assert url.startswith(REPO_RAW_PREFIX + "Resources/Screenshots/") and url.endswith(".png")
+        path = ROOT / url.removeprefix(REPO_RAW_PREFIX)
+        assert path.is_file(), f"{url} refers to {path}, which does not exist"
+        width, height = png_size(path)
+        assert width >= 640 and height >= 400
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "(Resources/Screenshots/candidates.png)" in readme
 
 
 def test_module_icon_is_a_128px_png():
