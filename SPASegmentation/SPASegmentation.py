@@ -1159,13 +1159,10 @@ class SPASegmentationLogic(ScriptedLoadableModuleLogic):
             return None
         return session.candidate_at_ras(ras)
 
-    def propagationOptions(self, maxSlices: int, nSamples: int) -> dict[str, int]:
-        """The propagation settings that this SceneSession.compute_propagate accepts, as keyword arguments."""
-        import inspect
-
-        accepted = inspect.signature(self.sceneSession.compute_propagate).parameters
-        options = {"max_slices": int(maxSlices), "n_samples": int(nSamples)}
-        return {name: value for name, value in options.items() if name in accepted}
+    @staticmethod
+    def propagationOptions(maxSlices: int, nSamples: int) -> dict[str, int]:
+        """The panel's propagation settings as SceneSession.compute_propagate keyword arguments."""
+        return {"max_slices": int(maxSlices), "n_samples": int(nSamples)}
 
     @staticmethod
     def uncertaintySummary(round_) -> float:
@@ -1229,6 +1226,7 @@ class SPASegmentationLogic(ScriptedLoadableModuleLogic):
     def _exportWithLib(self, segmentationNode, volumeNode, outputDir: pathlib.Path, referenceSeriesFolder: pathlib.Path) -> list[str]:
         """One DICOM SEG with every non-empty segment, via SPASegmentationLib.io.dicom_seg (highdicom)."""
         try:
+            from SPASegmentationLib import scene
             from SPASegmentationLib.io.dicom_seg import export_dicom_seg, ijk_to_lps_from_ras
         except ImportError as error:
             raise RuntimeError(f"DICOM SEG export is not available in this SPA installation ({error})") from error
@@ -1236,9 +1234,9 @@ class SPASegmentationLogic(ScriptedLoadableModuleLogic):
         segmentation = segmentationNode.GetSegmentation()
         for index in range(segmentation.GetNumberOfSegments()):
             segmentId = segmentation.GetNthSegmentID(index)
-            mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
-            if mask is not None and np.any(mask):
-                masks[segmentation.GetSegment(segmentId).GetName()] = np.asarray(mask) > 0
+            mask = scene.read_segment(segmentationNode, segmentId, volumeNode)
+            if mask.any():
+                masks[segmentation.GetSegment(segmentId).GetName()] = mask
         if not masks:
             raise ValueError("every segment is empty; accept a result before exporting")
         ijkToRas = vtk.vtkMatrix4x4()

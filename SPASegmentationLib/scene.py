@@ -838,11 +838,15 @@ class SceneSession:
         self.session = None
 
     def compute_propagate(
-        self, progress: Callable[[int, int], bool] | None = None, max_slices: int | None = None
+        self,
+        progress: Callable[[int, int], bool] | None = None,
+        max_slices: int | None = None,
+        n_samples: int | None = None,
     ) -> "PropagationResult":
         """Carry the last accepted mask through neighbouring slices (worker thread; nothing is written).
 
-        ``progress(done, total_estimate)`` returning False cancels; ``max_slices`` caps each direction.
+        ``progress(done, total_estimate)`` returning False cancels; ``max_slices`` caps each direction;
+        ``n_samples`` masks are sampled per slice (default: the session's).
         """
         from .propagation import propagate
 
@@ -858,7 +862,7 @@ class SceneSession:
             n_slices=plane.n_slices,
             initial_weights=self.accepted_weights,
             seed=self.seed,
-            n_samples=self.n_samples,
+            n_samples=self.n_samples if n_samples is None else int(n_samples),
             window=self.window,
             embeddings=self.embeddings,
             progress=progress,
