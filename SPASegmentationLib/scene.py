@@ -37,6 +37,7 @@ import vtk
 from vtk.util.numpy_support import numpy_to_vtk, vtk_to_numpy
 
 from .errors import InputError
+from .palette import RECOMMENDED, rgb
 from .session import DEFAULT_SAMPLES, Round, Session
 
 if TYPE_CHECKING:
@@ -49,26 +50,9 @@ ORIENTATIONS = ("axial", "coronal", "sagittal")
 # In every Slicer view both image columns and image rows run towards decreasing RAS coordinates.
 _VIEW_AXES = {"axial": (0, 1, 2), "coronal": (0, 2, 1), "sagittal": (1, 2, 0)}
 
-# Okabe–Ito colour-blind-safe palette (Okabe & Ito 2008), as RGB in [0, 1].
-_OKABE_ITO = {
-    "orange": (230, 159, 0),
-    "sky blue": (86, 180, 233),
-    "bluish green": (0, 158, 115),
-    "yellow": (240, 228, 66),
-    "blue": (0, 114, 178),
-    "vermillion": (213, 94, 0),
-    "reddish purple": (204, 121, 167),
-}
-
-
-def _rgb(name: str) -> tuple[float, float, float]:
-    r, g, b = _OKABE_ITO[name]
-    return (r / 255.0, g / 255.0, b / 255.0)
-
-
-RECOMMENDED_COLOUR: tuple[float, float, float] = _rgb("yellow")
+RECOMMENDED_COLOUR: tuple[float, float, float] = rgb(RECOMMENDED)
 CANDIDATE_COLOURS: tuple[tuple[float, float, float], ...] = (
-    _rgb("orange"), _rgb("sky blue"), _rgb("bluish green"), _rgb("reddish purple"),
+    rgb("orange"), rgb("sky blue"), rgb("bluish green"), rgb("reddish purple"),
 )
 REMOVES_SHADE = 0.6  # "removes" outlines use the candidate's colour darkened by this factor
 DEFAULT_PREVIEW_OPACITY = 0.5

@@ -17,14 +17,15 @@ from matplotlib.lines import Line2D
 
 from ..jsonio import write_bytes_atomic
 from ..model.preprocess import normalise_intensity
+from ..palette import RECOMMENDED, hex_colour, rgb
 from ..session import Round
 
-RECOMMENDED_COLOUR = "#F0E442"
-ADDED_COLOUR = "#0072B2"
-REMOVED_COLOUR = "#D55E00"
-TARGET_COLOUR = "#009E73"
-ADDED_RGB = (0.0, 0.447, 0.698)
-REMOVED_RGB = (0.835, 0.369, 0.0)
+RECOMMENDED_COLOUR = hex_colour(RECOMMENDED)
+ADDED_COLOUR = hex_colour("blue")
+REMOVED_COLOUR = hex_colour("vermillion")
+TARGET_COLOUR = hex_colour("bluish green")
+ADDED_RGB = rgb("blue")
+REMOVED_RGB = rgb("vermillion")
 
 
 def display_image(image: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
