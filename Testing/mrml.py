@@ -113,6 +113,12 @@ def voxel_ras(volume_node: Any, kji: Sequence[float]) -> tuple[float, float, flo
     return (point[0], point[1], point[2])
 
 
+def segment_tag(segment: Any, key: str) -> str | None:
+    """A segment's tag value (e.g. DICOM.SegmentAlgorithmType), or None when it is not set."""
+    value = vtk.reference("")
+    return str(value) if segment.GetTag(key, value) else None
+
+
 def add_segmentation(scene: Any, volume_node: Any | None = None, name: str = "segmentation") -> Any:
     """An empty segmentation node (display node included), with the volume as reference geometry."""
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)

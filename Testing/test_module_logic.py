@@ -18,9 +18,8 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-import vtk
 
-from mrml import add_volume, mrml_scene  # noqa: F401  (fixture)
+from mrml import add_volume, mrml_scene, segment_tag, voxel_ras  # noqa: F401  (mrml_scene: fixture)
 import test_dicom_seg as dicom_checks
 from dicom_series import write_ct_series
 
@@ -86,14 +85,7 @@ def volume_from_series(scene, image: sitk.Image):
 def organ_centre_ras(volume, series) -> tuple[float, float, float]:
     """RAS of the organ's centre voxel (on a whole slice)."""
     k, j, i = (float(np.mean(axis)) for axis in np.nonzero(series.hounsfield > 100))
-    matrix = vtk.vtkMatrix4x4()
-    volume.GetIJKToRASMatrix(matrix)
-    return tuple(float(v) for v in matrix.MultiplyPoint((i, j, round(k), 1.0))[:3])
-
-
-def segment_tag(segment, key: str) -> str | None:
-    value = vtk.reference("")
-    return str(value) if segment.GetTag(key, value) else None
+    return voxel_ras(volume, (round(k), j, i))
 
 
 def test_module_logic_workflow_on_real_mrml(module, mrml_scene, shipped_model, ct_series, tmp_path):

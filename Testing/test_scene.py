@@ -19,6 +19,7 @@ from mrml import (  # noqa: E402
     app_logic_of,
     mrml_scene,  # noqa: F401  (fixture)
     segment_array_via_export,
+    segment_tag,
     voxel_ras,
 )
 
@@ -223,13 +224,6 @@ def test_commit_volume_mask_only_touched_planes(mrml_scene):
     assert not sc.read_segment(seg, target, volume).any()
 
 
-def tag(segment, key: str) -> str | None:
-    import vtk
-
-    value = vtk.reference("")
-    return str(value) if segment.GetTag(key, value) else None
-
-
 def test_tag_spa_segment(mrml_scene):
     import slicer
 
@@ -237,8 +231,8 @@ def test_tag_spa_segment(mrml_scene):
     segment = seg.GetSegmentation().GetSegment(target)
     default = segment.GetTerminology()
     sc.tag_spa_segment(seg, target, None)
-    assert tag(segment, "DICOM.SegmentAlgorithmType") == "SEMIAUTOMATIC"
-    assert tag(segment, "DICOM.SegmentAlgorithmName") == "SPA"
+    assert segment_tag(segment, "DICOM.SegmentAlgorithmType") == "SEMIAUTOMATIC"
+    assert segment_tag(segment, "DICOM.SegmentAlgorithmName") == "SPA"
     assert segment.GetTerminology() == default  # no structure: the user's terminology stays
     sc.tag_spa_segment(seg, target, "liver tumour")
     entry = slicer.vtkSlicerTerminologyEntry()
@@ -446,7 +440,7 @@ def test_scene_session_rounds_accept_and_undo(scene_setup):
     assert np.array_equal(sc.read_segment(s["seg"], s["target"], s["volume"]), expected)
     assert np.array_equal(sc.read_segment(s["seg"], s["other_id"], s["volume"]), s["other"])
     segment = s["seg"].GetSegmentation().GetSegment(s["target"])
-    assert tag(segment, "DICOM.SegmentAlgorithmName") == "SPA"
+    assert segment_tag(segment, "DICOM.SegmentAlgorithmName") == "SPA"
     assert "^Liver~" in segment.GetTerminology()
     assert not sc.read_segment(session.overlay.node, sc.CandidateOverlay.RECOMMENDED_ID, s["volume"]).any()
     profile = s["store"].load("alice", "liver")
