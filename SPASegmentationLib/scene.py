@@ -581,14 +581,18 @@ class CandidateOverlay:
         if tuple(round_.recommended.shape) != plane.shape:
             raise InputError(f"the round is {round_.recommended.shape} pixels but the slice is {plane.shape}")
         differences = np.asarray(round_.differences)
+        regions: dict[str, np.ndarray | None] = {}
+        for k in range(len(CANDIDATE_COLOURS)):
+            shown = k < differences.shape[0]
+            regions[self.adds_id(k)] = differences[k] > 0 if shown else None
+            regions[self.removes_id(k)] = differences[k] < 0 if shown else None
         was_modifying = self.node.StartModify()
         try:
             self._write_slice(self.RECOMMENDED_ID, plane, np.asarray(round_.recommended, dtype=bool))
-            for k in range(len(CANDIDATE_COLOURS)):
-                shown = k < differences.shape[0]
-                self._write_slice(self.adds_id(k), plane, differences[k] > 0 if shown else None)
-                self._write_slice(self.removes_id(k), plane, differences[k] < 0 if shown else None)
-            self._stack_smallest_on_top(differences)
+            for segment_id, mask in regions.items():
+                self._write_slice(segment_id, plane, mask)
+            self._stack_smallest_on_top({segment_id: 0 if mask is None else int(np.count_nonzero(mask))
+                                         for segment_id, mask in regions.items()})
         finally:
             self.node.EndModify(was_modifying)
         self.node.Modified()  # emptied segments fire no event of their own; views must redraw them too
@@ -596,15 +600,10 @@ class CandidateOverlay:
         self._plane = plane
         self._differences = differences.copy()
 
-    def _stack_smallest_on_top(self, differences: np.ndarray) -> None:
+    def _stack_smallest_on_top(self, sizes: dict[str, int]) -> None:
         """Order the preview segments so that slice views draw larger regions first and the recommended
         outline last: a candidate's region nested in another's stays visible (and is what a click there
-        picks, see ``candidate_at``)."""
-        sizes = {}
-        for k in range(len(CANDIDATE_COLOURS)):
-            shown = k < differences.shape[0]
-            sizes[self.adds_id(k)] = int(np.count_nonzero(differences[k] > 0)) if shown else 0
-            sizes[self.removes_id(k)] = int(np.count_nonzero(differences[k] < 0)) if shown else 0
+        picks, see ``candidate_at``). ``sizes``: pixels of each candidate segment."""
         order = sorted(sizes, key=lambda segment_id: -sizes[segment_id]) + [self.RECOMMENDED_ID]
         segmentation = self.node.GetSegmentation()
         for index, segment_id in enumerate(order):
