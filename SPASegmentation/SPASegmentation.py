@@ -1,7 +1,7 @@
 """SPA segmentation: a recommended mask plus four candidates per round; the model learns your choice.
 
 The 3D Slicer front end of SPASegmentationLib. The widget is thin Qt glue; the MRML work lives in
-SPASegmentationLib.scene.SceneSession and every model call runs on one SPASegmentationLib.worker
+SPASegmentationLib.scene.session.SceneSession and every model call runs on one SPASegmentationLib.worker
 .ModelWorker thread, polled from the GUI thread with a QTimer.
 """
 
@@ -104,7 +104,7 @@ class SPASegmentationParameterNode:
     user: str = ""
     structure: str = ""
     firstPromptMode: Annotated[str, Choice(["point", "box"])] = "point"
-    nSamples: Annotated[int, WithinRange(4, 256)] = 48
+    nSamples: Annotated[int, WithinRange(4, 256)] = 48  # SPASegmentationLib.engine.DEFAULT_SAMPLES (a test keeps them equal)
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     device: str = ""  # empty: the fastest available (cuda, mps, then cpu)
     backbone: Annotated[str, Choice(list(BACKBONE_CHOICES))] = "LiteMedSAM"
@@ -367,7 +367,7 @@ class SPASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _styleCandidates(self) -> None:
         """Colour the candidate buttons and write the legend with the overlay colours (once the Lib imports)."""
         try:
-            from SPASegmentationLib import scene
+            from SPASegmentationLib.scene.overlay import CANDIDATE_COLOURS, RECOMMENDED_COLOUR
         except ImportError:
             self.ui.legendLabel.text = "Candidate colours appear once SPA's Python packages are installed."
             return
@@ -375,14 +375,14 @@ class SPASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         def css(rgb) -> str:
             return "rgb({}, {}, {})".format(*(int(round(255 * c)) for c in rgb))
 
-        for button, colour in zip(self.candidateButtons, scene.CANDIDATE_COLOURS):
+        for button, colour in zip(self.candidateButtons, CANDIDATE_COLOURS):
             button.setStyleSheet(f"QPushButton {{ background-color: {css(colour)}; color: white; font-weight: bold; }}"
                                  "QPushButton:disabled { background-color: palette(button); color: palette(mid); }")
         swatches = " ".join(
-            f'<span style="color:{css(colour)}">&#9632;</span>&nbsp;{k + 1}' for k, colour in enumerate(scene.CANDIDATE_COLOURS)
+            f'<span style="color:{css(colour)}">&#9632;</span>&nbsp;{k + 1}' for k, colour in enumerate(CANDIDATE_COLOURS)
         )
         self.ui.legendLabel.text = (
-            f'<span style="color:{css(scene.RECOMMENDED_COLOUR)}">&#9632;</span>&nbsp;recommended &nbsp; {swatches}<br>'
+            f'<span style="color:{css(RECOMMENDED_COLOUR)}">&#9632;</span>&nbsp;recommended &nbsp; {swatches}<br>'
             "Filled: pixels a candidate <b>adds</b>; outline: pixels it <b>removes</b>."
         )
 
@@ -940,7 +940,7 @@ class SPASegmentationLogic(ScriptedLoadableModuleLogic):
     def buildModel(settings: dict[str, Any]):
         """The SPA model (shipped LiteMedSAM weights, or given weights on SAM/MedSAM ViT-B); runs on the worker."""
         from SPASegmentationLib.errors import CheckpointError
-        from SPASegmentationLib.model.spa import default_model, load_model
+        from SPASegmentationLib.model.build import default_model, load_model
 
         device = settings.get("device") or "cpu"
         backbone = settings.get("backbone") or "litemedsam"
@@ -966,11 +966,11 @@ class SPASegmentationLogic(ScriptedLoadableModuleLogic):
     def setModel(self, model, profileFolder: Optional[pathlib.Path] = None) -> None:
         """Use an already built model (scripts, tests) with the profile store for it."""
         from SPASegmentationLib.profiles import ProfileStore
-        from SPASegmentationLib.worker import EmbeddingLookup
+        from SPASegmentationLib.embeddings import EmbeddingCache
 
         self.model = model
         self.modelKey = None
-        self.embeddings = EmbeddingLookup(model)
+        self.embeddings = EmbeddingCache(model)
         self.profileStore = ProfileStore(pathlib.Path(profileFolder) if profileFolder else self.defaultProfileFolder(),
                                          model_fingerprint=model.fingerprint())
 
@@ -1058,35 +1058,38 @@ class SPASegmentationLogic(ScriptedLoadableModuleLogic):
     # ----- the session ---------------------------------------------------------------------------
 
     def startSession(self, volumeNode, segmentationNode, segmentId: str, *, user: Optional[str] = None,
-                     structure: Optional[str] = None, nSamples: int = 48, seed: int = 0):
+                     structure: Optional[str] = None, nSamples: Optional[int] = None, seed: int = 0):
         """A new SceneSession for this volume and segment (the previous one is cancelled)."""
-        from SPASegmentationLib import scene
+        from SPASegmentationLib.engine import DEFAULT_SAMPLES
+        from SPASegmentationLib.scene.geometry import volume_array
+        from SPASegmentationLib.scene.session import SceneSession
 
         if self.model is None:
             raise RuntimeError("load the model first (SPASegmentationLogic.loadModel or setModel)")
         if volumeNode is None or segmentationNode is None or not segmentId:
             raise ValueError("select a volume, a segmentation and a segment first")
         self.cancelSession()
-        self.sceneSession = scene.SceneSession(
+        self.sceneSession = SceneSession(
             slicer.mrmlScene, self.model, volumeNode, segmentationNode, segmentId,
-            profiles=self.profileStore, user=user, structure=structure, seed=seed, n_samples=int(nSamples),
+            profiles=self.profileStore, user=user, structure=structure, seed=seed,
+            n_samples=DEFAULT_SAMPLES if nSamples is None else int(nSamples),
             embeddings=self.embeddings, undo=self.segmentUndo(segmentationNode),
         )
-        self._volumeArray = np.array(scene.volume_array(volumeNode), copy=True)
+        self._volumeArray = np.array(volume_array(volumeNode), copy=True)
         self.lastAccepted = None
         return self.sceneSession
 
     def segmentUndo(self, segmentationNode):
         """Slicer's own undo for the target segmentation (kept across sessions on the same node)."""
-        from SPASegmentationLib import scene
+        from SPASegmentationLib.scene.segments import SegmentUndo
 
         if self._segmentUndo is None or self._segmentUndoNode is not segmentationNode:
-            self._segmentUndo = scene.SegmentUndo(segmentationNode)
+            self._segmentUndo = SegmentUndo(segmentationNode)
             self._segmentUndoNode = segmentationNode
         return self._segmentUndo
 
     def prepareStart(self, volumeNode, segmentationNode, segmentId: str, promptNode, sliceNode=None, *,
-                     user: Optional[str] = None, structure: Optional[str] = None, nSamples: int = 48):
+                     user: Optional[str] = None, structure: Optional[str] = None, nSamples: Optional[int] = None):
         """Main thread: a new session plus the orientation and prompt arguments for compute_start."""
         session = self.startSession(volumeNode, segmentationNode, segmentId, user=user, structure=structure, nSamples=nSamples)
         if promptNode.IsA("vtkMRMLMarkupsROINode"):
@@ -1226,15 +1229,15 @@ class SPASegmentationLogic(ScriptedLoadableModuleLogic):
     def _exportWithLib(self, segmentationNode, volumeNode, outputDir: pathlib.Path, referenceSeriesFolder: pathlib.Path) -> list[str]:
         """One DICOM SEG with every non-empty segment, via SPASegmentationLib.io.dicom_seg (highdicom)."""
         try:
-            from SPASegmentationLib import scene
             from SPASegmentationLib.io.dicom_seg import export_dicom_seg, ijk_to_lps_from_ras
+            from SPASegmentationLib.scene.segments import read_segment
         except ImportError as error:
             raise RuntimeError(f"DICOM SEG export is not available in this SPA installation ({error})") from error
         masks = {}
         segmentation = segmentationNode.GetSegmentation()
         for index in range(segmentation.GetNumberOfSegments()):
             segmentId = segmentation.GetNthSegmentID(index)
-            mask = scene.read_segment(segmentationNode, segmentId, volumeNode)
+            mask = read_segment(segmentationNode, segmentId, volumeNode)
             if mask.any():
                 masks[segmentation.GetSegment(segmentId).GetName()] = mask
         if not masks:
@@ -1298,7 +1301,7 @@ class SPASegmentationTest(ScriptedLoadableModuleTest):
     def _model(self):
         """The shipped SPA model, or None when this installation has no shipped weights."""
         from SPASegmentationLib.errors import CheckpointError
-        from SPASegmentationLib.model.spa import default_model
+        from SPASegmentationLib.model.build import default_model
 
         try:
             return default_model()

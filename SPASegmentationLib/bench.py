@@ -31,11 +31,13 @@ def bench_configuration(
     if threads:
         torch.set_num_threads(threads)
     from .data.folder import MultiRaterFolder
-    from .model.spa import SPAConfig, build_model, load_model
-    from .resources import sample_case_dir
-    from .session import encode_image, feedback_prompt, round_seed, run_model_round, start_prompt
+    from .engine import feedback_prompt, feedback_seed, round_seed, run_model_round, start_prompt
+    from .model.build import build_model, load_model
+    from .model.spa import SPAConfig
     from .preference import uniform_weights
-    from .evaluation.protocol import initial_point
+    from .resources import sample_case_dir
+    from .simulation.prompts import initial_point
+    from .stages import StageClock
 
     began = time.perf_counter()
     if weights:
@@ -49,7 +51,7 @@ def bench_configuration(
     encode_times = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
-        embedding, geometry = encode_image(model, image)
+        embedding, geometry = model.encode(image)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         encode_times.append(time.perf_counter() - t0)
@@ -59,19 +61,18 @@ def bench_configuration(
     stage_runs: list[dict[str, float]] = []
     round_times = []
     for index in range(repeats + 1):
-        timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        model_round = run_model_round(model, embedding, geometry, prompt, weights_now, n_samples,
-                                      round_seed(0, index), timings=timings)
+        with StageClock(model.device) as clock:
+            model_round = run_model_round(model, embedding, geometry, prompt, weights_now, n_samples, round_seed(0, index))
         t1 = time.perf_counter()
-        feedback_prompt(model, model_round, 0, round_seed(0, 100 + index))
-        timings["feedback"] = time.perf_counter() - t1
+        feedback_prompt(model, model_round, 0, feedback_seed(0, index))
+        clock.add("feedback", time.perf_counter() - t1)
         round_times.append(time.perf_counter() - t0)
-        stage_runs.append(timings)
+        stage_runs.append(clock.seconds)
     # The first call of each kind warms caches and allocators; report the rest.
     stages = {k: statistics.median(run[k] for run in stage_runs[1:]) for k in stage_runs[1]}
     return {
-        "conditioning": model.config.conditioning,
+        "conditioning": model.config.conditioning.value,
         "n_samples": n_samples,
         "device": str(model.device),
         "threads": torch.get_num_threads(),

@@ -26,8 +26,11 @@ MIN_FEEDBACK_SCORE = 0.05
 
 
 @dataclass
-class Candidates:
-    """Representative candidates of one round, in the frame of the maps they came from."""
+class CandidateClusters:
+    """The k-means clusters of one round's N samples, in the frame of the maps they came from.
+
+    Each cluster's mean map, thresholded, is a candidate the user is shown.
+    """
 
     probabilities: np.ndarray  # (K', h, w) float32: mean probability map of each cluster
     masks: np.ndarray  # (K', h, w) bool
@@ -56,7 +59,7 @@ def _pooled(probabilities: np.ndarray, side: int) -> np.ndarray:
 
 def cluster_candidates(
     probabilities: np.ndarray, k: int = N_CANDIDATES, seed: int = 0, threshold: float = 0.5
-) -> Candidates:
+) -> CandidateClusters:
     """k-means over N probability maps (N, h, w) → at most k distinct candidates, smallest first."""
     if probabilities.ndim != 3 or probabilities.shape[0] < 1:
         raise ValueError(f"expected probability maps (N, h, w), got shape {probabilities.shape}")
@@ -91,7 +94,7 @@ def cluster_candidates(
     order = np.lexsort((-np.array(shares), areas))  # area ascending, then larger share first
     remap = np.empty(len(order), dtype=np.int64)
     remap[order] = np.arange(len(order))
-    return Candidates(
+    return CandidateClusters(
         probabilities=np.stack(probs)[order],
         masks=np.stack(masks)[order],
         shares=np.array(shares, dtype=np.float64)[order],
@@ -107,7 +110,7 @@ def signed_differences(candidate_masks: np.ndarray, recommended: np.ndarray) -> 
 
 
 def feedback_from_choice(
-    candidates: Candidates, chosen: int, mean_probability: np.ndarray, rng: np.random.Generator
+    candidates: CandidateClusters, chosen: int, mean_probability: np.ndarray, rng: np.random.Generator
 ) -> tuple[tuple[float, float] | None, bool, np.ndarray]:
     """The prompt a choice gives: (point (x, y) in the maps' pixel frame or None, its label, the mask).
 
@@ -131,10 +134,3 @@ def feedback_from_choice(
     flat = int(rng.choice(top))
     row, col = divmod(flat, selected.shape[1])
     return (float(col), float(row)), bool(selected[row, col] >= 0.5), mask
-
-
-def nearest_candidate(candidate_masks: np.ndarray, target: np.ndarray) -> int:
-    """The simulated user's choice: the candidate (K, h, w) with the highest Dice to the target."""
-    from .evaluation.metrics import dice
-
-    return int(np.argmax([dice(mask, target) for mask in candidate_masks]))

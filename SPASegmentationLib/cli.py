@@ -56,7 +56,7 @@ def _device(name: str) -> str:
 
 
 def _load_model(args: argparse.Namespace):
-    from .model.spa import default_model, load_model
+    from .model.build import default_model, load_model
 
     device = _device(getattr(args, "device", "auto"))
     if getattr(args, "model", None):
@@ -77,14 +77,14 @@ def _print_json(payload: Any) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     """A simulated clinician segments the bundled sample, one PNG per round."""
     from .data.folder import MultiRaterFolder
-    from .evaluation.figures import render_round
-    from .evaluation.metrics import dice
-    from .evaluation.protocol import initial_point
-    from .candidates import nearest_candidate
-    from .jsonio import write_json_atomic
+    from .errors import InputError
+    from .figures import render_round
+    from .io.atomic import write_json_atomic
+    from .metrics import dice
     from .resources import sample_case_dir
     from .session import Session
-    from .errors import InputError
+    from .simulation.choices import nearest_candidate
+    from .simulation.prompts import initial_point
 
     started = time.perf_counter()
     sample = sample_case_dir()
@@ -134,7 +134,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "rounds": rounds_summary,
         "final_dice": dice(mask, target),
         "seconds_total": time.perf_counter() - started,
-        "session_state": session.state(),
+        "session_state": session.state().to_dict(),
     }
     write_json_atomic(out / "summary.json", summary)
     print(f"Final Dice {summary['final_dice']:.3f} after {len(rounds_summary)} round(s); pictures and summary.json in {out}")
@@ -145,9 +145,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_segment(args: argparse.Namespace) -> int:
     """Segment one image from a point or box; optional scripted choices; write masks in its format."""
     from .errors import InputError
-    from .evaluation.figures import render_round
+    from .figures import render_round
     from .io.images import mask_extension, read_image, write_mask
-    from .jsonio import write_json_atomic
+    from .io.atomic import write_json_atomic
     from .profiles import ProfileStore
     from .session import Session
 
@@ -187,7 +187,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         "kind": "spa-segment", "image": str(args.image), "slice": args.slice, "model_fingerprint": model.fingerprint(),
         "rounds": round_.index, "choices": choices, "recommended_pixels": int(mask.sum()),
         "candidate_pixels": [int(c.sum()) for c in round_.candidates], "outputs": written, "preview": str(preview),
-        "profile": profile_info, "session_state": session.state(),
+        "profile": profile_info, "session_state": session.state().to_dict(),
     }
     write_json_atomic(out / f"{stem}_spa_summary.json", summary)
     print(f"round {round_.index}: recommended mask {int(mask.sum())} px, {round_.n_candidates} candidate(s) "
@@ -241,7 +241,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from .data.folder import MultiRaterFolder
-    from .model.spa import SPAConfig, build_model
+    from .model.build import build_model
+    from .model.spa import SPAConfig
     from .training import TrainConfig, load_training_cases, train
 
     if args.threads:
@@ -269,7 +270,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .evaluation.report import markdown_summary_table, write_report
     from .evaluation.runner import evaluate
-    from .model.spa import build_model, default_model, load_model
+    from .model.build import build_model, default_model, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -298,14 +299,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     """Encoding and per-round time, by stage, and peak memory, for the default and the paper's conditioning."""
     from .bench import format_report, machine_description, run_bench
-    from .jsonio import write_json_atomic
+    from .io.atomic import write_json_atomic
+    from .model.conditioning import Conditioning
     from .resources import default_model_path
 
     device = _device(args.device)
     configs = []
     for conditioning in args.conditioning.split(","):
-        weights = args.model if (args.model and conditioning == "token") else None
-        if conditioning == "token" and weights is None and default_model_path().is_file():
+        weights = args.model if (args.model and conditioning == Conditioning.TOKEN) else None
+        if conditioning == Conditioning.TOKEN and weights is None and default_model_path().is_file():
             weights = str(default_model_path())
         configs.append({"conditioning": conditioning, "n_samples": args.samples, "repeats": args.repeats,
                         "device": device, "weights": weights, "threads": args.threads})
@@ -333,7 +335,8 @@ def cmd_export_seg(args: argparse.Namespace) -> int:
     import SimpleITK as sitk
 
     from .errors import InputError
-    from .io.dicom_seg import export_dicom_seg, ijk_to_lps_from_sitk, load_source_series, terminology_for
+    from .io.dicom_seg import export_dicom_seg, ijk_to_lps_from_sitk, load_source_series
+    from .io.terminology import terminology_for
     from .io.images import read_reference
 
     mask_path, series_path = Path(args.mask), Path(args.series)
@@ -366,6 +369,12 @@ def cmd_export_seg(args: argparse.Namespace) -> int:
 
 # ----- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from .engine import DEFAULT_SAMPLES
+    from .model.backbone import BackboneName
+    from .model.conditioning import Conditioning
+    from .simulation.prompts import FirstPrompt
+    from .training import TrainConfig
+
     parser = argparse.ArgumentParser(prog="spa", description="SPA: segment by choosing among candidates; the model learns your preference.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -380,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rater", help="whose style the simulated clinician has (default: the most generous)")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--accept-dice", type=float, default=0.95, help="the clinician accepts at this Dice")
-    p.add_argument("--samples", type=int, default=48)
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
@@ -396,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structure", help="structure name of the profile (e.g. 'liver tumour')")
     p.add_argument("--profiles", help="profile folder (default ~/.spa/profiles or $SPA_HOME/profiles)")
     p.add_argument("--out", default=str(DEFAULT_OUTPUT / "segment"))
-    p.add_argument("--samples", type=int, default=48)
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_segment)
 
@@ -415,19 +424,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="multi-rater folder (see README: <case>/image.*, <case>/rater_<name>.*)")
     p.add_argument("--out", default=str(DEFAULT_OUTPUT / "train"))
     p.add_argument("--split", default="train")
-    p.add_argument("--backbone", default="litemedsam", choices=["litemedsam", "sam_vit_b", "medsam_vit_b"])
+    p.add_argument("--backbone", default=BackboneName.LITEMEDSAM.value, choices=BackboneName.words())
     p.add_argument("--checkpoint", help="backbone checkpoint (required for sam_vit_b / medsam_vit_b)")
-    p.add_argument("--conditioning", default="token", choices=["token", "concat"])
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--samples", type=int, default=24)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--deep-first-round-probability", type=float, default=0.5,
+    p.add_argument("--conditioning", default=Conditioning.TOKEN.value, choices=Conditioning.words())
+    p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--rounds", type=int, default=TrainConfig.rounds)
+    p.add_argument("--samples", type=int, default=TrainConfig.n_samples)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--deep-first-round-probability", type=float, default=TrainConfig.deep_first_round_probability,
                    help="how often the round that also trains the decoder transformer is the first one")
-    p.add_argument("--best-of-n-weight", type=float, default=1.5, help="weight of the best-sample loss (sample diversity)")
-    p.add_argument("--first-prompt", default="mixed", choices=["point", "box", "mixed"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--best-of-n-weight", type=float, default=TrainConfig.best_of_n_weight,
+                   help="weight of the best-sample loss (sample diversity)")
+    p.add_argument("--first-prompt", default=TrainConfig.first_prompt.value, choices=FirstPrompt.words())
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--cache", default=str(DEFAULT_OUTPUT / "cache" / "embeddings"))
@@ -441,8 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(DEFAULT_OUTPUT / "evaluate"))
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--targets", default="0.8,0.9")
-    p.add_argument("--first-prompt", default="point", choices=["point", "box"])
-    p.add_argument("--samples", type=int, default=48)
+    p.add_argument("--first-prompt", default=FirstPrompt.POINT.value, choices=[FirstPrompt.POINT.value, FirstPrompt.BOX.value])
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
     p.add_argument("--max-cases", type=int)
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -451,10 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=str(DEFAULT_OUTPUT / "cache" / "embeddings"))
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("bench", help="time encoding and rounds (N=48, K=4) for both conditionings")
+    p = sub.add_parser("bench", help=f"time encoding and rounds (N={DEFAULT_SAMPLES}, K=4) for both conditionings")
     p.add_argument("--model", help="SPA weights for the token conditioning (default: the shipped model)")
-    p.add_argument("--conditioning", default="token,concat")
-    p.add_argument("--samples", type=int, default=48)
+    p.add_argument("--conditioning", default=",".join(Conditioning.words()))
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int)
     p.add_argument("--device", default="cpu")

@@ -13,11 +13,55 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ProfileError
+from .enums import TextEnum
+from .errors import InputError, ProfileError
 
 DEFAULT_COMPONENTS = 16
 DEFAULT_LATENT_DIM = 64
-SAMPLING_MODES = ("mixture", "moment_matched")
+WEIGHT_SUM_TOLERANCE = 1e-3  # stored weights must sum to 1 within this
+
+
+class SamplingMode(TextEnum):
+    """How latents are drawn from the mixture."""
+
+    MIXTURE = "mixture"  # the paper: a component by pi, then its Gaussian
+    MOMENT_MATCHED = "moment_matched"  # the official code: one Gaussian with the pi-weighted moments
+
+
+def check_weights(
+    values: object,
+    *,
+    n_components: int | None = None,
+    sums_to_one: bool = False,
+    what: str = "mixture weights",
+    error: type[Exception] = InputError,
+) -> np.ndarray:
+    """Mixture weights as a float64 vector on the simplex (normalised), or ``error`` naming ``what``.
+
+    They must be finite and non-negative with a positive sum, ``n_components`` of them when given,
+    and already sum to 1 (within WEIGHT_SUM_TOLERANCE) with ``sums_to_one``.
+    """
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise error(f"{what} must be a list of numbers, got {type(values).__name__}") from None
+    if array.ndim != 1 or array.size == 0:
+        raise error(f"{what} must be a non-empty list of numbers, got shape {array.shape}")
+    if n_components is not None and array.size != n_components:
+        raise error(
+            f"{what} have {array.size} values but this model's mixture has {n_components} components; "
+            "use weights made with this model"
+        )
+    if not np.isfinite(array).all() or (array < 0).any():
+        raise error(f"{what} must be finite numbers >= 0")
+    total = float(array.sum())
+    if sums_to_one and abs(total - 1.0) > WEIGHT_SUM_TOLERANCE:
+        raise error(f"{what} must sum to 1 (sum {total:.4f})")
+    if total <= 0:
+        raise error(f"{what} must have a positive sum")
+    return array / total
 
 
 @dataclass
@@ -48,7 +92,7 @@ class PreferenceMixture:
         return int(self.means.shape[-1])
 
     def sample(
-        self, n: int, generator: torch.Generator | None = None, mode: str = "mixture"
+        self, n: int, generator: torch.Generator | None = None, mode: SamplingMode = SamplingMode.MIXTURE
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw n latents per image: returns (z (..., n, D), component index (..., n)).
 
@@ -57,8 +101,7 @@ class PreferenceMixture:
         ``moment_matched`` (the official code): z = sum_k pi_k (mu_k + sigma_k * eps) with one eps
         shared by all components, i.e. a single Gaussian; the index returned is the argmax of pi.
         """
-        if mode not in SAMPLING_MODES:
-            raise ValueError(f"unknown sampling mode {mode!r}; use one of {SAMPLING_MODES}")
+        mode = SamplingMode.parse(mode, "sampling mode", error=ValueError)
         batch_shape = self.weights.shape[:-1]
         device = self.means.device
         # Randomness is drawn where the generator lives (the CPU by default) and then moved, so a
@@ -67,7 +110,7 @@ class PreferenceMixture:
         eps = torch.randn(
             (*batch_shape, n, self.latent_dim), generator=generator, device=draw_device, dtype=self.means.dtype
         ).to(device)
-        if mode == "moment_matched":
+        if mode is SamplingMode.MOMENT_MATCHED:
             w = self.weights.unsqueeze(-1)
             mu = (w * self.means).sum(-2, keepdim=True)
             sigma = (w * self.stds).sum(-2, keepdim=True)
@@ -87,9 +130,6 @@ class PreferenceMixture:
     def select(self, i: int) -> "PreferenceMixture":
         """The mixture of image i of a batch."""
         return PreferenceMixture(self.weights[i], self.means[i], self.stds[i])
-
-    def with_weights(self, weights: torch.Tensor) -> "PreferenceMixture":
-        return PreferenceMixture(weights, self.means, self.stds)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form of an unbatched mixture."""
@@ -119,8 +159,7 @@ class PreferenceMixture:
             )
         if not (torch.isfinite(weights).all() and torch.isfinite(means).all() and torch.isfinite(stds).all()):
             raise ProfileError("preference mixture contains NaN or infinite values")
-        if (weights < 0).any() or abs(float(weights.sum()) - 1.0) > 1e-3:
-            raise ProfileError(f"preference mixture weights must be >= 0 and sum to 1 (sum {float(weights.sum()):.4f})")
+        check_weights(weights, sums_to_one=True, what="preference mixture weights", error=ProfileError)
         if (stds <= 0).any():
             raise ProfileError("preference mixture standard deviations must be positive")
         return cls(weights / weights.sum(), means, stds)
@@ -160,6 +199,3 @@ def e_step_weights(
     log_post = torch.log(prior_weights.clamp_min(1e-8)) - mean_loss / temperature
     return torch.softmax(log_post, dim=-1)
 
-
-def weights_to_numpy(weights: torch.Tensor) -> np.ndarray:
-    return weights.detach().cpu().numpy().astype(np.float64)

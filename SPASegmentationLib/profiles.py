@@ -21,8 +21,8 @@ import filelock
 import torch
 
 from .errors import ProfileError
-from .jsonio import write_bytes_atomic, write_json_atomic
-from .preference import PreferenceMixture
+from .io.atomic import write_bytes_atomic, write_json_atomic
+from .preference import PreferenceMixture, check_weights
 from .resources import spa_home
 
 PROFILE_KIND = "spa-preference-profile"
@@ -69,18 +69,14 @@ def _check_int(value: object, what: str, minimum: int) -> int:
 
 
 def _check_weights(value: object) -> list[float]:
-    """Check a list of mixture weights: finite, non-negative, summing to 1."""
+    """Check the stored mixture weights (JSON numbers, finite, >= 0, summing to 1); return them unchanged."""
     if not isinstance(value, list) or not value:
         raise ProfileError("weights must be a non-empty list of numbers")
-    weights: list[float] = []
     for item in value:
-        if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item) or item < 0:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
             raise ProfileError(f"weights must be finite numbers >= 0, found {item!r}")
-        weights.append(float(item))
-    total = sum(weights)
-    if abs(total - 1.0) > 1e-3:
-        raise ProfileError(f"weights must sum to 1 (sum {total:.4f})")
-    return weights
+    check_weights(value, sums_to_one=True, what="weights", error=ProfileError)
+    return [float(item) for item in value]
 
 
 def _mixture_from_payload(payload: object) -> PreferenceMixture:

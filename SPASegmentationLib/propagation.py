@@ -24,22 +24,34 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .engine import DEFAULT_SAMPLES, slice_seed
+from .enums import TextEnum
 from .errors import InputError
-from .session import DEFAULT_SAMPLES, Session
+from .masks import as_mask, deepest_pixel, keep_touching
+from .metrics import dice
+from .preference import check_weights
+from .session import Session
 
 if TYPE_CHECKING:
+    from .embeddings import EmbeddingCache
     from .model.spa import SPAModel
-    from .worker import EmbeddingLookup
 
 DIRECTIONS = ("forward", "backward")
 STRUCTURE_ENDED = "structure ended"
 IMAGE_EDGE = "image edge"
 CANCELLED = "cancelled"
 MAX_SLICES = "max slices"
-PROMPT_KINDS = ("box", "point", "both")
 BOX_MARGIN_PX = 2.0  # the simulated users in training widen their boxes by 0-3 px
 
 SliceSource = Callable[[int], np.ndarray] | np.ndarray
+
+
+class SlicePrompt(TextEnum):
+    """What each new slice is prompted with, from the previous slice's mask."""
+
+    BOX = "box"  # its bounding box, widened (as trained)
+    POINT = "point"  # its deepest pixel
+    BOTH = "both"
 
 
 @dataclass
@@ -68,44 +80,22 @@ class PropagationResult:
         return volume
 
 
-def slice_seed(seed: int, index: int) -> int:
-    """The seed of one slice's session, derived from the propagation seed and the slice index."""
-    return int(np.random.SeedSequence([int(seed), 0x5350, int(index)]).generate_state(1)[0] % (2**31))
-
-
 def prompt_from_mask(
     mask: np.ndarray, margin: float = BOX_MARGIN_PX
 ) -> tuple[tuple[float, float], tuple[float, float, float, float]]:
     """(point, box) for a mask: its deepest pixel (x, y) and its bounds widened by ``margin`` px, clipped."""
-    mask = _as_mask(mask, "mask")
+    mask = as_mask(mask, "mask")
     if not mask.any():
         raise InputError("the mask is empty; a prompt needs at least one foreground pixel")
     if margin < 0:
         raise InputError(f"the box margin must be >= 0 pixels, got {margin}")
-    padded = np.pad(mask, 1, mode="constant", constant_values=False)
-    depth = ndimage.distance_transform_edt(padded)[1:-1, 1:-1]
-    row, col = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    row, col = deepest_pixel(mask)
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
     height, width = mask.shape
     x0, x1 = _widened(float(cols[0]), float(cols[-1]), margin, width)
     y0, y1 = _widened(float(rows[0]), float(rows[-1]), margin, height)
     return (float(col), float(row)), (x0, y0, x1, y1)
-
-
-def keep_touching(mask: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """The 8-connected components of ``mask`` that share at least one pixel with ``reference``."""
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    if count == 0:
-        return np.zeros_like(mask, dtype=bool)
-    touching = np.unique(labels[reference & (labels > 0)])
-    return np.isin(labels, touching[touching > 0])
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap of two masks (1.0 when both are empty)."""
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
 
 
 def intensity_shift(
@@ -143,13 +133,13 @@ def propagate(
     seed: int = 0,
     n_samples: int = DEFAULT_SAMPLES,
     window: tuple[float, float] | None = None,
-    embeddings: "EmbeddingLookup | None" = None,
+    embeddings: "EmbeddingCache | None" = None,
     progress: Callable[[int, int], bool] | None = None,
     max_slices: int | None = None,
     min_area_fraction: float = 0.05,
     min_dice: float = 0.3,
     max_intensity_shift: float | None = 0.5,
-    prompt: str = "box",
+    prompt: SlicePrompt | str = SlicePrompt.BOX,
     box_margin: float = BOX_MARGIN_PX,
 ) -> PropagationResult:
     """Propagate ``start_mask`` (on slice ``start_index``) forward, then backward, through the volume.
@@ -170,7 +160,7 @@ def propagate(
     start_index = int(start_index)
     if not 0 <= start_index < total_slices:
         raise InputError(f"start slice {start_index} is outside the volume (slices 0..{total_slices - 1})")
-    start_mask = _as_mask(start_mask, "start mask")
+    start_mask = as_mask(start_mask, "start mask")
     if not start_mask.any():
         raise InputError("the start mask is empty; accept a segmentation on the start slice before propagating")
     start_image = np.asarray(get_slice(start_index))
@@ -183,14 +173,9 @@ def propagate(
         raise InputError(f"max_slices must be a non-negative number of slices, got {max_slices!r}")
     if not 0.0 <= min_area_fraction < 1.0 or not 0.0 <= min_dice <= 1.0:
         raise InputError(f"min_area_fraction ({min_area_fraction}) must be in [0, 1) and min_dice ({min_dice}) in [0, 1]")
-    if prompt not in PROMPT_KINDS:
-        raise InputError(f"unknown propagation prompt {prompt!r}; use one of {', '.join(PROMPT_KINDS)}")
-    weights = _normalised_weights(initial_weights)
-    if weights is not None and weights.size != model.config.n_components:
-        raise InputError(
-            f"the adapted mixture weights have {weights.size} values but this model's mixture has "
-            f"{model.config.n_components} components; pass the weights of a session with this model"
-        )
+    prompt = SlicePrompt.parse(prompt, "propagation prompt")
+    weights = None if initial_weights is None else check_weights(
+        initial_weights, n_components=model.config.n_components, what="the adapted mixture weights")
 
     masks: dict[int, np.ndarray] = {start_index: start_mask.copy()}
     areas = {start_index: int(start_mask.sum())}
@@ -265,8 +250,8 @@ def _segment_slice(
     n_samples: int,
     window: tuple[float, float] | None,
     weights: np.ndarray | None,
-    embeddings: "EmbeddingLookup | None",
-    prompt: str,
+    embeddings: "EmbeddingCache | None",
+    prompt: SlicePrompt,
     box_margin: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One slice: (its recommendation kept where it touches the previous mask, the mixture weights sampled)."""
@@ -274,7 +259,7 @@ def _segment_slice(
     session = Session(model, image, seed=slice_seed(seed, index), n_samples=n_samples,
                       initial_weights=weights, window=window, embedding=embedding)
     point, box = prompt_from_mask(previous, margin=box_margin)
-    round_ = session.start(point=None if prompt == "box" else point, box=None if prompt == "point" else box)
+    round_ = session.start(point=None if prompt is SlicePrompt.BOX else point, box=None if prompt is SlicePrompt.POINT else box)
     return keep_touching(round_.recommended, previous), round_.mixture_weights
 
 
@@ -294,31 +279,10 @@ def _slice_source(slices: SliceSource, n_slices: int | None) -> tuple[Callable[[
     return slices, int(n_slices)
 
 
-def _normalised_weights(weights: np.ndarray | torch.Tensor | None) -> np.ndarray | None:
-    """The start weights as a float64 numpy vector (Session validates and normalises them again)."""
-    if weights is None:
-        return None
-    if isinstance(weights, torch.Tensor):
-        weights = weights.detach().cpu().numpy()
-    values = np.asarray(weights, dtype=np.float64).reshape(-1)
-    if values.size == 0 or not np.isfinite(values).all() or (values < 0).any() or values.sum() <= 0:
-        raise InputError("the adapted mixture weights must be non-negative finite numbers with a positive sum")
-    return values / values.sum()
-
-
 def _grey(image: np.ndarray) -> np.ndarray:
     """A 2-D float image: the channel mean of an RGB(A) slice."""
     values = np.asarray(image, dtype=np.float64)
     return values[..., :3].mean(axis=-1) if values.ndim == 3 else values
-
-
-def _as_mask(mask: np.ndarray, what: str) -> np.ndarray:
-    """A 2-D boolean copy of ``mask`` or an InputError naming ``what``."""
-    if not isinstance(mask, np.ndarray):
-        raise InputError(f"the {what} must be a numpy array, got {type(mask).__name__}")
-    if mask.ndim != 2:
-        raise InputError(f"the {what} has shape {mask.shape}; it must be one 2-D slice (H, W)")
-    return mask.astype(bool)
 
 
 def _widened(low: float, high: float, margin: float, size: int) -> tuple[float, float]:

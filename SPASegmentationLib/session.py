@@ -6,35 +6,35 @@
     mask = session.accept()
 
 The image is encoded once. Every round is deterministic given the seed, the prompts and the choices,
-so ``state()`` (plain JSON) is enough to rebuild a session after a restart, and ``undo`` can go back
-to any earlier round. Images, masks and maps are numpy arrays at the image's own size; coordinates
-are image pixels, (x, y) = (column, row). Candidate indices are 0-based here (front ends show 1–4).
+so ``state()`` (a :class:`SessionState`, plain JSON through ``to_dict``) is enough to rebuild a
+session after a restart, and ``undo`` can go back to any earlier round. Images, masks and maps are
+numpy arrays at the image's own size; coordinates are image pixels, (x, y) = (column, row).
+Candidate indices are 0-based here (front ends show 1–4). The round itself is :mod:`.engine`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from .candidates import N_CANDIDATES, Candidates, aggregate, cluster_candidates, feedback_from_choice, signed_differences
+from .candidates import N_CANDIDATES, signed_differences
+from .engine import DEFAULT_SAMPLES, ModelRound, feedback_prompt, feedback_seed, round_seed, run_model_round, start_prompt
 from .errors import InputError
-from .model.preprocess import ImageGeometry, prepare_image
+from .fingerprints import image_fingerprint
 from .model.spa import Prompt, SPAModel
-from .preference import PreferenceMixture, uniform_weights
+from .preference import PreferenceMixture, check_weights, uniform_weights
 
 STATE_KIND = "spa-session"
 STATE_VERSION = 1
-DEFAULT_SAMPLES = 48
 
 
 @dataclass
 class Round:
-    """What the user sees in one round, at the image's size."""
+    """What the user sees in one round, at the image's size (the model-frame round is ``engine.ModelRound``)."""
 
     index: int  # 1-based round number
     probability: np.ndarray  # (H, W) float32 mean probability of the N samples
@@ -51,131 +51,90 @@ class Round:
         return int(self.candidates.shape[0])
 
 
+@dataclass(frozen=True)
+class SessionStart:
+    """The user's first prompt in image pixels."""
+
+    point: tuple[float, float] | None = None
+    box: tuple[float, float, float, float] | None = None
+    label: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"point": None if self.point is None else [float(v) for v in self.point], "label": bool(self.label),
+                "box": None if self.box is None else [float(v) for v in self.box]}
+
+
 @dataclass
-class ModelRound:
-    """One round in the model frame: what the next round's feedback is computed from."""
+class SessionState:
+    """Everything that, with the same model and image, rebuilds a session: its settings and the user's inputs.
 
-    prompt: Prompt
-    mixture: PreferenceMixture
-    candidates: Candidates
-    mean_probability: np.ndarray  # (rows, cols) valid part of the low-resolution grid
-    std: np.ndarray
-
-
-def image_fingerprint(image: np.ndarray) -> str:
-    """16-hex sha256 of an image's shape, dtype and pixels."""
-    digest = hashlib.sha256(f"{image.shape}|{image.dtype}".encode())
-    digest.update(np.ascontiguousarray(image).tobytes())
-    return digest.hexdigest()[:16]
-
-
-def round_seed(seed: int, round_index: int) -> int:
-    """The seed of one round, derived from the session seed."""
-    return int(np.random.SeedSequence([seed, round_index]).generate_state(1)[0])
-
-
-@torch.no_grad()
-def encode_image(
-    model: SPAModel, image: np.ndarray, window: tuple[float, float] | None = None
-) -> tuple[torch.Tensor, ImageGeometry]:
-    """Image → (embedding (1, C, e, e), geometry). Cache the result to skip re-encoding."""
-    tensor, geometry = prepare_image(image, model.backbone.image_size, window=window)
-    return model.backbone.encode(tensor.to(model.device)), geometry
-
-
-@torch.no_grad()
-def run_model_round(
-    model: SPAModel,
-    embedding: torch.Tensor,
-    geometry: ImageGeometry,
-    prompt: Prompt,
-    previous_weights: torch.Tensor,
-    n_samples: int,
-    seed: int,
-    n_candidates: int = N_CANDIDATES,
-    timings: dict[str, float] | None = None,
-) -> ModelRound:
-    """Sample N masks for one prompt, aggregate them and find the candidates (model frame).
-
-    ``timings``, when given, receives the seconds spent in each stage (for ``spa bench``).
+    ``to_dict`` gives the plain JSON written into summaries (kind ``spa-session``, schema version 1);
+    ``from_dict`` reads it back and names what is wrong with a damaged one.
     """
-    clock = _StageClock(timings, model.device)
-    sparse, valid, dense = model.encode_prompts([prompt])
-    mixture = model.mixture(embedding, sparse, valid, dense, previous_weights.to(model.device)[None])
-    clock.lap("generator")
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    z, _ = mixture.sample(n_samples, generator=generator, mode=model.config.sampling)
-    clock.lap("sampling")
-    logits = model.sample_logits(embedding, sparse, dense, z)[0]
-    clock.lap("conditioning_and_decoding")
-    rows, cols = geometry.valid_shape_at(model.backbone.mask_size)
-    probabilities = torch.sigmoid(logits[:, :rows, :cols]).float().cpu().numpy()
-    mean, _, std = aggregate(probabilities, model.config.recommend_threshold)
-    clock.lap("aggregation")
-    candidates = cluster_candidates(probabilities, n_candidates, seed=seed % (2**31), threshold=model.config.recommend_threshold)
-    clock.lap("kmeans")
-    return ModelRound(prompt, mixture.select(0).detach(), candidates, mean, std)
 
+    model_fingerprint: str
+    image_fingerprint: str
+    image_shape: tuple[int, ...]
+    seed: int
+    n_samples: int
+    n_candidates: int
+    window: tuple[float, float] | None
+    initial_weights: tuple[float, ...]
+    start: SessionStart | None = None
+    choices: list[int] = field(default_factory=list)
+    accepted: bool = False
+    mixture: dict[str, Any] | None = None  # PreferenceMixture.to_dict() of the last round (a record)
 
-class _StageClock:
-    """Adds the time since the previous lap to ``timings[stage]`` (no-op without timings)."""
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON."""
+        return {
+            "kind": STATE_KIND,
+            "schema_version": STATE_VERSION,
+            "model_fingerprint": self.model_fingerprint,
+            "image_fingerprint": self.image_fingerprint,
+            "image_shape": list(self.image_shape),
+            "seed": self.seed,
+            "n_samples": self.n_samples,
+            "n_candidates": self.n_candidates,
+            "window": None if self.window is None else list(self.window),
+            "initial_weights": [float(v) for v in self.initial_weights],
+            "start": None if self.start is None else self.start.to_dict(),
+            "choices": list(self.choices),
+            "accepted": self.accepted,
+            "mixture": self.mixture,
+        }
 
-    def __init__(self, timings: dict[str, float] | None, device: torch.device):
-        self.timings, self.device = timings, device
-        self.last = time.perf_counter()
-
-    def lap(self, stage: str) -> None:
-        if self.timings is None:
-            return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
-        self.last = now
-
-
-def feedback_prompt(model: SPAModel, model_round: ModelRound, chosen: int, seed: int) -> Prompt:
-    """The next round's prompt after the user chose candidate ``chosen`` (0-based)."""
-    rng = np.random.default_rng(seed)
-    point, label, mask = feedback_from_choice(model_round.candidates, chosen, model_round.mean_probability, rng)
-    side = model.backbone.mask_size
-    grid = torch.zeros(side, side, dtype=torch.bool)
-    grid[: mask.shape[0], : mask.shape[1]] = torch.from_numpy(mask)
-    mask_logits = (grid.float() * 2.0 - 1.0) * model.config.mask_prompt_logit
-    if point is not None:
-        factor = model.backbone.image_size / side
-        point = ((point[0] + 0.5) * factor - 0.5, (point[1] + 0.5) * factor - 0.5)
-    return model_round.prompt.with_feedback(point, label, mask_logits)
-
-
-def start_prompt(
-    geometry: ImageGeometry,
-    point: tuple[float, float] | None = None,
-    box: tuple[float, float, float, float] | None = None,
-    label: bool = True,
-) -> Prompt:
-    """The first prompt in the model frame from a point and/or box in image pixels, validated."""
-    if point is None and box is None:
-            raise InputError("start needs a point (x, y) inside the structure or a box (x0, y0, x1, y1)")
-    prompt = Prompt()
-    height, width = geometry.height, geometry.width
-    if point is not None:
-        x, y = _pair(point, "point")
-        if not (-0.5 <= x <= width - 0.5 and -0.5 <= y <= height - 0.5):
-            raise InputError(f"point ({x:g}, {y:g}) is outside the image (x 0..{width - 1}, y 0..{height - 1})")
-        mx, my = geometry.to_model(np.array([x, y]))
-        prompt = Prompt([(float(mx), float(my))], [bool(label)])
-    if box is not None:
-        if len(box) != 4:
-            raise InputError(f"a box needs four numbers x0,y0,x1,y1, got {len(box)}")
-        x0, y0, x1, y1 = (float(v) for v in box)
-        if not (x1 > x0 and y1 > y0):
-            raise InputError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is empty; it needs x0 < x1 and y0 < y1")
-        if x0 < -0.5 or y0 < -0.5 or x1 > width - 0.5 or y1 > height - 0.5:
-            raise InputError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) extends outside the image (x 0..{width - 1}, y 0..{height - 1})")
-        corners = geometry.to_model(np.array([[x0, y0], [x1, y1]]))
-        prompt.box = (float(corners[0, 0]), float(corners[0, 1]), float(corners[1, 0]), float(corners[1, 1]))
-    return prompt
+    @classmethod
+    def from_dict(cls, payload: Any) -> "SessionState":
+        """Read :meth:`to_dict`'s JSON; InputError naming the problem when it is not a usable state."""
+        if not isinstance(payload, dict) or payload.get("kind") != STATE_KIND:
+            raise InputError("this is not an SPA session state (missing kind 'spa-session')")
+        version = payload.get("schema_version", 0)
+        if not isinstance(version, int) or version > STATE_VERSION:
+            raise InputError(f"session state version {version!r} is newer than this SPA supports; upgrade SPA")
+        try:
+            start = payload.get("start")
+            window = payload.get("window")
+            return cls(
+                model_fingerprint=str(payload["model_fingerprint"]),
+                image_fingerprint=str(payload["image_fingerprint"]),
+                image_shape=tuple(int(v) for v in payload["image_shape"]),
+                seed=int(payload["seed"]),
+                n_samples=int(payload["n_samples"]),
+                n_candidates=int(payload["n_candidates"]),
+                window=None if not window else (float(window[0]), float(window[1])),
+                initial_weights=tuple(float(v) for v in payload["initial_weights"]),
+                start=None if not start else SessionStart(
+                    point=None if start.get("point") is None else tuple(float(v) for v in start["point"]),
+                    box=None if start.get("box") is None else tuple(float(v) for v in start["box"]),
+                    label=bool(start.get("label", True)),
+                ),
+                choices=[int(k) for k in payload.get("choices", [])],
+                accepted=bool(payload.get("accepted", False)),
+                mixture=payload.get("mixture"),
+            )
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise InputError(f"the session state is damaged ({type(exc).__name__}: {exc}); use a state written by SPA") from exc
 
 
 class Session:
@@ -205,22 +164,20 @@ class Session:
         self.window = window
         k = model.config.n_components
         if initial_weights is None:
-            weights = uniform_weights(k)
+            self.initial_weights = uniform_weights(k)
         else:
-            weights = torch.as_tensor(np.asarray(initial_weights, dtype=np.float32))
-            if weights.shape != (k,) or not torch.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
-                raise InputError(f"initial mixture weights must be {k} non-negative numbers, got shape {tuple(weights.shape)}")
-            weights = weights / weights.sum()
-        self.initial_weights = weights
+            # float32 first, as the weights are stored and used, then normalised in float32
+            as_float32 = torch.as_tensor(np.asarray(
+                initial_weights.detach().cpu() if isinstance(initial_weights, torch.Tensor) else initial_weights,
+                dtype=np.float32))
+            check_weights(as_float32, n_components=k, what="initial mixture weights")
+            self.initial_weights = as_float32 / as_float32.sum()
         if embedding is None:
-            self.embedding, self.geometry = encode_image(model, image, window)
+            self.embedding, self.geometry = model.encode(image, window)
         else:
-            from .model.preprocess import validate_image
-
-            validate_image(image)
+            self.geometry = model.geometry_of(image)
             self.embedding = embedding.to(model.device)
-            self.geometry = ImageGeometry(image.shape[0], image.shape[1], model.backbone.image_size)
-        self._start: dict[str, Any] | None = None
+        self._start: SessionStart | None = None
         self._choices: list[int] = []
         self._model_rounds: list[ModelRound] = []
         self._rounds: list[Round] = []
@@ -235,8 +192,8 @@ class Session:
     ) -> Round:
         """Begin with a point inside the structure and/or a box (x0, y0, x1, y1) around it."""
         prompt = start_prompt(self.geometry, point, box, label)
-        self._start = {"point": None if point is None else [float(v) for v in point], "label": bool(label),
-                       "box": None if box is None else [float(v) for v in box]}
+        self._start = SessionStart(None if point is None else tuple(float(v) for v in point),
+                                   None if box is None else tuple(float(v) for v in box), bool(label))
         self._choices, self._model_rounds, self._rounds, self.accepted = [], [], [], False
         return self._advance(prompt, self.initial_weights)
 
@@ -248,7 +205,7 @@ class Session:
         if not isinstance(k, (int, np.integer)) or not 0 <= k < current.n_candidates:
             raise InputError(f"candidate {k} does not exist; round {current.index} has candidates 0..{current.n_candidates - 1}")
         last = self._model_rounds[-1]
-        prompt = feedback_prompt(self.model, last, int(k), round_seed(self.seed, 1000 + current.index))
+        prompt = feedback_prompt(self.model, last, int(k), feedback_seed(self.seed, current.index))
         self._choices.append(int(k))
         return self._advance(prompt, last.mixture.weights)
 
@@ -259,11 +216,8 @@ class Session:
         return current.recommended.copy()
 
     def undo(self, to_round: int | None = None) -> Round:
-        """Go back one round (or to round ``to_round``, 1-based); undoes an accept first."""
+        """Go back one round (or to round ``to_round``, 1-based); the session is open again."""
         current = self._require_round()
-        if self.accepted and to_round is None:
-            self.accepted = False
-            return current
         target = current.index - 1 if to_round is None else int(to_round)
         if not 1 <= target <= current.index:
             raise InputError(f"cannot undo to round {target}; rounds 1..{current.index} exist")
@@ -292,48 +246,44 @@ class Session:
         self._require_round()
         return self._model_rounds[-1].mixture
 
-    def state(self) -> dict[str, Any]:
-        """Plain-JSON state: enough, with the same model and image, to rebuild this session."""
-        return {
-            "kind": STATE_KIND,
-            "schema_version": STATE_VERSION,
-            "model_fingerprint": self.model.fingerprint(),
-            "image_fingerprint": image_fingerprint(self.image),
-            "image_shape": list(self.image.shape),
-            "seed": self.seed,
-            "n_samples": self.n_samples,
-            "n_candidates": self.n_candidates,
-            "window": None if self.window is None else list(self.window),
-            "initial_weights": [float(v) for v in self.initial_weights.tolist()],
-            "start": self._start,
-            "choices": list(self._choices),
-            "accepted": self.accepted,
-            "mixture": None if not self._model_rounds else self._model_rounds[-1].mixture.to_dict(),
-        }
+    def state(self) -> SessionState:
+        """What rebuilds this session with the same model and image (``.to_dict()`` for JSON)."""
+        return SessionState(
+            model_fingerprint=self.model.fingerprint(),
+            image_fingerprint=image_fingerprint(self.image),
+            image_shape=tuple(self.image.shape),
+            seed=self.seed,
+            n_samples=self.n_samples,
+            n_candidates=self.n_candidates,
+            window=None if self.window is None else (float(self.window[0]), float(self.window[1])),
+            initial_weights=tuple(float(v) for v in self.initial_weights.tolist()),
+            start=self._start,
+            choices=list(self._choices),
+            accepted=self.accepted,
+            mixture=None if not self._model_rounds else self._model_rounds[-1].mixture.to_dict(),
+        )
 
     @classmethod
-    def restore(cls, model: SPAModel, image: np.ndarray, state: dict[str, Any], embedding: torch.Tensor | None = None) -> "Session":
-        """Rebuild a session from :meth:`state` by replaying its prompt and choices (deterministic)."""
-        if not isinstance(state, dict) or state.get("kind") != STATE_KIND:
-            raise InputError("this is not an SPA session state (missing kind 'spa-session')")
-        if state.get("schema_version", 0) > STATE_VERSION:
-            raise InputError(f"session state version {state['schema_version']} is newer than this SPA supports; upgrade SPA")
-        if state["model_fingerprint"] != model.fingerprint():
+    def restore(
+        cls, model: SPAModel, image: np.ndarray, state: SessionState | dict[str, Any], embedding: torch.Tensor | None = None
+    ) -> "Session":
+        """Rebuild a session from :meth:`state` (or its JSON) by replaying its prompt and choices (deterministic)."""
+        if not isinstance(state, SessionState):
+            state = SessionState.from_dict(state)
+        if state.model_fingerprint != model.fingerprint():
             raise InputError(
-                f"session state was made with model {state['model_fingerprint']}, this model is {model.fingerprint()}; "
+                f"session state was made with model {state.model_fingerprint}, this model is {model.fingerprint()}; "
                 "load the model it was made with"
             )
-        if state["image_fingerprint"] != image_fingerprint(image):
+        if state.image_fingerprint != image_fingerprint(image):
             raise InputError("session state belongs to a different image (fingerprints differ); open the image it was made on")
-        window = tuple(state["window"]) if state.get("window") else None
-        session = cls(model, image, seed=state["seed"], n_samples=state["n_samples"], n_candidates=state["n_candidates"],
-                      initial_weights=np.asarray(state["initial_weights"]), window=window, embedding=embedding)
-        start = state.get("start")
-        if start:
-            session.start(point=start.get("point"), box=start.get("box"), label=start.get("label", True))
-            for k in state.get("choices", []):
+        session = cls(model, image, seed=state.seed, n_samples=state.n_samples, n_candidates=state.n_candidates,
+                      initial_weights=np.asarray(state.initial_weights), window=state.window, embedding=embedding)
+        if state.start is not None:
+            session.start(point=state.start.point, box=state.start.box, label=state.start.label)
+            for k in state.choices:
                 session.choose(k)
-            session.accepted = bool(state.get("accepted", False))
+            session.accepted = state.accepted
         return session
 
     # ----- internals -----------------------------------------------------------------------------
@@ -357,7 +307,7 @@ class Session:
     def _to_image(self, index: int, model_round: ModelRound, seconds: float) -> Round:
         side = self.model.backbone.mask_size
         maps = torch.from_numpy(np.concatenate([
-            model_round.mean_probability[None], model_round.std[None], model_round.candidates.probabilities,
+            model_round.mean_probability[None], model_round.std[None], model_round.clusters.probabilities,
         ]))
         resized = self.geometry.maps_to_image(maps, side).numpy()
         threshold = self.model.config.recommend_threshold
@@ -371,17 +321,7 @@ class Session:
             uncertainty=uncertainty.astype(np.float32),
             candidates=candidates,
             differences=signed_differences(candidates, recommended),
-            candidate_shares=model_round.candidates.shares.copy(),
+            candidate_shares=model_round.clusters.shares.copy(),
             mixture_weights=model_round.mixture.weights.cpu().numpy().astype(np.float64),
             seconds=seconds,
         )
-
-
-def _pair(value: Any, what: str) -> tuple[float, float]:
-    try:
-        x, y = (float(v) for v in value)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"a {what} needs two numbers (x, y), got {value!r}") from exc
-    if not (np.isfinite(x) and np.isfinite(y)):
-        raise InputError(f"the {what} ({x}, {y}) is not finite")
-    return x, y

@@ -28,15 +28,17 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .candidates import cluster_candidates, nearest_candidate
+from .embeddings import EmbeddingCache
+from .engine import feedback_prompt, sample_round, start_prompt, summarise_round
 from .errors import DataError
-from .evaluation.protocol import draw_preference, initial_box
-from .jsonio import write_bytes_atomic, write_json_atomic
+from .io.atomic import write_bytes_atomic, write_json_atomic
+from .metrics import dice
 from .model.preprocess import ImageGeometry
-from .model.spa import DEEP_DECODER_PREFIXES, TRAINED_DECODER_PREFIXES, Prompt, SPAModel
+from .model.spa import DEEP_DECODER_PREFIXES, TRAINED_DECODER_PREFIXES, SPAModel
 from .preference import e_step_weights, uniform_weights
-from .model.cache import EmbeddingCache
-from .session import ModelRound, feedback_prompt, start_prompt
+from .simulation.choices import nearest_candidate
+from .simulation.preferences import draw_preference
+from .simulation.prompts import FirstPrompt, training_first_prompt
 
 
 @dataclass
@@ -55,7 +57,7 @@ class TrainConfig:
     best_of_n_weight: float = 1.5
     pi_weight: float = 1.0
     e_step_temperature: float = 0.05
-    first_prompt: str = "mixed"  # "point", "box" or "mixed" (half each)
+    first_prompt: FirstPrompt = FirstPrompt.MIXED  # point, box or mixed (half each)
     # One round per step also trains the decoder transformer and prompt encoder ("deep"): the first
     # round with this probability (it teaches the first prompt), else a random later round (it teaches
     # the feedback prompts). 0 disables it: only the decoder's upscaling and mask head train.
@@ -65,6 +67,13 @@ class TrainConfig:
     checkpoint_every: int = 25
     log_every: int = 5
     grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.first_prompt = FirstPrompt.parse(self.first_prompt, "first prompt")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form, as the weights file records it."""
+        return asdict(self) | {"first_prompt": self.first_prompt.value}
 
 
 @dataclass
@@ -87,29 +96,14 @@ def load_training_cases(root: Path, split: str, model: SPAModel, cache_dir: Path
     case_ids = folder.split(split)
     if not case_ids:
         raise DataError(f"split {split!r} of {root} has no cases; add cases or fix splits.json")
-    cache = EmbeddingCache(cache_dir, model)
+    cache = EmbeddingCache(model, folder=cache_dir)
     cases = []
     for case_id in tqdm(case_ids, desc=f"embeddings ({split})", disable=not progress, unit="img"):
         case = folder.load(case_id)
-        embedding, geometry = cache.get(case.image)
-        cases.append(TrainingCase(case_id, embedding[0], geometry, case.raters))
+        embedding = cache.get(case.image)
+        cases.append(TrainingCase(case_id, embedding[0].cpu(), model.geometry_of(case.image), case.raters))
+        cache.clear()  # training keeps its own copy; the cache is only its disk
     return cases
-
-
-def _first_prompt(case: TrainingCase, target: np.ndarray, kind: str, rng: np.random.Generator) -> Prompt:
-    """The simulated user's first prompt on the image, in the model frame."""
-    if kind == "box":
-        margin = float(rng.uniform(0.0, 3.0))
-        box = initial_box(target, margin_px=margin, rng=rng, jitter_px=2.0)
-        if box[2] - box[0] < 1 or box[3] - box[1] < 1:
-            kind = "point"
-        else:
-            return start_prompt(case.geometry, box=box)
-    agreed = np.logical_and.reduce([m for m in case.raters.values()] + [target])
-    region = agreed if agreed.any() else target
-    rows, cols = np.nonzero(region)
-    pick = int(rng.integers(len(rows)))
-    return start_prompt(case.geometry, point=(float(cols[pick]), float(rows[pick])))
 
 
 def _target_in_model_frame(case: TrainingCase, target: np.ndarray, side: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,8 +154,8 @@ def training_step(
     targets, valids, prompts = [], [], []
     for case in cases:
         _, target = draw_preference(case.raters, rng)
-        kind = config.first_prompt if config.first_prompt != "mixed" else ("point" if rng.random() < 0.5 else "box")
-        prompts.append(_first_prompt(case, target, kind, rng))
+        first = training_first_prompt(case.raters, target, config.first_prompt, rng)
+        prompts.append(start_prompt(case.geometry, **first))
         t, v = _target_in_model_frame(case, target, side)
         targets.append(t)
         valids.append(v)
@@ -174,16 +168,14 @@ def training_step(
         deep_round = int(rng.integers(1, config.rounds))
     totals = {"loss": 0.0, "aggregate_bce": 0.0, "best_bce": 0.0, "pi_mse": 0.0, "dice_first": 0.0, "dice_last": 0.0}
     for round_index in range(config.rounds):
-        sparse, valid_tokens, dense = model.encode_prompts(prompts)
-        mixture = model.mixture(embeddings, sparse, valid_tokens, dense, weights)
-        z, component = mixture.sample(config.n_samples, generator=generator, mode=model.config.sampling)
         deep = config.deep_rounds and round_index == deep_round
-        logits = model.sample_logits(embeddings, sparse, dense, z, trainable_transformer=deep)  # (B, N, m, m)
+        sampled = sample_round(model, embeddings, prompts, weights, config.n_samples, generator, trainable_transformer=deep)
+        mixture, logits = sampled.mixture, sampled.logits  # logits (B, N, m, m)
         probability = torch.sigmoid(logits).mean(1, keepdim=True)
         aggregate_loss = _probability_bce(probability, target, valid, config.pos_weight).mean()
         per_sample = _masked_bce(logits, target, valid, config.pos_weight)  # (B, N)
         best_loss = per_sample.min(1).values.mean()
-        pi_target = e_step_weights(mixture.weights, component, per_sample, config.e_step_temperature)
+        pi_target = e_step_weights(mixture.weights, sampled.component, per_sample, config.e_step_temperature)
         # MSE as in the paper, scaled by K_g² so that it is O(1) for weights of order 1/K_g.
         pi_loss = F.mse_loss(mixture.weights, pi_target) * model.config.n_components**2
         loss = (aggregate_loss + config.best_of_n_weight * best_loss + config.pi_weight * pi_loss) / config.rounds
@@ -193,23 +185,23 @@ def training_step(
         totals["best_bce"] += float(best_loss.detach()) / config.rounds
         totals["pi_mse"] += float(pi_loss.detach()) / config.rounds
         with torch.no_grad():
-            recommended = (probability >= model.config.recommend_threshold).float()
-            inter = (recommended * target * valid).sum((-2, -1))
-            dice = (2 * inter / ((recommended * valid).sum((-2, -1)) + (target * valid).sum((-2, -1))).clamp_min(1)).mean()
+            recommended = (probability >= model.config.recommend_threshold).cpu().numpy()[:, 0]
+            goals = target.cpu().numpy()[:, 0] > 0.5
+            inside = valid.cpu().numpy()[:, 0] > 0.5
+            round_dice = float(np.mean([dice(r[v], g[v]) for r, g, v in zip(recommended, goals, inside)]))
             if round_index == 0:
-                totals["dice_first"] = float(dice)
-            totals["dice_last"] = float(dice)
+                totals["dice_first"] = round_dice
+            totals["dice_last"] = round_dice
             if round_index == config.rounds - 1:
                 break
             probs = torch.sigmoid(logits).cpu().numpy()
             next_prompts = []
             for i, case in enumerate(cases):
                 rows, cols = case.geometry.valid_shape_at(side)
-                maps = probs[i, :, :rows, :cols]
-                candidates = cluster_candidates(maps, config.n_candidates, seed=int(rng.integers(2**31)))
+                model_round = summarise_round(model, prompts[i], mixture.select(i), probs[i, :, :rows, :cols],
+                                              config.n_candidates, seed=int(rng.integers(2**31)))
                 goal = targets[i][:rows, :cols].numpy().astype(bool)
-                chosen = nearest_candidate(candidates.masks, goal)
-                model_round = ModelRound(prompts[i], mixture.select(i).detach(), candidates, maps.mean(0), maps.std(0))
+                chosen = nearest_candidate(model_round.clusters.masks, goal)
                 next_prompts.append(feedback_prompt(model, model_round, chosen, int(rng.integers(2**31))))
             prompts = next_prompts
             weights = mixture.weights.detach()
@@ -287,7 +279,7 @@ def train(
     model.eval()
     seconds = seconds_before + time.perf_counter() - started
     model.training_info = {
-        "train_config": asdict(config),
+        "train_config": config.to_dict(),
         "data": data_description or {},
         "steps": step,
         "seconds": round(seconds, 1),

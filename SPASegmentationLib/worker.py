@@ -1,9 +1,9 @@
-"""One background thread for every model call, and an in-memory cache of slice embeddings.
+"""One background thread for every model call.
 
     worker = ModelWorker()
-    lookup = EmbeddingLookup(model, capacity=16)
+    embeddings = EmbeddingCache(model, capacity=16)   # SPASegmentationLib.embeddings
     future = worker.submit(session.choose, 2)         # user work: runs before pending prefetches
-    lookup.prefetch_around(worker, slice_at, index, n_slices, radius=2)
+    embeddings.prefetch_around(worker, slice_at, index, n_slices, radius=2)
     round_ = future.result()
     worker.shutdown()
 
@@ -17,17 +17,8 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
-from collections import OrderedDict, deque
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
-
-import numpy as np
-import torch
-
-from .errors import InputError
-from .session import encode_image, image_fingerprint
-
-if TYPE_CHECKING:
-    from .model.spa import SPAModel
+from collections import deque
+from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -164,100 +155,6 @@ class ModelWorker:
         finally:
             with self._condition:
                 self._prefetch_keys.discard(key)
-
-
-class EmbeddingLookup:
-    """In-memory LRU of image embeddings keyed by (image fingerprint, window); thread-safe."""
-
-    def __init__(self, model: "SPAModel", capacity: int = 16) -> None:
-        if isinstance(capacity, bool) or int(capacity) < 1:
-            raise InputError(f"the embedding cache needs room for at least one slice, got capacity {capacity!r}")
-        self.model = model
-        self.capacity = int(capacity)
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple[str, tuple[float, float] | None], torch.Tensor] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    @staticmethod
-    def key(image: np.ndarray, window: tuple[float, float] | None = None) -> tuple[str, tuple[float, float] | None]:
-        """The cache key of an image shown through ``window``."""
-        return image_fingerprint(image), None if window is None else (float(window[0]), float(window[1]))
-
-    def get(self, image: np.ndarray, window: tuple[float, float] | None = None) -> torch.Tensor:
-        """The embedding (1, C, e, e) of ``image``: cached, or encoded now (call on the worker thread)."""
-        key = self.key(image, window)
-        with self._lock:
-            cached = self._entries.get(key)
-            if cached is not None:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return cached
-        embedding, _ = encode_image(self.model, image, window)
-        with self._lock:
-            self.misses += 1
-            self._store(key, embedding)
-            return self._entries[key]
-
-    def put(self, image: np.ndarray, embedding: torch.Tensor, window: tuple[float, float] | None = None) -> None:
-        """Store an embedding computed elsewhere (e.g. by a Session)."""
-        with self._lock:
-            self._store(self.key(image, window), embedding)
-
-    def contains(self, image: np.ndarray, window: tuple[float, float] | None = None) -> bool:
-        """Whether ``image`` is cached (does not change its recency)."""
-        key = self.key(image, window)
-        with self._lock:
-            return key in self._entries
-
-    def clear(self) -> None:
-        """Forget every embedding (e.g. another model was loaded)."""
-        with self._lock:
-            self._entries.clear()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
-
-    def prefetch_around(
-        self,
-        worker: ModelWorker,
-        slices: Callable[[int], np.ndarray] | np.ndarray,
-        index: int,
-        n_slices: int,
-        radius: int = 2,
-        window: tuple[float, float] | None = None,
-    ) -> list[int]:
-        """Queue the slices within ``radius`` of ``index`` (itself first, then nearest first); returns those queued.
-
-        The images are read here, on the caller's thread, so the worker never touches the source.
-        """
-        if radius < 0:
-            raise InputError(f"the prefetch radius must be >= 0 slices, got {radius}")
-        get = (lambda i: slices[i]) if isinstance(slices, np.ndarray) else slices
-        queued = []
-        for i in neighbour_order(index, n_slices, radius):
-            image = np.array(get(i), copy=True)
-            key = self.key(image, window)
-            if self.contains(image, window):
-                continue
-            if worker.prefetch(f"embedding:{id(self)}:{key[0]}:{key[1]}", self._prefetch_job(image, window)):
-                queued.append(i)
-        return queued
-
-    def _prefetch_job(self, image: np.ndarray, window: tuple[float, float] | None) -> Callable[[], None]:
-        def job() -> None:
-            if not self.contains(image, window):
-                self.get(image, window)
-
-        return job
-
-    def _store(self, key: tuple[str, tuple[float, float] | None], embedding: torch.Tensor) -> None:
-        if key not in self._entries:  # a concurrent miss may have stored it already: keep the first
-            self._entries[key] = embedding
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
 
 
 def neighbour_order(index: int, n_slices: int, radius: int) -> list[int]:

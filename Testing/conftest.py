@@ -12,7 +12,8 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def untrained_model():
     """SPA on the real pretrained LiteMedSAM backbone, SPA parts freshly initialised (seeded)."""
-    from SPASegmentationLib.model.spa import SPAConfig, build_model
+    from SPASegmentationLib.model.build import build_model
+    from SPASegmentationLib.model.spa import SPAConfig
 
     torch.manual_seed(0)
     return build_model(SPAConfig())
@@ -21,9 +22,19 @@ def untrained_model():
 @pytest.fixture(scope="session")
 def shipped_model():
     """The SPA weights shipped in Resources/."""
-    from SPASegmentationLib.model.spa import default_model
+    from SPASegmentationLib.model.build import default_model
 
     return default_model()
+
+
+@pytest.fixture
+def mrml_scene():
+    """A fresh headless MRML scene (slicer-core), installed as ``slicer.mrmlScene`` while the test runs."""
+    pytest.importorskip("slicer")
+    from mrml import installed_scene
+
+    with installed_scene() as scene:
+        yield scene
 
 
 def disc_image(height: int = 180, width: int = 240, centre=(120, 90), radius: float = 35.0, seed: int = 0) -> np.ndarray:

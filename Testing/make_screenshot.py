@@ -24,19 +24,21 @@ from mrml import (  # noqa: E402
 )
 from slice_view import OffscreenSliceView  # noqa: E402
 
-from SPASegmentationLib import scene as sc  # noqa: E402
-from SPASegmentationLib.candidates import nearest_candidate  # noqa: E402
 from SPASegmentationLib.data.folder import MultiRaterFolder  # noqa: E402
-from SPASegmentationLib.evaluation.metrics import dice  # noqa: E402
-from SPASegmentationLib.evaluation.protocol import initial_point  # noqa: E402
-from SPASegmentationLib.jsonio import write_bytes_atomic  # noqa: E402
+from SPASegmentationLib.engine import DEFAULT_SAMPLES  # noqa: E402
+from SPASegmentationLib.io.atomic import write_bytes_atomic  # noqa: E402
+from SPASegmentationLib.metrics import dice  # noqa: E402
 from SPASegmentationLib.resources import resources_dir, sample_case_dir  # noqa: E402
+from SPASegmentationLib.scene.overlay import CANDIDATE_COLOURS, RECOMMENDED_COLOUR, removes_colour  # noqa: E402
+from SPASegmentationLib.scene.session import SceneSession  # noqa: E402
+from SPASegmentationLib.simulation.choices import nearest_candidate  # noqa: E402
+from SPASegmentationLib.simulation.prompts import initial_point  # noqa: E402
 
 CT_WINDOW = (250.0, 60.0)  # width, level in HU: soft tissue around the sample's structure
 VIEW_SIZE = (640, 640)
 
 
-def render_round_in_slice_view(model, rater: str | None = None, seed: int = 0, samples: int = 48):
+def render_round_in_slice_view(model, rater: str | None = None, seed: int = 0, samples: int = DEFAULT_SAMPLES):
     """Start a session by one click on the sample in a headless scene; the Red view as RGB and the round shown."""
     sample = sample_case_dir()
     case = MultiRaterFolder(sample.parent).load(sample.name)
@@ -56,7 +58,7 @@ def render_round_in_slice_view(model, rater: str | None = None, seed: int = 0, s
     display.SetWindowLevel(*CT_WINDOW)
     segmentation = add_segmentation(scene, volume, name="Segmentation")
     segment_id = add_segment(segmentation, "lesion")
-    session = sc.SceneSession(scene, model, volume, segmentation, segment_id, seed=seed, n_samples=samples)
+    session = SceneSession(scene, model, volume, segmentation, segment_id, seed=seed, n_samples=samples)
     x, y = initial_point(case.raters, target)
     click = voxel_ras(volume, (0, y, x))
     shown = session.start("axial", point_ras=click)
@@ -100,13 +102,13 @@ def compose(pixels: np.ndarray, round_, info: dict) -> bytes:
                      transform=legend_axes.transAxes)
     legend_axes.text(0.02, 0.895, f"one click; a clinician with style '{info['rater']}' would pick {info['chosen']}",
                      color="#cccccc", fontsize=9.5, transform=legend_axes.transAxes)
-    handles = [Line2D([], [], color=sc.RECOMMENDED_COLOUR, linewidth=2.5, label="recommended mask (outline)")]
+    handles = [Line2D([], [], color=RECOMMENDED_COLOUR, linewidth=2.5, label="recommended mask (outline)")]
     for k in range(round_.n_candidates):
         adds = int((round_.differences[k] > 0).sum())
         removes = int((round_.differences[k] < 0).sum())
-        handles.append(Patch(facecolor=sc.CANDIDATE_COLOURS[k], edgecolor=sc.CANDIDATE_COLOURS[k],
+        handles.append(Patch(facecolor=CANDIDATE_COLOURS[k], edgecolor=CANDIDATE_COLOURS[k],
                              label=f"candidate {k + 1} adds ({adds} px) — key {k + 1}"))
-        handles.append(Line2D([], [], color=sc.removes_colour(k), linewidth=2.5,
+        handles.append(Line2D([], [], color=removes_colour(k), linewidth=2.5,
                               label=f"candidate {k + 1} removes ({removes} px)"))
     legend = legend_axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.0, 0.86), frameon=False,
                                 fontsize=9.5, labelcolor="white", handlelength=1.8)
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(resources_dir() / "Screenshots" / "candidates.png"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from SPASegmentationLib.model.spa import default_model, load_model
+    from SPASegmentationLib.model.build import default_model, load_model
 
     model = load_model(args.model) if args.model else default_model()
     pixels, shown, info = render_round_in_slice_view(model, seed=args.seed)

@@ -1,6 +1,6 @@
 """Fixtures and builders for tests against real MRML (the headless slicer-core wheel).
 
-    from mrml import mrml_scene, add_volume, add_segmentation   # in a test module under Testing/
+    from mrml import add_volume, add_segmentation   # in a test module under Testing/; mrml_scene is a fixture
 
 ``mrml_scene`` is a fresh ``vtkMRMLScene`` with the application and segmentations logic attached
 (without them segmentations cannot create binary labelmaps) and ``slicer.mrmlScene`` pointing at it
@@ -9,7 +9,8 @@ for the duration of the test. The whole module is skipped where slicer-core is n
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -59,9 +60,9 @@ def segmentations_logic_of(scene: Any) -> Any:
     return _LOGICS[id(scene)][1]
 
 
-@pytest.fixture
-def mrml_scene():
-    """A fresh bootstrapped scene, also installed as ``slicer.mrmlScene`` while the test runs."""
+@contextmanager
+def installed_scene() -> Iterator[Any]:
+    """A fresh bootstrapped scene, installed as ``slicer.mrmlScene`` inside the block (the ``mrml_scene`` fixture)."""
     scene = new_scene()
     missing = object()
     previous = getattr(slicer, "mrmlScene", missing)

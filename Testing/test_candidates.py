@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from SPASegmentationLib.candidates import (
-    aggregate, cluster_candidates, feedback_from_choice, nearest_candidate, signed_differences,
-)
+from SPASegmentationLib.candidates import aggregate, cluster_candidates, feedback_from_choice, signed_differences
 from SPASegmentationLib.errors import InputError
+from SPASegmentationLib.simulation.choices import nearest_candidate
 
 
 def discs(radii, size=64, soft=1.5):

@@ -18,7 +18,7 @@ from conftest import disc_image
 def spa(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, SPA_HOME=str(cwd / "home"), **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "SPASegmentationLib.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, encoding="utf-8", timeout=600)
 
 
 def one_clear_line(result: subprocess.CompletedProcess, fragment: str) -> None:

@@ -14,7 +14,7 @@ from SPASegmentationLib.data.synthetic import (
     DEFAULT_RATERS, RATER_STYLES, generate_case, write_dataset, write_demo_case,
 )
 from SPASegmentationLib.errors import DataError, InputError
-from SPASegmentationLib.evaluation.metrics import dice
+from SPASegmentationLib.metrics import dice
 
 
 @pytest.fixture(scope="module")

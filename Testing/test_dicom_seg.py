@@ -15,9 +15,10 @@ import SimpleITK as sitk
 
 from dicom_series import SyntheticSeries, ellipsoid, write_ct_series
 from SPASegmentationLib.errors import InputError
+from SPASegmentationLib.io.terminology import ABNORMAL_STRUCTURE, ANATOMICAL_STRUCTURE, TISSUE, terminology_for
 from SPASegmentationLib.io.dicom_seg import (
-    ABNORMAL_STRUCTURE, ANATOMICAL_STRUCTURE, TISSUE, Segment, SEGMENTATION_STORAGE, export_dicom_seg,
-    ijk_to_lps_from_ras, ijk_to_lps_from_sitk, load_source_series, terminology_for,
+    Segment, SEGMENTATION_STORAGE, export_dicom_seg,
+    ijk_to_lps_from_ras, ijk_to_lps_from_sitk, load_source_series,
 )
 
 SHAPE = (12, 64, 64)
@@ -238,7 +239,7 @@ def test_terminology_from_free_text():
 
 def spa(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "SPASegmentationLib.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120, env=dict(os.environ, SPA_HOME=str(cwd / "home")))
+                          text=True, encoding="utf-8", timeout=120, env=dict(os.environ, SPA_HOME=str(cwd / "home")))
 
 
 def test_cli_export_seg_end_to_end(ct, ct_image, tumour, tmp_path):

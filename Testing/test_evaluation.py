@@ -12,7 +12,7 @@ import pytest
 from matplotlib import image as mpimg
 
 from SPASegmentationLib.errors import InputError
-from SPASegmentationLib.evaluation.metrics import (
+from SPASegmentationLib.metrics import (
     candidate_diversity,
     dice,
     failure_rate,
@@ -21,14 +21,9 @@ from SPASegmentationLib.evaluation.metrics import (
     mean_ci,
     rounds_to_reach,
 )
-from SPASegmentationLib.evaluation.protocol import (
-    consensus,
-    draw_preference,
-    fixed_preferences,
-    initial_box,
-    initial_point,
-    largest_error_click,
-)
+from SPASegmentationLib.simulation.choices import largest_error_click
+from SPASegmentationLib.simulation.preferences import consensus, draw_preference, fixed_preferences
+from SPASegmentationLib.simulation.prompts import initial_box, initial_point
 from SPASegmentationLib.evaluation.report import markdown_summary_table, summarise, write_report
 
 

@@ -193,6 +193,15 @@ def test_parameter_node_holds_the_workflow_state():
     assert "Choice" in fields["firstPromptMode"] and "'point'" in fields["firstPromptMode"] and "'box'" in fields["firstPromptMode"]
 
 
+def test_parameter_node_sample_count_default_is_the_engines():
+    """The parameter node is declared before the Lib can be imported, so its default is a literal: keep it equal."""
+    from SPASegmentationLib.engine import DEFAULT_SAMPLES
+
+    node = classes()["SPASegmentationParameterNode"]
+    defaults = {ast.unparse(item.target): item.value for item in node.body if isinstance(item, ast.AnnAssign)}
+    assert isinstance(defaults["nSamples"], ast.Constant) and defaults["nSamples"].value == DEFAULT_SAMPLES
+
+
 def test_bound_widgets_have_a_gui_connector_for_their_field_type():
     """connectGui only binds known (widget class, type) pairs; a mismatch fails when the panel opens."""
     fields = parameter_fields()

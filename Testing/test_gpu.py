@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from SPASegmentationLib.evaluation.metrics import dice
-from SPASegmentationLib.model.spa import SPAConfig, build_model
-from SPASegmentationLib.session import Session, encode_image
+from SPASegmentationLib.metrics import dice
+from SPASegmentationLib.model.build import build_model
+from SPASegmentationLib.model.spa import SPAConfig
+from SPASegmentationLib.session import Session
 from SPASegmentationLib.training import TrainConfig, TrainingCase, train
 from SPASegmentationLib.worker import ModelWorker
 from conftest import disc_image
@@ -46,7 +47,7 @@ def test_training_runs_on_the_gpu_and_changes_the_trained_parts(tmp_path):
     image = disc_image()
     yy, xx = np.mgrid[: image.shape[0], : image.shape[1]]
     r = np.hypot(xx - 120, yy - 90)
-    embedding, geometry = encode_image(model, image)
+    embedding, geometry = model.encode(image)
     assert embedding.device.type == "cuda"
     cases = [TrainingCase("c0", embedding[0], geometry, {"tight": r < 31, "core": r < 35, "rim": r < 40})]
     before = {k: v.detach().clone() for k, v in model.spa_state_dict().items()}

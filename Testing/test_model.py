@@ -11,7 +11,8 @@ import torch
 
 from SPASegmentationLib.errors import CheckpointError, ProfileError
 from SPASegmentationLib.model.backbone import LITEMEDSAM_SHA256, ViTSpec, build_backbone
-from SPASegmentationLib.model.spa import Prompt, SPAConfig, SPAModel, build_model, load_model
+from SPASegmentationLib.model.build import build_model, load_model
+from SPASegmentationLib.model.spa import Prompt, SPAConfig, SPAModel
 from SPASegmentationLib.preference import PreferenceMixture, e_step_weights, uniform_weights
 
 TINY_VIT = ViTSpec(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), image_size=64, window_size=2)

@@ -19,7 +19,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from mrml import add_volume, mrml_scene, segment_tag, voxel_ras  # noqa: F401  (mrml_scene: fixture)
+from mrml import add_volume, segment_tag, voxel_ras
 import test_dicom_seg as dicom_checks
 from dicom_series import write_ct_series
 
@@ -89,7 +89,8 @@ def organ_centre_ras(volume, series) -> tuple[float, float, float]:
 
 
 def test_module_logic_workflow_on_real_mrml(module, mrml_scene, shipped_model, ct_series, tmp_path):
-    from SPASegmentationLib import scene as sc
+    from SPASegmentationLib.scene.geometry import pixel_to_ras
+    from SPASegmentationLib.scene.segments import ALGORITHM_NAME_TAG, ALGORITHM_TYPE_TAG, read_segment
 
     series, image = ct_series
     volume = volume_from_series(mrml_scene, image)
@@ -122,7 +123,7 @@ def test_module_logic_workflow_on_real_mrml(module, mrml_scene, shipped_model, c
     # A click inside a candidate's overlay finds it; choosing gives round 2; undo returns to round 1.
     k = int(np.argmax([np.count_nonzero(d) for d in first.differences]))
     rows, cols = np.nonzero(first.differences[k])
-    hit = logic.candidateAt("axial", sc.pixel_to_ras(volume, plane, (cols[0], rows[0])))
+    hit = logic.candidateAt("axial", pixel_to_ras(volume, plane, (cols[0], rows[0])))
     assert hit is not None and first.differences[hit][rows[0], cols[0]] != 0
     assert logic.candidateAt("sagittal", centre) is None
     second = session.choose(hit)
@@ -131,33 +132,33 @@ def test_module_logic_workflow_on_real_mrml(module, mrml_scene, shipped_model, c
 
     # Accept: the segment gets the mask on that slice only, tagged, and the profile is written.
     logic.accept()
-    stored = sc.read_segment(segmentation, segment_id, volume)
+    stored = read_segment(segmentation, segment_id, volume)
     assert np.array_equal(plane.extract(stored), first.recommended) and stored.sum() == first.recommended.sum()
     segment = segmentation.GetSegmentation().GetSegment(segment_id)
-    values = {key: segment_tag(segment, key) for key in (sc.ALGORITHM_TYPE_TAG, sc.ALGORITHM_NAME_TAG)}
-    assert values[sc.ALGORITHM_TYPE_TAG] == "SEMIAUTOMATIC" and values[sc.ALGORITHM_NAME_TAG] == "SPA"
+    values = {key: segment_tag(segment, key) for key in (ALGORITHM_TYPE_TAG, ALGORITHM_NAME_TAG)}
+    assert values[ALGORITHM_TYPE_TAG] == "SEMIAUTOMATIC" and values[ALGORITHM_NAME_TAG] == "SPA"
     assert logic.profileStore.initial_weights("alice", "liver") is not None
     assert logic.currentRound() is None and logic.canUndoAccepted()
 
     # Slicer's segmentation undo takes the accepted slice back out, redo puts it back.
     assert logic.undoAccepted()
-    assert not sc.read_segment(segmentation, segment_id, volume).any()
+    assert not read_segment(segmentation, segment_id, volume).any()
     assert logic.segmentUndo(segmentation).redo()
-    assert np.array_equal(sc.read_segment(segmentation, segment_id, volume), stored)
+    assert np.array_equal(read_segment(segmentation, segment_id, volume), stored)
 
     # Propagation with the panel's settings reaches the neighbouring slices of the organ, as one undo step.
     options = module.SPASegmentationLogic.propagationOptions(3, 8)
     result = session.compute_propagate(**options)
     assert set(result.masks) and all(abs(index - plane.index) <= 3 for index in result.masks)
     session.apply_propagation(result)
-    propagated = sc.read_segment(segmentation, segment_id, volume)
+    propagated = read_segment(segmentation, segment_id, volume)
     assert plane.index in result.masks and len(result.masks) > 1  # the start slice and at least one neighbour
     filled = sorted(int(k) for k in np.flatnonzero(propagated.any(axis=(1, 2))))
     assert filled == sorted(i for i, m in result.masks.items() if m.any())
     for index, mask in result.masks.items():
         assert np.array_equal(plane.at(index).extract(propagated), mask)
     logic.undoAccepted()
-    assert np.array_equal(sc.read_segment(segmentation, segment_id, volume), stored)
+    assert np.array_equal(read_segment(segmentation, segment_id, volume), stored)
     logic.segmentUndo(segmentation).redo()
 
     # DICOM SEG of the accepted segment against the source series: valid, and dcmqi reads the same voxels.
@@ -170,7 +171,7 @@ def test_module_logic_workflow_on_real_mrml(module, mrml_scene, shipped_model, c
     assert dataset.SegmentSequence[0].SegmentLabel == "liver"
     assert dataset.ReferencedSeriesSequence[0].SeriesInstanceUID == series.series_uid
     segments = dicom_checks.dcmqi_segments(seg_path, tmp_path / "dcmqi")
-    assert np.array_equal(dicom_checks.on_ct_grid(segments[0], image), sc.read_segment(segmentation, segment_id, volume))
+    assert np.array_equal(dicom_checks.on_ct_grid(segments[0], image), read_segment(segmentation, segment_id, volume))
 
     logic.cancelSession()
     assert mrml_scene.GetFirstNodeByName("SPA preview") is None

@@ -13,12 +13,12 @@ from SPASegmentationLib.propagation import (
     STRUCTURE_ENDED,
     dice,
     intensity_shift,
-    keep_touching,
     prompt_from_mask,
     propagate,
-    slice_seed,
 )
-from SPASegmentationLib.worker import EmbeddingLookup
+from SPASegmentationLib.embeddings import EmbeddingCache
+from SPASegmentationLib.engine import slice_seed
+from SPASegmentationLib.masks import keep_touching
 
 N_SLICES, SIZE, START = 10, 96, 4
 SAMPLES = 8
@@ -41,7 +41,7 @@ def volume():
 @pytest.fixture(scope="module")
 def lookup(untrained_model):
     """One embedding cache for the module: every slice is encoded once."""
-    return EmbeddingLookup(untrained_model, capacity=N_SLICES + 2)
+    return EmbeddingCache(untrained_model, capacity=N_SLICES + 2)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""scene.py against real MRML (slicer-core): slices as Slicer shows them, commits, undo, preview, SceneSession."""
+"""The scene package (SPASegmentationLib/scene/) against real MRML (slicer-core): slices as Slicer shows
+them, commits, undo, preview, SceneSession."""
 
 from __future__ import annotations
 
@@ -17,14 +18,36 @@ from mrml import (  # noqa: E402
     add_segmentation,
     add_volume,
     app_logic_of,
-    mrml_scene,  # noqa: F401  (fixture)
     segment_array_via_export,
     segment_tag,
     voxel_ras,
 )
 
-from SPASegmentationLib import scene as sc  # noqa: E402
 from SPASegmentationLib.errors import InputError  # noqa: E402
+from SPASegmentationLib.scene.geometry import (  # noqa: E402
+    ORIENTATIONS,
+    box_from_roi,
+    ijk_to_ras_matrix,
+    pixel_to_ras,
+    plane_through,
+    ras_to_pixel,
+    volume_array,
+)
+from SPASegmentationLib.scene.overlay import (  # noqa: E402
+    CANDIDATE_COLOURS,
+    PREVIEW_OUTLINE_PX,
+    RECOMMENDED_COLOUR,
+    CandidateOverlay,
+    removes_colour,
+)
+from SPASegmentationLib.scene.segments import (  # noqa: E402
+    SegmentUndo,
+    commit_mask,
+    commit_volume_mask,
+    read_segment,
+    tag_spa_segment,
+)
+from SPASegmentationLib.scene.session import SceneSession  # noqa: E402
 from SPASegmentationLib.session import Round  # noqa: E402
 
 GEOMETRIES = {
@@ -64,18 +87,18 @@ def test_slice_presets_match_slicer(mrml_scene):
 
 
 @pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
-@pytest.mark.parametrize("orientation", sc.ORIENTATIONS)
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
 def test_extracted_image_follows_the_screen(mrml_scene, geometry, orientation):
     volume, values = labelled_volume(mrml_scene, geometry)
-    assert np.array_equal(sc.volume_array(volume), values)
+    assert np.array_equal(volume_array(volume), values)
     centre = voxel_ras(volume, (2, 3, 4))
-    plane = sc.plane_through(volume, orientation, centre)
+    plane = plane_through(volume, orientation, centre)
     image = plane.extract(values)
     right, down = SCREEN[orientation]
     for (y, x) in [(0, 0), (1, 2), (image.shape[0] - 1, image.shape[1] - 1)]:
-        here = np.array(sc.pixel_to_ras(volume, plane, (x, y)))
-        step_x = np.array(sc.pixel_to_ras(volume, plane, (x + 1, y))) - here
-        step_y = np.array(sc.pixel_to_ras(volume, plane, (x, y + 1))) - here
+        here = np.array(pixel_to_ras(volume, plane, (x, y)))
+        step_x = np.array(pixel_to_ras(volume, plane, (x + 1, y))) - here
+        step_y = np.array(pixel_to_ras(volume, plane, (x, y + 1))) - here
         assert np.allclose(step_x / np.linalg.norm(step_x), right)
         assert np.allclose(step_y / np.linalg.norm(step_y), down)
         # The pixel value is the voxel at that RAS position.
@@ -93,31 +116,31 @@ def test_extracted_image_follows_the_screen(mrml_scene, geometry, orientation):
 
 
 def _ijk_to_ras(volume):
-    return sc.ijk_to_ras_matrix(volume)
+    return ijk_to_ras_matrix(volume)
 
 
 @pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
-@pytest.mark.parametrize("orientation", sc.ORIENTATIONS)
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
 def test_fiducial_at_voxel_centre_maps_to_its_pixel(mrml_scene, geometry, orientation):
     volume, values = labelled_volume(mrml_scene, geometry)
     for kji in [(1, 2, 3), (4, 6, 8), (0, 0, 0)]:
         fiducial = add_fiducial(mrml_scene, voxel_ras(volume, kji))
         ras = [0.0, 0.0, 0.0]
         fiducial.GetNthControlPointPositionWorld(0, ras)
-        plane = sc.plane_through(volume, orientation, ras)
-        x, y = sc.ras_to_pixel(volume, plane, ras)
+        plane = plane_through(volume, orientation, ras)
+        x, y = ras_to_pixel(volume, plane, ras)
         assert abs(x - round(x)) < 1e-9 and abs(y - round(y)) < 1e-9
         assert plane.extract(values)[int(round(y)), int(round(x))] == values[kji]
-        assert np.allclose(sc.pixel_to_ras(volume, plane, (x, y)), ras)
+        assert np.allclose(pixel_to_ras(volume, plane, (x, y)), ras)
 
 
 def test_ras_pixel_round_trip_is_exact(mrml_scene):
     volume, _ = labelled_volume(mrml_scene, "sagittal")
     rng = np.random.default_rng(0)
-    plane = sc.plane_through(volume, "coronal", voxel_ras(volume, (2, 3, 4)))
+    plane = plane_through(volume, "coronal", voxel_ras(volume, (2, 3, 4)))
     for _ in range(20):
         xy = tuple(rng.uniform(-0.5, 6.5, 2))
-        assert np.allclose(sc.ras_to_pixel(volume, plane, sc.pixel_to_ras(volume, plane, xy)), xy, atol=1e-9)
+        assert np.allclose(ras_to_pixel(volume, plane, pixel_to_ras(volume, plane, xy)), xy, atol=1e-9)
 
 
 def test_parent_transform_is_applied(mrml_scene):
@@ -131,17 +154,17 @@ def test_parent_transform_is_applied(mrml_scene):
     before = voxel_ras(volume, (1, 2, 3))
     volume.SetAndObserveTransformNodeID(transform.GetID())
     moved = (before[0] + 25.0, before[1], before[2])
-    plane = sc.plane_through(volume, "axial", moved)
-    x, y = sc.ras_to_pixel(volume, plane, moved)
+    plane = plane_through(volume, "axial", moved)
+    x, y = ras_to_pixel(volume, plane, moved)
     assert plane.extract(values)[int(round(y)), int(round(x))] == values[1, 2, 3]
 
 
 def test_outside_point_and_bad_orientation_are_input_errors(mrml_scene):
     volume, _ = labelled_volume(mrml_scene, "ras")
     with pytest.raises(InputError, match="outside"):
-        sc.plane_through(volume, "axial", (0.0, 0.0, 1000.0))
+        plane_through(volume, "axial", (0.0, 0.0, 1000.0))
     with pytest.raises(InputError, match="orientation"):
-        sc.plane_through(volume, "oblique", (0.0, 0.0, 0.0))
+        plane_through(volume, "oblique", (0.0, 0.0, 0.0))
 
 
 @pytest.mark.parametrize("geometry", ["lps", "sagittal"])
@@ -151,15 +174,15 @@ def test_box_from_roi(mrml_scene, geometry):
     centre = [(u + v) / 2 for u, v in zip(a, b)]
     size = [abs(u - v) for u, v in zip(a, b)]
     roi = add_roi(mrml_scene, centre, size)
-    plane = sc.plane_through(volume, "axial", voxel_ras(volume, (2, 3, 4)))
-    x0, y0, x1, y1 = sc.box_from_roi(volume, plane, roi)
-    corners = [sc.ras_to_pixel(volume, plane, a), sc.ras_to_pixel(volume, plane, b)]
+    plane = plane_through(volume, "axial", voxel_ras(volume, (2, 3, 4)))
+    x0, y0, x1, y1 = box_from_roi(volume, plane, roi)
+    corners = [ras_to_pixel(volume, plane, a), ras_to_pixel(volume, plane, b)]
     xs, ys = sorted(c[0] for c in corners), sorted(c[1] for c in corners)
     assert np.allclose([x0, x1], xs) and np.allclose([y0, y1], ys)
     # A huge ROI is clipped to the image.
     big = add_roi(mrml_scene, centre, [1000.0, 1000.0, 1000.0])
     rows, cols = plane.shape
-    assert np.allclose(sc.box_from_roi(volume, plane, big), (-0.5, -0.5, cols - 0.5, rows - 0.5))
+    assert np.allclose(box_from_roi(volume, plane, big), (-0.5, -0.5, cols - 0.5, rows - 0.5))
 
 
 # ----- commits and undo ----------------------------------------------------------------------------
@@ -175,20 +198,20 @@ def _two_segments(scene, geometry="lps"):
     return volume, seg, first_id, first, other_id, other
 
 
-@pytest.mark.parametrize("orientation", sc.ORIENTATIONS)
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
 def test_commit_mask_changes_only_that_slice_of_that_segment(mrml_scene, orientation):
     volume, seg, target, first, other_id, other = _two_segments(mrml_scene)
-    plane = sc.plane_through(volume, orientation, voxel_ras(volume, (2, 3, 4)))
+    plane = plane_through(volume, orientation, voxel_ras(volume, (2, 3, 4)))
     mask = np.zeros(plane.shape, dtype=bool)
     mask[0:2, 1:4] = True
-    sc.commit_mask(seg, target, volume, plane, mask)
+    commit_mask(seg, target, volume, plane, mask)
     expected = first.copy()
     plane.insert(expected, mask)
-    assert np.array_equal(sc.read_segment(seg, target, volume), expected)
+    assert np.array_equal(read_segment(seg, target, volume), expected)
     assert np.array_equal(segment_array_via_export(mrml_scene, seg, target, volume), expected)
     assert np.array_equal(segment_array_via_export(mrml_scene, seg, other_id, volume), other)
     # The committed slice seen as Slicer shows it is exactly the mask.
-    assert np.array_equal(plane.extract(sc.read_segment(seg, target, volume)), mask)
+    assert np.array_equal(plane.extract(read_segment(seg, target, volume)), mask)
 
 
 def test_commit_into_empty_segment_and_wrong_inputs(mrml_scene):
@@ -196,32 +219,32 @@ def test_commit_into_empty_segment_and_wrong_inputs(mrml_scene):
     seg = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode")  # no reference geometry yet
     seg.CreateDefaultDisplayNodes()
     segment_id = add_segment(seg, "empty")
-    plane = sc.plane_through(volume, "axial", voxel_ras(volume, (2, 3, 4)))
+    plane = plane_through(volume, "axial", voxel_ras(volume, (2, 3, 4)))
     mask = np.zeros(plane.shape, dtype=bool)
     mask[1, 2] = True
-    sc.commit_mask(seg, segment_id, volume, plane, mask)
-    result = sc.read_segment(seg, segment_id, volume)
+    commit_mask(seg, segment_id, volume, plane, mask)
+    result = read_segment(seg, segment_id, volume)
     assert result.sum() == 1 and plane.extract(result)[1, 2]
     with pytest.raises(InputError, match="does not exist"):
-        sc.commit_mask(seg, "nope", volume, plane, mask)
+        commit_mask(seg, "nope", volume, plane, mask)
     with pytest.raises(InputError, match="does not fit"):
-        sc.commit_mask(seg, segment_id, volume, plane, mask[:-1])
+        commit_mask(seg, segment_id, volume, plane, mask[:-1])
 
 
 def test_commit_volume_mask_only_touched_planes(mrml_scene):
     volume, seg, target, first, other_id, other = _two_segments(mrml_scene)
-    plane = sc.plane_through(volume, "coronal", voxel_ras(volume, (2, 3, 4)))
+    plane = plane_through(volume, "coronal", voxel_ras(volume, (2, 3, 4)))
     new = np.zeros(SHAPE, dtype=bool)
     new[:, :, :] = True  # everything, but only two planes may be written
     touched = [plane.at(1), plane.at(3)]
-    sc.commit_volume_mask(seg, target, volume, new, touched)
+    commit_volume_mask(seg, target, volume, new, touched)
     expected = first.copy()
     for p in touched:
         p.insert(expected, np.ones(p.shape, dtype=bool))
-    assert np.array_equal(sc.read_segment(seg, target, volume), expected)
-    assert np.array_equal(sc.read_segment(seg, other_id, volume), other)
-    sc.commit_volume_mask(seg, target, volume, np.zeros(SHAPE, dtype=bool))
-    assert not sc.read_segment(seg, target, volume).any()
+    assert np.array_equal(read_segment(seg, target, volume), expected)
+    assert np.array_equal(read_segment(seg, other_id, volume), other)
+    commit_volume_mask(seg, target, volume, np.zeros(SHAPE, dtype=bool))
+    assert not read_segment(seg, target, volume).any()
 
 
 def test_tag_spa_segment(mrml_scene):
@@ -230,35 +253,35 @@ def test_tag_spa_segment(mrml_scene):
     volume, seg, target, *_ = _two_segments(mrml_scene)
     segment = seg.GetSegmentation().GetSegment(target)
     default = segment.GetTerminology()
-    sc.tag_spa_segment(seg, target, None)
+    tag_spa_segment(seg, target, None)
     assert segment_tag(segment, "DICOM.SegmentAlgorithmType") == "SEMIAUTOMATIC"
     assert segment_tag(segment, "DICOM.SegmentAlgorithmName") == "SPA"
     assert segment.GetTerminology() == default  # no structure: the user's terminology stays
-    sc.tag_spa_segment(seg, target, "liver tumour")
+    tag_spa_segment(seg, target, "liver tumour")
     entry = slicer.vtkSlicerTerminologyEntry()
     assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(segment.GetTerminology(), entry)
     assert entry.GetCategoryObject().GetCodeValue() == "49755003"
     assert entry.GetTypeObject().GetCodeMeaning() == "Neoplasm"
     assert entry.GetRegionObject().GetCodeValue() == "10200004"
     assert segment.GetTerminology().startswith("Segmentation category and type - 3D Slicer General Anatomy list~SCT^49755003^")
-    sc.tag_spa_segment(seg, target, "liver")
+    tag_spa_segment(seg, target, "liver")
     assert "~SCT^10200004^Liver~" in segment.GetTerminology()
 
 
 def test_segment_undo_redo(mrml_scene):
     volume, seg, target, first, other_id, other = _two_segments(mrml_scene)
-    undo = sc.SegmentUndo(seg)
+    undo = SegmentUndo(seg)
     assert not undo.undo() and not undo.redo()
-    plane = sc.plane_through(volume, "axial", voxel_ras(volume, (2, 3, 4)))
+    plane = plane_through(volume, "axial", voxel_ras(volume, (2, 3, 4)))
     undo.save()
-    sc.commit_mask(seg, target, volume, plane, np.ones(plane.shape, dtype=bool))
-    changed = sc.read_segment(seg, target, volume)
+    commit_mask(seg, target, volume, plane, np.ones(plane.shape, dtype=bool))
+    changed = read_segment(seg, target, volume)
     assert not np.array_equal(changed, first)
     assert undo.undo()
-    assert np.array_equal(sc.read_segment(seg, target, volume), first)
-    assert np.array_equal(sc.read_segment(seg, other_id, volume), other)
+    assert np.array_equal(read_segment(seg, target, volume), first)
+    assert np.array_equal(read_segment(seg, other_id, volume), other)
     assert undo.redo()
-    assert np.array_equal(sc.read_segment(seg, target, volume), changed)
+    assert np.array_equal(read_segment(seg, target, volume), changed)
     assert not undo.redo()
 
 
@@ -278,14 +301,14 @@ def synthetic_round(shape, rng) -> Round:
 
 def test_overlay_shows_exactly_the_round_and_leaves_user_segmentation_alone(mrml_scene):
     volume, seg, target, first, other_id, other = _two_segments(mrml_scene, "sagittal")
-    overlay = sc.CandidateOverlay(mrml_scene, volume)
+    overlay = CandidateOverlay(mrml_scene, volume)
     assert overlay.node is not seg and overlay.node.GetName() == "SPA preview"
-    plane = sc.plane_through(volume, "coronal", voxel_ras(volume, (2, 3, 4)))
+    plane = plane_through(volume, "coronal", voxel_ras(volume, (2, 3, 4)))
     round_ = synthetic_round(plane.shape, np.random.default_rng(0))
     overlay.show(round_, plane)
 
     def on_slice(segment_id):
-        voxels = sc.read_segment(overlay.node, segment_id, volume)
+        voxels = read_segment(overlay.node, segment_id, volume)
         image = plane.extract(voxels)
         assert voxels.sum() == image.sum()  # nothing outside the shown slice
         return image
@@ -300,18 +323,18 @@ def test_overlay_shows_exactly_the_round_and_leaves_user_segmentation_alone(mrml
             assert not adds.any() and not removes.any()
     segmentation = overlay.node.GetSegmentation()
     display = overlay.node.GetDisplayNode()
-    for k, colour in enumerate(sc.CANDIDATE_COLOURS):
+    for k, colour in enumerate(CANDIDATE_COLOURS):
         assert segmentation.GetSegment(overlay.adds_id(k)).GetName() == f"Candidate {k + 1} adds"
         assert np.allclose(segmentation.GetSegment(overlay.adds_id(k)).GetColor(), colour)
-        assert np.allclose(segmentation.GetSegment(overlay.removes_id(k)).GetColor(), sc.removes_colour(k))
+        assert np.allclose(segmentation.GetSegment(overlay.removes_id(k)).GetColor(), removes_colour(k))
         assert display.GetSegmentVisibility2DFill(overlay.adds_id(k))
         assert not display.GetSegmentVisibility2DFill(overlay.removes_id(k))
         assert display.GetSegmentVisibility2DOutline(overlay.removes_id(k))
-    assert np.allclose(segmentation.GetSegment(overlay.RECOMMENDED_ID).GetColor(), sc.RECOMMENDED_COLOUR)
-    assert len(set(sc.CANDIDATE_COLOURS + (sc.RECOMMENDED_COLOUR,))) == 5
+    assert np.allclose(segmentation.GetSegment(overlay.RECOMMENDED_ID).GetColor(), RECOMMENDED_COLOUR)
+    assert len(set(CANDIDATE_COLOURS + (RECOMMENDED_COLOUR,))) == 5
     # The user's segmentation is untouched.
-    assert np.array_equal(sc.read_segment(seg, target, volume), first)
-    assert np.array_equal(sc.read_segment(seg, other_id, volume), other)
+    assert np.array_equal(read_segment(seg, target, volume), first)
+    assert np.array_equal(read_segment(seg, other_id, volume), other)
     assert seg.GetSegmentation().GetNumberOfSegments() == 2
 
     overlay.set_opacity(0.3)
@@ -320,7 +343,7 @@ def test_overlay_shows_exactly_the_round_and_leaves_user_segmentation_alone(mrml
         overlay.set_opacity(1.5)
 
     overlay.clear()
-    assert not sc.read_segment(overlay.node, overlay.adds_id(1), volume).any()
+    assert not read_segment(overlay.node, overlay.adds_id(1), volume).any()
     assert overlay.candidate_at(plane, (1, 0)) is None
     node_id = overlay.node.GetID()
     overlay.remove()
@@ -329,8 +352,8 @@ def test_overlay_shows_exactly_the_round_and_leaves_user_segmentation_alone(mrml
 
 def test_candidate_at_prefers_the_smallest_region(mrml_scene):
     volume, _ = labelled_volume(mrml_scene, "lps")
-    overlay = sc.CandidateOverlay(mrml_scene, volume)
-    plane = sc.plane_through(volume, "axial", voxel_ras(volume, (2, 3, 4)))
+    overlay = CandidateOverlay(mrml_scene, volume)
+    plane = plane_through(volume, "axial", voxel_ras(volume, (2, 3, 4)))
     round_ = synthetic_round(plane.shape, np.random.default_rng(0))
     overlay.show(round_, plane)
     assert overlay.candidate_at(plane, (2, 1)) == 0  # the removed corner
@@ -344,8 +367,8 @@ def test_candidate_at_prefers_the_smallest_region(mrml_scene):
 def test_slice_views_draw_smaller_regions_over_larger_ones(mrml_scene):
     """Nested regions stay visible: larger ones are drawn first, the recommended outline last."""
     volume, _ = labelled_volume(mrml_scene, "lps")
-    overlay = sc.CandidateOverlay(mrml_scene, volume)
-    plane = sc.plane_through(volume, "axial", voxel_ras(volume, (2, 3, 4)))
+    overlay = CandidateOverlay(mrml_scene, volume)
+    plane = plane_through(volume, "axial", voxel_ras(volume, (2, 3, 4)))
     round_ = synthetic_round(plane.shape, np.random.default_rng(0))
     segmentation = overlay.node.GetSegmentation()
 
@@ -364,7 +387,7 @@ def test_slice_views_draw_smaller_regions_over_larger_ones(mrml_scene):
     order = drawing_order()
     assert order.index(overlay.adds_id(2)) < order.index(overlay.adds_id(1)) and order[-1] == overlay.RECOMMENDED_ID
     assert sorted(order) == sorted(drawing_order()) and len(order) == 9
-    assert overlay.node.GetDisplayNode().GetSliceIntersectionThickness() == sc.PREVIEW_OUTLINE_PX
+    assert overlay.node.GetDisplayNode().GetSliceIntersectionThickness() == PREVIEW_OUTLINE_PX
 
 
 # ----- SceneSession with the real model ------------------------------------------------------------
@@ -404,11 +427,11 @@ def BOX_RAS(volume):
 def make_session(s, **kwargs):
     options = dict(profiles=s["store"], user="alice", structure="liver", n_samples=8, seed=3)
     options.update(kwargs)
-    return sc.SceneSession(s["scene"], s["model"], s["volume"], s["seg"], s["target"], **options)
+    return SceneSession(s["scene"], s["model"], s["volume"], s["seg"], s["target"], **options)
 
 
 def preview_slice(session, segment_id):
-    return session.plane.extract(sc.read_segment(session.overlay.node, segment_id, session.volume_node))
+    return session.plane.extract(read_segment(session.overlay.node, segment_id, session.volume_node))
 
 
 def test_scene_session_rounds_accept_and_undo(scene_setup):
@@ -419,38 +442,38 @@ def test_scene_session_rounds_accept_and_undo(scene_setup):
     round1 = session.start("axial", point_ras=centre, box_ras=BOX_RAS(s["volume"]))
     assert session.plane.orientation == "axial" and session.plane.index == 3
     assert np.array_equal(session.session.image, session.plane.extract(s["values"]))
-    assert session.session.state()["start"]["point"] == list(sc.ras_to_pixel(s["volume"], session.plane, centre))
-    assert np.array_equal(preview_slice(session, sc.CandidateOverlay.RECOMMENDED_ID), round1.recommended)
+    assert session.session.state().start.point == tuple(ras_to_pixel(s["volume"], session.plane, centre))
+    assert np.array_equal(preview_slice(session, CandidateOverlay.RECOMMENDED_ID), round1.recommended)
     assert round1.recommended.any()
     # Choosing, then undoing a round, shows round 1 again.
     round2 = session.choose(round1.n_candidates - 1)
     assert round2.index == 2
-    assert np.array_equal(preview_slice(session, sc.CandidateOverlay.RECOMMENDED_ID), round2.recommended)
+    assert np.array_equal(preview_slice(session, CandidateOverlay.RECOMMENDED_ID), round2.recommended)
     back = session.undo_round()
     assert back.index == 1 and np.array_equal(back.recommended, round1.recommended)
-    assert np.array_equal(preview_slice(session, sc.CandidateOverlay.RECOMMENDED_ID), round1.recommended)
+    assert np.array_equal(preview_slice(session, CandidateOverlay.RECOMMENDED_ID), round1.recommended)
     assert session.undo_round() is None
     # Nothing has reached the user's segmentation yet.
-    assert np.array_equal(sc.read_segment(s["seg"], s["target"], s["volume"]), s["kept"])
+    assert np.array_equal(read_segment(s["seg"], s["target"], s["volume"]), s["kept"])
 
     mixture = session.session.mixture
     session.accept()
     expected = s["kept"].copy()
     session.plane.insert(expected, round1.recommended)
-    assert np.array_equal(sc.read_segment(s["seg"], s["target"], s["volume"]), expected)
-    assert np.array_equal(sc.read_segment(s["seg"], s["other_id"], s["volume"]), s["other"])
+    assert np.array_equal(read_segment(s["seg"], s["target"], s["volume"]), expected)
+    assert np.array_equal(read_segment(s["seg"], s["other_id"], s["volume"]), s["other"])
     segment = s["seg"].GetSegmentation().GetSegment(s["target"])
     assert segment_tag(segment, "DICOM.SegmentAlgorithmName") == "SPA"
     assert "^Liver~" in segment.GetTerminology()
-    assert not sc.read_segment(session.overlay.node, sc.CandidateOverlay.RECOMMENDED_ID, s["volume"]).any()
+    assert not read_segment(session.overlay.node, CandidateOverlay.RECOMMENDED_ID, s["volume"]).any()
     profile = s["store"].load("alice", "liver")
     assert profile.n_sessions == 1 and profile.history[-1]["rounds"] == 1
     assert np.allclose(profile.weights, mixture.weights.numpy() / mixture.weights.numpy().sum(), atol=1e-6)
     # The commit is one undo step of Slicer's segmentation history.
     assert session.undo.undo()
-    assert np.array_equal(sc.read_segment(s["seg"], s["target"], s["volume"]), s["kept"])
+    assert np.array_equal(read_segment(s["seg"], s["target"], s["volume"]), s["kept"])
     assert session.undo.redo()
-    assert np.array_equal(sc.read_segment(s["seg"], s["target"], s["volume"]), expected)
+    assert np.array_equal(read_segment(s["seg"], s["target"], s["volume"]), expected)
 
     # The next session of the same user and structure starts from the profile.
     later = make_session(s)
@@ -463,23 +486,23 @@ def test_scene_session_rounds_accept_and_undo(scene_setup):
 
 def test_scene_session_cancel_and_roi_start(scene_setup):
     s = scene_setup
-    from SPASegmentationLib.worker import EmbeddingLookup
+    from SPASegmentationLib.embeddings import EmbeddingCache
 
-    lookup = EmbeddingLookup(s["model"])
+    lookup = EmbeddingCache(s["model"])
     session = make_session(s, profiles=None, user=None, structure=None, embeddings=lookup)
     before_ids = s["seg"].GetSegmentation().GetNumberOfSegments()
     a, b = voxel_ras(s["volume"], (2, 26, 18)), voxel_ras(s["volume"], (2, 70, 70))
     roi = add_roi(s["scene"], [(u + v) / 2 for u, v in zip(a, b)], [abs(u - v) + 0.1 for u, v in zip(a, b)])
     round_ = session.start("axial", roi_node=roi)
     assert session.plane.index == 2
-    x0, y0, x1, y1 = session.session.state()["start"]["box"]
+    x0, y0, x1, y1 = session.session.state().start.box
     assert x0 < x1 and y0 < y1
     with pytest.raises(InputError):
         session.start("axial")
     session.cancel()
     assert session.session is None
-    assert not sc.read_segment(session.overlay.node, sc.CandidateOverlay.RECOMMENDED_ID, s["volume"]).any()
-    assert np.array_equal(sc.read_segment(s["seg"], s["target"], s["volume"]), s["kept"])
+    assert not read_segment(session.overlay.node, CandidateOverlay.RECOMMENDED_ID, s["volume"]).any()
+    assert np.array_equal(read_segment(s["seg"], s["target"], s["volume"]), s["kept"])
     assert s["seg"].GetSegmentation().GetNumberOfSegments() == before_ids
     with pytest.raises(InputError, match="no SPA segmentation"):
         session.accept()
@@ -497,21 +520,21 @@ def test_scene_session_propagation(scene_setup):
     session.start("axial", point_ras=voxel_ras(s["volume"], (3, 48, 44)), box_ras=BOX_RAS(s["volume"]))
     session.accept()
     assert session.accepted_mask.any()
-    after_accept = sc.read_segment(s["seg"], s["target"], s["volume"])
+    after_accept = read_segment(s["seg"], s["target"], s["volume"])
     calls = []
     result = session.compute_propagate(progress=lambda done, total: calls.append((done, total)) or True, max_slices=1)
     assert calls and set(result.masks) == {2, 3, 4}  # one slice each way (max_slices=1)
     assert result.stopped == {"forward": "max slices", "backward": "max slices"}
     assert 3 in result.masks and np.array_equal(result.masks[3], session.accepted_mask)
     session.apply_propagation(result)
-    written = sc.read_segment(s["seg"], s["target"], s["volume"])
+    written = read_segment(s["seg"], s["target"], s["volume"])
     expected = after_accept.copy()
     for index, mask in result.masks.items():
         session.plane.at(index).insert(expected, mask)
     assert np.array_equal(written, expected)
-    assert np.array_equal(sc.read_segment(s["seg"], s["other_id"], s["volume"]), s["other"])
+    assert np.array_equal(read_segment(s["seg"], s["other_id"], s["volume"]), s["other"])
     assert session.undo.undo()
-    assert np.array_equal(sc.read_segment(s["seg"], s["target"], s["volume"]), after_accept)
+    assert np.array_equal(read_segment(s["seg"], s["target"], s["volume"]), after_accept)
     session.close()
 
 
@@ -525,15 +548,15 @@ def test_segment_undo_through_segment_editor_logic(mrml_scene):
     editor.SetSegmentEditorNode(mrml_scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode"))
     editor.SetSegmentationNode(seg)
     editor.SetSourceVolumeNode(volume)
-    undo = sc.SegmentUndo(seg, editor_logic=editor)
+    undo = SegmentUndo(seg, editor_logic=editor)
     assert not undo.can_undo
-    plane = sc.plane_through(volume, "sagittal", voxel_ras(volume, (2, 3, 4)))
+    plane = plane_through(volume, "sagittal", voxel_ras(volume, (2, 3, 4)))
     undo.save()
-    sc.commit_mask(seg, target, volume, plane, np.zeros(plane.shape, dtype=bool))
-    changed = sc.read_segment(seg, target, volume)
+    commit_mask(seg, target, volume, plane, np.zeros(plane.shape, dtype=bool))
+    changed = read_segment(seg, target, volume)
     assert not np.array_equal(changed, first) and editor.CanUndo()
-    assert undo.undo() and np.array_equal(sc.read_segment(seg, target, volume), first)
-    assert undo.redo() and np.array_equal(sc.read_segment(seg, target, volume), changed)
+    assert undo.undo() and np.array_equal(read_segment(seg, target, volume), first)
+    assert undo.redo() and np.array_equal(read_segment(seg, target, volume), changed)
 
 
 @pytest.mark.parametrize("geometry", ["lps", "sagittal"])
@@ -552,14 +575,14 @@ def test_extracted_image_is_what_slicer_renders(mrml_scene, geometry):
     display.SetInterpolate(0)
     view = OffscreenSliceView(mrml_scene, app_logic_of(mrml_scene), size=(240, 240))
     try:
-        for orientation in sc.ORIENTATIONS:
+        for orientation in ORIENTATIONS:
             ras = voxel_ras(volume, (2, 5, 3))
             view.show_volume(volume, orientation)
             view.jump_to(ras)
             grey = view.render()[..., 0].astype(float)
             if not grey.any():
                 pytest.skip("off-screen rendering is not available on this machine")
-            plane = sc.plane_through(volume, orientation, ras)
+            plane = plane_through(volume, orientation, ras)
             image = plane.extract(values)
             rows, cols = np.nonzero(grey > 0)
             top, left = rows.min(), cols.min()
@@ -589,12 +612,12 @@ def test_preview_is_drawn_in_slicer_slice_view(mrml_scene):
         before = view.render()
         if not before.any():
             pytest.skip("off-screen rendering is not available on this machine")
-        overlay = sc.CandidateOverlay(mrml_scene, volume)
-        plane = sc.plane_through(volume, "axial", ras)
+        overlay = CandidateOverlay(mrml_scene, volume)
+        plane = plane_through(volume, "axial", ras)
         overlay.show(synthetic_round(plane.shape, None), plane)
         shown = view.render()
         colours = {tuple(c) for c in shown.reshape(-1, 3).tolist()}
-        for expected in (sc.RECOMMENDED_COLOUR, sc.CANDIDATE_COLOURS[1], sc.CANDIDATE_COLOURS[2], sc.removes_colour(0)):
+        for expected in (RECOMMENDED_COLOUR, CANDIDATE_COLOURS[1], CANDIDATE_COLOURS[2], removes_colour(0)):
             rgb = tuple(int(round(255 * c)) for c in expected)
             assert any(max(abs(a - b) for a, b in zip(rgb, c)) <= 2 for c in colours), expected
         # Showing a round where candidate 2 changes nothing must erase its old drawing.
@@ -602,7 +625,7 @@ def test_preview_is_drawn_in_slicer_slice_view(mrml_scene):
         smaller.differences[2] = 0
         overlay.show(smaller, plane)
         replaced = view.render()
-        fresh = sc.CandidateOverlay(mrml_scene, volume, name="fresh")
+        fresh = CandidateOverlay(mrml_scene, volume, name="fresh")
         overlay.node.GetDisplayNode().SetVisibility(False)
         fresh.show(smaller, plane)
         assert np.array_equal(replaced, view.render())
@@ -619,14 +642,14 @@ def test_scene_session_candidate_at_ras(mrml_scene):
     volume, _ = labelled_volume(mrml_scene, "sagittal")
     seg = add_segmentation(mrml_scene, volume)
     target = add_segment(seg, "target")
-    session = sc.SceneSession(mrml_scene, None, volume, seg, target)  # no model call in this test
+    session = SceneSession(mrml_scene, None, volume, seg, target)  # no model call in this test
     assert session.candidate_at_ras(voxel_ras(volume, (2, 3, 4))) is None
-    session.plane = sc.plane_through(volume, "coronal", voxel_ras(volume, (2, 3, 4)))
+    session.plane = plane_through(volume, "coronal", voxel_ras(volume, (2, 3, 4)))
     round_ = synthetic_round(session.plane.shape, None)
     session.show(round_)
     for (x, y), expected in [((2, 1), 0), ((1, 0), 1), ((3, 5), 2), ((4, 3), None)]:
-        ras = sc.pixel_to_ras(volume, session.plane, (x, y))
+        ras = pixel_to_ras(volume, session.plane, (x, y))
         assert session.candidate_at_ras(ras) == expected
-        assert session.candidate_at_ras(sc.pixel_to_ras(volume, session.plane.at(0), (x, y))) is None
+        assert session.candidate_at_ras(pixel_to_ras(volume, session.plane.at(0), (x, y))) is None
     session.close()
     assert mrml_scene.GetFirstNodeByName("SPA preview") is None

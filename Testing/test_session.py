@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from SPASegmentationLib.errors import InputError
-from SPASegmentationLib.session import Session
+from SPASegmentationLib.session import Session, SessionState
 from conftest import disc_image
 
 
 @pytest.fixture(scope="module")
 def model():
     """A model whose conditioning is perturbed so that samples differ (as after training)."""
-    from SPASegmentationLib.model.spa import SPAConfig, build_model
+    from SPASegmentationLib.model.build import build_model
+    from SPASegmentationLib.model.spa import SPAConfig
 
     torch.manual_seed(1)
     m = build_model(SPAConfig())
@@ -74,9 +75,8 @@ def test_accept_undo_and_undo_to_an_earlier_round(model, ct_image):
     assert np.array_equal(mask, rounds[-1].recommended) and session.accepted
     with pytest.raises(InputError, match="accepted"):
         session.choose(0)
-    assert session.undo() is session.current and not session.accepted  # first undo reopens
-    back = session.undo()
-    assert back.index == 3 and np.array_equal(back.probability, rounds[2].probability)
+    back = session.undo()  # reopens the session one round back
+    assert back.index == 3 and not session.accepted and np.array_equal(back.probability, rounds[2].probability)
     first = session.undo(to_round=1)
     assert first.index == 1 and session.choices == [] and np.array_equal(first.probability, rounds[0].probability)
     with pytest.raises(InputError, match="cannot undo"):
@@ -88,7 +88,8 @@ def test_accept_undo_and_undo_to_an_earlier_round(model, ct_image):
 def test_state_is_plain_json_and_restores_the_same_session(model, ct_image):
     session, rounds = run_rounds(model, ct_image, [1, 0])
     session.accept()
-    state = json.loads(json.dumps(session.state()))
+    state = json.loads(json.dumps(session.state().to_dict()))
+    assert SessionState.from_dict(state) == session.state()  # the typed state survives its JSON
     restored = Session.restore(model, ct_image, state)
     assert restored.accepted and restored.choices == session.choices
     assert np.array_equal(restored.current.probability, rounds[-1].probability)
@@ -100,6 +101,8 @@ def test_state_is_plain_json_and_restores_the_same_session(model, ct_image):
         Session.restore(model, ct_image, tampered)
     with pytest.raises(InputError, match="not an SPA session"):
         Session.restore(model, ct_image, {"kind": "other"})
+    with pytest.raises(InputError, match="damaged"):
+        Session.restore(model, ct_image, {"kind": "spa-session", "schema_version": 1, "seed": 0})
 
 
 def test_initial_weights_from_a_profile_are_used_for_the_first_round(model, ct_image):
@@ -113,9 +116,8 @@ def test_initial_weights_from_a_profile_are_used_for_the_first_round(model, ct_i
 
 
 def test_a_precomputed_embedding_skips_encoding_and_gives_the_same_result(model, ct_image):
-    from SPASegmentationLib.session import encode_image
 
-    embedding, _ = encode_image(model, ct_image)
+    embedding, _ = model.encode(ct_image)
     _, direct = run_rounds(model, ct_image, [0])
     session = Session(model, ct_image, seed=3, n_samples=16, embedding=embedding)
     first = session.start(box=(80, 50, 160, 130))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from SPASegmentationLib.model.spa import SPAConfig, build_model, load_model
-from SPASegmentationLib.session import encode_image
+from SPASegmentationLib.model.build import build_model, load_model
+from SPASegmentationLib.model.spa import SPAConfig
 from SPASegmentationLib.training import TrainConfig, TrainingCase, train
 from conftest import disc_image
 
@@ -22,7 +22,7 @@ def cases():
         image = disc_image(centre=(cx, cy), seed=i)
         yy, xx = np.mgrid[: image.shape[0], : image.shape[1]]
         r = np.hypot(xx - cx, yy - cy)
-        embedding, geometry = encode_image(model, image)
+        embedding, geometry = model.encode(image)
         out.append(TrainingCase(f"c{i}", embedding[0], geometry, {"tight": r < 31, "core": r < 35, "rim": r < 40}))
     return out
 

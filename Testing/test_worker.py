@@ -1,4 +1,4 @@
-"""ModelWorker (one thread, user jobs first, prefetch de-duplication, shutdown) and EmbeddingLookup."""
+"""ModelWorker (one thread, user jobs first, prefetch de-duplication, shutdown) and the EmbeddingCache it fills."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from SPASegmentationLib.errors import InputError
-from SPASegmentationLib.session import Session, encode_image
-from SPASegmentationLib.worker import EmbeddingLookup, ModelWorker, WorkerClosedError, neighbour_order
+from SPASegmentationLib.embeddings import EmbeddingCache
+from SPASegmentationLib.session import Session
+from SPASegmentationLib.worker import ModelWorker, WorkerClosedError, neighbour_order
 from conftest import disc_image
 
 TIMEOUT = 30.0
@@ -111,7 +112,7 @@ def test_shutdown_finishes_pending_jobs_then_rejects_new_work():
 
 
 def test_lookup_evicts_the_least_recently_used(untrained_model):
-    lookup = EmbeddingLookup(untrained_model, capacity=2)
+    lookup = EmbeddingCache(untrained_model, capacity=2)
     images = [disc_image(40, 40, centre=(20, 20), radius=8, seed=s) for s in range(3)]
     tensors = [torch.full((1, 2, 2, 2), float(s)) for s in range(3)]
     lookup.put(images[0], tensors[0])
@@ -123,18 +124,18 @@ def test_lookup_evicts_the_least_recently_used(untrained_model):
     assert lookup.contains(images[0]) and lookup.contains(images[2]) and not lookup.contains(images[1])
     assert not lookup.contains(images[0], window=(-100, 200))  # the window is part of the key
     with pytest.raises(InputError, match="capacity"):
-        EmbeddingLookup(untrained_model, capacity=0)
+        EmbeddingCache(untrained_model, capacity=0)
 
 
 def test_lookup_matches_direct_encoding_and_feeds_a_session(untrained_model, worker):
     image = disc_image(64, 80, centre=(40, 32), radius=14)
-    lookup = EmbeddingLookup(untrained_model, capacity=4)
+    lookup = EmbeddingCache(untrained_model, capacity=4)
     queued = lookup.prefetch_around(worker, lambda i: image, 0, 1, radius=0)
     assert queued == [0] and worker.wait_idle(TIMEOUT)
     assert lookup.contains(image) and lookup.misses == 1
     cached = worker.submit(lookup.get, image).result(TIMEOUT)
     assert lookup.get(image) is cached and lookup.misses == 1
-    direct, _ = encode_image(untrained_model, image)
+    direct, _ = untrained_model.encode(image)
     assert torch.equal(cached, direct)
     box = (22.0, 14.0, 58.0, 50.0)
     with_cache = Session(untrained_model, image, n_samples=4, embedding=cached).start(box=box)
@@ -147,7 +148,7 @@ def test_prefetch_around_queues_nearest_slices_first(untrained_model, worker):
     assert neighbour_order(0, 3, 2) == [0, 1, 2]
     assert neighbour_order(9, 10, 1) == [9, 8]
     volume = np.stack([disc_image(40, 40, centre=(20, 20), radius=5 + s, seed=s) for s in range(10)])
-    lookup = EmbeddingLookup(untrained_model, capacity=8)
+    lookup = EmbeddingCache(untrained_model, capacity=8)
     lookup.put(volume[6], torch.zeros(1))  # already cached: not queued again
     release = block(worker)
     assert lookup.prefetch_around(worker, volume, 5, len(volume), radius=2) == [5, 4, 7, 3]

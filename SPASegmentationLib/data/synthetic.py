@@ -36,7 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import DataError, InputError
-from ..jsonio import write_json_atomic
+from ..io.atomic import write_json_atomic
 
 GENERATOR_VERSION = 1
 RATER_STYLES = ("tight", "core", "rim", "smooth", "jagged", "generous", "conservative_smooth")

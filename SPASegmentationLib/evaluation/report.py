@@ -43,8 +43,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..errors import InputError
-from ..jsonio import write_bytes_atomic, write_json_atomic
-from .metrics import NOI_FAIL_VALUE, failure_rate, mean_ci, rounds_to_reach
+from ..io.atomic import write_bytes_atomic, write_json_atomic
+from ..metrics import NOI_FAIL_VALUE, failure_rate, mean_ci, rounds_to_reach
 
 RESULTS_KIND = "spa-evaluation"
 RESULTS_FILE = "results.json"

@@ -22,22 +22,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..candidates import nearest_candidate
 from ..data.folder import MultiRaterCase, MultiRaterFolder
-from ..model.cache import EmbeddingCache
-from ..model.spa import Prompt, SPAModel
-from ..session import Session, start_prompt
-from .metrics import candidate_diversity, dice
-from .protocol import consensus, fixed_preferences, initial_box, initial_point, largest_error_click
+from ..embeddings import EmbeddingCache
+from ..engine import DEFAULT_SAMPLES, start_prompt
+from ..metrics import candidate_diversity, dice
+from ..model.spa import SPAModel
+from ..session import Session
+from ..simulation.choices import largest_error_click, nearest_candidate
+from ..simulation.preferences import consensus, fixed_preferences
+from ..simulation.prompts import FirstPrompt, evaluation_first_prompt
 
 DEFAULT_TARGETS = (0.8, 0.9)
-
-
-def first_prompt_for(case: MultiRaterCase, target: np.ndarray, kind: str) -> dict[str, Any]:
-    """The simulated user's first prompt as Session.start keyword arguments."""
-    if kind == "box":
-        return {"box": initial_box(target)}
-    return {"point": initial_point(case.raters, target)}
 
 
 def accepted_curve(dice_all_rounds: list[float], accept_at: float) -> list[float]:
@@ -71,9 +66,7 @@ def run_click_baseline(
     max_rounds: int,
 ) -> dict[str, Any]:
     """Click refinement on the backbone alone: one corrective click per round, previous logits as mask."""
-    from ..model.preprocess import ImageGeometry
-
-    geometry = ImageGeometry(case.image.shape[0], case.image.shape[1], model.backbone.image_size)
+    geometry = model.geometry_of(case.image)
     side = model.backbone.mask_size
     prompt = start_prompt(geometry, **first)
     dices, seconds = [], []
@@ -103,8 +96,8 @@ def evaluate(
     seed: int = 0,
     max_rounds: int = 6,
     targets: tuple[float, ...] = DEFAULT_TARGETS,
-    first_prompt: str = "point",
-    n_samples: int = 48,
+    first_prompt: FirstPrompt | str = FirstPrompt.POINT,
+    n_samples: int = DEFAULT_SAMPLES,
     max_cases: int | None = None,
     cache_dir: Path | None = None,
     progress: bool = True,
@@ -118,7 +111,8 @@ def evaluate(
     cases = {case_id: folder.load(case_id) for case_id in case_ids}
     preferences = fixed_preferences({cid: c.raters for cid, c in cases.items()}, seed)
     any_model = baseline_model or next(iter(methods.values()))[1]
-    cache = EmbeddingCache(cache_dir or Path("output/cache/embeddings"), any_model)
+    first_prompt = FirstPrompt.parse(first_prompt, "first prompt")
+    cache = EmbeddingCache(any_model, folder=cache_dir or Path("output/cache/embeddings"))
     results: dict[str, Any] = {"methods": {}}
     for name, (label, _) in methods.items():
         results["methods"][name] = {"label": label, "per_case": {}}
@@ -127,8 +121,8 @@ def evaluate(
     for case_id in tqdm(case_ids, desc=f"evaluating ({split})", disable=not progress, unit="case"):
         case = cases[case_id]
         target = consensus(case.raters, preferences[case_id])
-        first = first_prompt_for(case, target, first_prompt)
-        embedding, _ = cache.get(case.image)
+        first = evaluation_first_prompt(case.raters, target, first_prompt)
+        embedding = cache.get(case.image)
         for name, (_, model) in methods.items():
             record = run_spa(model, case, target, first, embedding.to(model.device), max_rounds, seed, n_samples)
             record["dice"] = accepted_curve(record["dice_all_rounds"], max(targets))
@@ -150,10 +144,10 @@ def evaluate(
         "seed": seed,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "data": {"root": str(root), "fingerprint": folder.fingerprint(case_ids), "split": split, "cases": case_ids},
-        "model": {name: {"fingerprint": model.fingerprint(), "conditioning": model.config.conditioning,
+        "model": {name: {"fingerprint": model.fingerprint(), "conditioning": model.config.conditioning.value,
                          "backbone": model.backbone.info.name, "training": model.training_info.get("train_config", {})}
                   for name, (_, model) in methods.items()},
-        "protocol": {"max_rounds": max_rounds, "targets": list(targets), "first_prompt": first_prompt,
+        "protocol": {"max_rounds": max_rounds, "targets": list(targets), "first_prompt": first_prompt.value,
                      "n_samples": n_samples, "accept_at": max(targets), "preferences": preferences},
     })
     return results

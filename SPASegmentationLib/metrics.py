@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 from scipy import stats
 
-from ..errors import InputError
+from .errors import InputError
 
 NOI_FAIL_VALUE = 10
 

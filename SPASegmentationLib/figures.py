@@ -15,10 +15,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.lines import Line2D
 
-from ..jsonio import write_bytes_atomic
-from ..model.preprocess import normalise_intensity
-from ..palette import RECOMMENDED, hex_colour, rgb
-from ..session import Round
+from .io.atomic import write_bytes_atomic
+from .model.preprocess import normalise_intensity
+from .palette import RECOMMENDED, hex_colour, rgb
+from .session import Round
 
 RECOMMENDED_COLOUR = hex_colour(RECOMMENDED)
 ADDED_COLOUR = hex_colour("blue")

@@ -1,0 +1,182 @@
+"""One SPA round, the same for inference and training: sample → condition → decode → aggregate → cluster.
+
+    prompt = start_prompt(geometry, point=(x, y))
+    model_round = run_model_round(model, embedding, geometry, prompt, weights, n_samples, seed)
+    prompt = feedback_prompt(model, model_round, chosen, feedback_seed(seed, 1))   # the user's choice
+
+:func:`sample_round` is the differentiable part for a batch of images (training calls it with
+gradients on); :func:`summarise_round` turns one image's N probability maps into what the user is
+shown. :func:`run_model_round` is both for one image without gradients. Everything here works in
+the model frame; :class:`~SPASegmentationLib.session.Session` maps to and from the image.
+Every per-round seed is derived here, from the session seed (see :func:`round_seed`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .candidates import N_CANDIDATES, CandidateClusters, aggregate, cluster_candidates, feedback_from_choice
+from .errors import InputError
+from .model.preprocess import ImageGeometry
+from .model.spa import Prompt, SPAModel
+from .preference import PreferenceMixture
+from .stages import stage
+
+DEFAULT_SAMPLES = 48  # N masks sampled per round at inference (the paper's N)
+FEEDBACK_SEED_OFFSET = 1000  # feedback seeds are round seeds of rounds 1000 + t
+
+
+@dataclass
+class SampledRound:
+    """The differentiable part of a round for a batch of B images."""
+
+    mixture: PreferenceMixture  # the batch's mixtures, weights (B, K_g)
+    component: torch.Tensor  # (B, N) the component each sample was drawn from
+    logits: torch.Tensor  # (B, N, m, m) mask logits on the decoder's full low-resolution grid
+
+
+@dataclass
+class ModelRound:
+    """One image's round in the model frame: what the user is shown and what feedback is computed from."""
+
+    prompt: Prompt
+    mixture: PreferenceMixture  # unbatched, detached
+    clusters: CandidateClusters
+    mean_probability: np.ndarray  # (rows, cols) valid part of the low-resolution grid
+    std: np.ndarray  # (rows, cols) per-pixel std of the N sample probabilities
+
+
+def round_seed(seed: int, round_index: int) -> int:
+    """The seed of round ``round_index`` (1-based) of a session seeded with ``seed``."""
+    return int(np.random.SeedSequence([int(seed), int(round_index)]).generate_state(1)[0])
+
+
+def feedback_seed(seed: int, round_index: int) -> int:
+    """The seed of the feedback point drawn after the user's choice in round ``round_index``."""
+    return round_seed(seed, FEEDBACK_SEED_OFFSET + round_index)
+
+
+def slice_seed(seed: int, index: int) -> int:
+    """The session seed of slice ``index`` in a propagation seeded with ``seed``."""
+    return int(np.random.SeedSequence([int(seed), 0x5350, int(index)]).generate_state(1)[0] % (2**31))
+
+
+def sample_round(
+    model: SPAModel,
+    embeddings: torch.Tensor,
+    prompts: Sequence[Prompt],
+    previous_weights: torch.Tensor,
+    n_samples: int,
+    generator: torch.Generator,
+    trainable_transformer: bool = True,
+) -> SampledRound:
+    """Mixture, N latents and N mask logits per image: embeddings (B, C, e, e), weights (B, K_g).
+
+    Runs with whatever grad mode the caller set; ``trainable_transformer=False`` keeps the decoder
+    transformer out of the graph (see ``conditioning.decoder_features``).
+    """
+    with stage("generator"):
+        sparse, valid, dense = model.encode_prompts(prompts)
+        mixture = model.mixture(embeddings, sparse, valid, dense, previous_weights)
+    with stage("sampling"):
+        z, component = mixture.sample(n_samples, generator=generator, mode=model.config.sampling)
+    with stage("conditioning_and_decoding"):
+        logits = model.sample_logits(embeddings, sparse, dense, z, trainable_transformer=trainable_transformer)
+    return SampledRound(mixture, component, logits)
+
+
+def summarise_round(
+    model: SPAModel, prompt: Prompt, mixture: PreferenceMixture, probabilities: np.ndarray, n_candidates: int, seed: int
+) -> ModelRound:
+    """One image's N probability maps (N, rows, cols) → aggregate and candidate clusters."""
+    threshold = model.config.recommend_threshold
+    with stage("aggregation"):
+        mean, _, std = aggregate(probabilities, threshold)
+    with stage("kmeans"):
+        clusters = cluster_candidates(probabilities, n_candidates, seed=seed % (2**31), threshold=threshold)
+    return ModelRound(prompt, mixture.detach(), clusters, mean, std)
+
+
+def valid_probabilities(model: SPAModel, logits: torch.Tensor, geometry: ImageGeometry) -> np.ndarray:
+    """(N, m, m) logits of one image → (N, rows, cols) probabilities of the part the image covers."""
+    rows, cols = geometry.valid_shape_at(model.backbone.mask_size)
+    return torch.sigmoid(logits[:, :rows, :cols]).float().cpu().numpy()
+
+
+@torch.no_grad()
+def run_model_round(
+    model: SPAModel,
+    embedding: torch.Tensor,
+    geometry: ImageGeometry,
+    prompt: Prompt,
+    previous_weights: torch.Tensor,
+    n_samples: int,
+    seed: int,
+    n_candidates: int = N_CANDIDATES,
+) -> ModelRound:
+    """One image's round: sample N masks for the prompt, aggregate them, find the candidates."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    sampled = sample_round(model, embedding, [prompt], previous_weights.to(model.device)[None], n_samples, generator)
+    with stage("aggregation"):
+        probabilities = valid_probabilities(model, sampled.logits[0], geometry)
+    return summarise_round(model, prompt, sampled.mixture.select(0), probabilities, n_candidates, seed)
+
+
+def feedback_prompt(model: SPAModel, model_round: ModelRound, chosen: int, seed: int) -> Prompt:
+    """The next round's prompt after the user chose candidate ``chosen`` (0-based)."""
+    rng = np.random.default_rng(seed)
+    point, label, mask = feedback_from_choice(model_round.clusters, chosen, model_round.mean_probability, rng)
+    side = model.backbone.mask_size
+    grid = torch.zeros(side, side, dtype=torch.bool)
+    grid[: mask.shape[0], : mask.shape[1]] = torch.from_numpy(mask)
+    mask_logits = (grid.float() * 2.0 - 1.0) * model.config.mask_prompt_logit
+    if point is not None:
+        factor = model.backbone.image_size / side
+        point = ((point[0] + 0.5) * factor - 0.5, (point[1] + 0.5) * factor - 0.5)
+    return model_round.prompt.with_feedback(point, label, mask_logits)
+
+
+def start_prompt(
+    geometry: ImageGeometry,
+    point: tuple[float, float] | None = None,
+    box: tuple[float, float, float, float] | None = None,
+    label: bool = True,
+) -> Prompt:
+    """The first prompt in the model frame from a point and/or box in image pixels, validated."""
+    if point is None and box is None:
+        raise InputError("start needs a point (x, y) inside the structure or a box (x0, y0, x1, y1)")
+    prompt = Prompt()
+    height, width = geometry.height, geometry.width
+    if point is not None:
+        x, y = _pair(point, "point")
+        if not (-0.5 <= x <= width - 0.5 and -0.5 <= y <= height - 0.5):
+            raise InputError(f"point ({x:g}, {y:g}) is outside the image (x 0..{width - 1}, y 0..{height - 1})")
+        mx, my = geometry.to_model(np.array([x, y]))
+        prompt = Prompt([(float(mx), float(my))], [bool(label)])
+    if box is not None:
+        if len(box) != 4:
+            raise InputError(f"a box needs four numbers x0,y0,x1,y1, got {len(box)}")
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not (x1 > x0 and y1 > y0):
+            raise InputError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is empty; it needs x0 < x1 and y0 < y1")
+        if x0 < -0.5 or y0 < -0.5 or x1 > width - 0.5 or y1 > height - 0.5:
+            raise InputError(
+                f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) extends outside the image (x 0..{width - 1}, y 0..{height - 1})"
+            )
+        corners = geometry.to_model(np.array([[x0, y0], [x1, y1]]))
+        prompt.box = (float(corners[0, 0]), float(corners[0, 1]), float(corners[1, 0]), float(corners[1, 1]))
+    return prompt
+
+
+def _pair(value: Any, what: str) -> tuple[float, float]:
+    try:
+        x, y = (float(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"a {what} needs two numbers (x, y), got {value!r}") from exc
+    if not (np.isfinite(x) and np.isfinite(y)):
+        raise InputError(f"the {what} ({x}, {y}) is not finite")
+    return x, y

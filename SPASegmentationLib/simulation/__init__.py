@@ -1,0 +1,1 @@
+"""The simulated user of training, evaluation and the demo: preferences, first prompts, choices, clicks."""
