@@ -5,7 +5,6 @@ SPASegmentationLib.scene.session.SceneSession and every model call runs on one S
 .ModelWorker thread, polled from the GUI thread with a QTimer.
 """
 
-
 import glob
 import importlib.util
 import logging
@@ -104,7 +103,9 @@ class SPASegmentationParameterNode:
     user: str = ""
     structure: str = ""
     firstPromptMode: Annotated[str, Choice(["point", "box"])] = "point"
-    nSamples: Annotated[int, WithinRange(4, 256)] = 48  # SPASegmentationLib.engine.DEFAULT_SAMPLES (a test keeps them equal)
+    nSamples: Annotated[int, WithinRange(4, 256)] = (
+        48  # SPASegmentationLib.engine.DEFAULT_SAMPLES (a test keeps them equal)
+    )
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     device: str = ""  # empty: the fastest available (cuda, mps, then cpu)
     backbone: Annotated[str, Choice(list(BACKBONE_CHOICES))] = "LiteMedSAM"
@@ -186,7 +187,9 @@ def ensureDependencies(requirementsPath: str) -> bool:
                 if line:
                     name = line.split("=")[0].split(">")[0].split("<")[0].strip()
                     pinned[name] = line
-        progress = slicer.util.createProgressDialog(labelText="Installing SPA's Python packages", maximum=len(requirements))
+        progress = slicer.util.createProgressDialog(
+            labelText="Installing SPA's Python packages", maximum=len(requirements)
+        )
         try:
             for index, requirement in enumerate(requirements):
                 progress.labelText = f"Installing {requirement} ({index + 1}/{len(requirements)})"
@@ -252,7 +255,12 @@ class SPASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = SPASegmentationLogic()
-        self.candidateButtons = [self.ui.candidateButton1, self.ui.candidateButton2, self.ui.candidateButton3, self.ui.candidateButton4]
+        self.candidateButtons = [
+            self.ui.candidateButton1,
+            self.ui.candidateButton2,
+            self.ui.candidateButton3,
+            self.ui.candidateButton4,
+        ]
 
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(POLL_INTERVAL_MS)
@@ -376,10 +384,13 @@ class SPASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return "rgb({}, {}, {})".format(*(int(round(255 * c)) for c in rgb))
 
         for button, colour in zip(self.candidateButtons, CANDIDATE_COLOURS):
-            button.setStyleSheet(f"QPushButton {{ background-color: {css(colour)}; color: white; font-weight: bold; }}"
-                                 "QPushButton:disabled { background-color: palette(button); color: palette(mid); }")
+            button.setStyleSheet(
+                f"QPushButton {{ background-color: {css(colour)}; color: white; font-weight: bold; }}"
+                "QPushButton:disabled { background-color: palette(button); color: palette(mid); }"
+            )
         swatches = " ".join(
-            f'<span style="color:{css(colour)}">&#9632;</span>&nbsp;{k + 1}' for k, colour in enumerate(CANDIDATE_COLOURS)
+            f'<span style="color:{css(colour)}">&#9632;</span>&nbsp;{k + 1}'
+            for k, colour in enumerate(CANDIDATE_COLOURS)
         )
         self.ui.legendLabel.text = (
             f'<span style="color:{css(RECOMMENDED_COLOUR)}">&#9632;</span>&nbsp;recommended &nbsp; {swatches}<br>'
@@ -415,8 +426,12 @@ class SPASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         busy = self._pendingFuture is not None
         session = self.logic.sceneSession
         round_ = self.logic.currentRound()
-        ready = bool(self._parameterNode and self._parameterNode.inputVolume and self._parameterNode.segmentation
-                     and self._parameterNode.segmentId)
+        ready = bool(
+            self._parameterNode
+            and self._parameterNode.inputVolume
+            and self._parameterNode.segmentation
+            and self._parameterNode.segmentId
+        )
         self.ui.pointButton.enabled = ready and not busy
         self.ui.boxButton.enabled = ready and not busy
         nCandidates = round_.n_candidates if round_ is not None else 0
@@ -450,7 +465,12 @@ class SPASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if mainWindow is None:
             return
         bindings = [(str(k + 1), (lambda k=k: self.onChoose(k))) for k in range(4)]
-        bindings += [("Return", self.onAccept), ("Enter", self.onAccept), ("Escape", self.onCancel), ("Ctrl+Z", self.onUndo)]
+        bindings += [
+            ("Return", self.onAccept),
+            ("Enter", self.onAccept),
+            ("Escape", self.onCancel),
+            ("Ctrl+Z", self.onUndo),
+        ]
         for keys, handler in bindings:
             shortcut = qt.QShortcut(qt.QKeySequence(keys), mainWindow)
             shortcut.connect("activated()", handler)
@@ -480,9 +500,13 @@ class SPASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for name in layoutManager.sliceViewNames():
             sliceWidget = layoutManager.sliceWidget(name)
             interactor = sliceWidget.sliceView().interactor()
-            press = interactor.AddObserver(vtk.vtkCommand.LeftButtonPressEvent, lambda caller, event: self._onPress(caller), 1.0)
+            press = interactor.AddObserver(
+                vtk.vtkCommand.LeftButtonPressEvent, lambda caller, event: self._onPress(caller), 1.0
+            )
             release = interactor.AddObserver(
-                vtk.vtkCommand.LeftButtonReleaseEvent, lambda caller, event, w=sliceWidget: self._onRelease(caller, w), 1.0
+                vtk.vtkCommand.LeftButtonReleaseEvent,
+                lambda caller, event, w=sliceWidget: self._onRelease(caller, w),
+                1.0,
             )
             self._interactorObservations.append((interactor, press))
             self._interactorObservations.append((interactor, release))
@@ -535,7 +559,11 @@ class SPASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             segmentation = node.GetSegmentation()
             if volume is not None and segmentation.GetNumberOfSegments() == 0:
                 node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-            if self._parameterNode and segmentation.GetNumberOfSegments() > 0 and not segmentation.GetSegment(self._parameterNode.segmentId or ""):
+            if (
+                self._parameterNode
+                and segmentation.GetNumberOfSegments() > 0
+                and not segmentation.GetSegment(self._parameterNode.segmentId or "")
+            ):
                 self._parameterNode.segmentId = segmentation.GetNthSegmentID(0)
         self._setEditorInputs()
         self._updateButtons()
@@ -621,7 +649,9 @@ class SPASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ----- asynchronous model calls --------------------------------------------------------------
 
-    def _runAsync(self, fn: Callable, args: tuple, onDone: Callable[[Any], None], label: str, kwargs: Optional[dict] = None) -> None:
+    def _runAsync(
+        self, fn: Callable, args: tuple, onDone: Callable[[Any], None], label: str, kwargs: Optional[dict] = None
+    ) -> None:
         """Run ``fn`` on the model worker; ``onDone(result)`` runs later on the GUI thread."""
         if self._pendingFuture is not None:
             self._status("Still working on the previous request.")
@@ -696,7 +726,11 @@ class SPASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.vtkMRMLInteractionNode.InteractionModeChangedEvent, self._onInteractionModeChanged
         )
         (self.ui.pointButton if mode == "point" else self.ui.boxButton).checked = True
-        self._status("Click inside the structure in any slice view." if mode == "point" else "Draw a box around the structure in any slice view.")
+        self._status(
+            "Click inside the structure in any slice view."
+            if mode == "point"
+            else "Draw a box around the structure in any slice view."
+        )
 
     def _removePromptObserver(self) -> None:
         """Stop watching the interaction mode for the prompt placement."""
@@ -728,12 +762,19 @@ class SPASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         sliceNode = sliceNodeUnderCursor()
         with slicer.util.tryWithErrorDisplay("Could not start SPA from this prompt.", waitCursor=True):
             session, orientation, kwargs = self.logic.prepareStart(
-                self._parameterNode.inputVolume, self._parameterNode.segmentation, self._parameterNode.segmentId,
-                node, sliceNode, user=self._parameterNode.user or None, structure=self._parameterNode.structure or None,
+                self._parameterNode.inputVolume,
+                self._parameterNode.segmentation,
+                self._parameterNode.segmentId,
+                node,
+                sliceNode,
+                user=self._parameterNode.user or None,
+                structure=self._parameterNode.structure or None,
                 nSamples=self._parameterNode.nSamples,
             )
             session.overlay.set_opacity(self._parameterNode.opacity)
-            self._runAsync(session.compute_start, (orientation,), self._showRound, "Computing candidates", kwargs=kwargs)
+            self._runAsync(
+                session.compute_start, (orientation,), self._showRound, "Computing candidates", kwargs=kwargs
+            )
 
     def _showRound(self, round_) -> None:
         """Show a round's overlays and warm up the neighbouring slices' embeddings."""
@@ -749,7 +790,9 @@ class SPASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         round_ = self.logic.currentRound()
         if round_ is None or k >= round_.n_candidates or self._pendingFuture is not None:
             return
-        self._runAsync(self.logic.sceneSession.compute_choose, (k,), self._showRound, f"Re-aligning to candidate {k + 1}")
+        self._runAsync(
+            self.logic.sceneSession.compute_choose, (k,), self._showRound, f"Re-aligning to candidate {k + 1}"
+        )
 
     def onAccept(self) -> None:
         """Commit the recommended mask into the segment (undoable) and update the user's profile."""
@@ -803,9 +846,13 @@ class SPASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._propagationProgress = (done, total)
             return not self._cancelPropagation
 
-        kwargs = self.logic.propagationOptions(self._parameterNode.propagateMaxSlices, self._parameterNode.propagateSamples)
+        kwargs = self.logic.propagationOptions(
+            self._parameterNode.propagateMaxSlices, self._parameterNode.propagateSamples
+        )
         kwargs["progress"] = progress
-        self._runAsync(self.logic.sceneSession.compute_propagate, (), self._applyPropagation, "Propagating", kwargs=kwargs)
+        self._runAsync(
+            self.logic.sceneSession.compute_propagate, (), self._applyPropagation, "Propagating", kwargs=kwargs
+        )
 
     def onCancelPropagation(self) -> None:
         """Ask the propagation to stop after the current slice."""
@@ -832,7 +879,9 @@ class SPASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         outputDir = pathOrNone(p.exportDirectory) or pathlib.Path(tempfile.mkdtemp(prefix="SPA-SEG-"))
         with slicer.util.tryWithErrorDisplay("DICOM SEG export failed.", waitCursor=True):
-            files = self.logic.exportDicomSeg(p.segmentation, p.inputVolume, outputDir, pathOrNone(p.referenceSeriesFolder))
+            files = self.logic.exportDicomSeg(
+                p.segmentation, p.inputVolume, outputDir, pathOrNone(p.referenceSeriesFolder)
+            )
             self._status(f"Wrote {len(files)} DICOM SEG file(s) to {outputDir}.")
 
 
@@ -917,9 +966,13 @@ class SPASegmentationLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def _key(settings: dict[str, Any]) -> tuple:
         """What identifies a loaded model."""
-        return (settings.get("device", "cpu"), settings.get("backbone", "litemedsam"),
-                str(settings.get("modelPath") or ""), str(settings.get("backboneCheckpoint") or ""),
-                str(settings.get("profileFolder") or ""))
+        return (
+            settings.get("device", "cpu"),
+            settings.get("backbone", "litemedsam"),
+            str(settings.get("modelPath") or ""),
+            str(settings.get("backboneCheckpoint") or ""),
+            str(settings.get("profileFolder") or ""),
+        )
 
     def modelLoaded(self, settings: dict[str, Any]) -> bool:
         """Whether the model for these settings is already loaded."""
@@ -965,14 +1018,16 @@ class SPASegmentationLogic(ScriptedLoadableModuleLogic):
 
     def setModel(self, model, profileFolder: Optional[pathlib.Path] = None) -> None:
         """Use an already built model (scripts, tests) with the profile store for it."""
-        from SPASegmentationLib.profiles import ProfileStore
         from SPASegmentationLib.embeddings import EmbeddingCache
+        from SPASegmentationLib.profiles import ProfileStore
 
         self.model = model
         self.modelKey = None
         self.embeddings = EmbeddingCache(model)
-        self.profileStore = ProfileStore(pathlib.Path(profileFolder) if profileFolder else self.defaultProfileFolder(),
-                                         model_fingerprint=model.fingerprint())
+        self.profileStore = ProfileStore(
+            pathlib.Path(profileFolder) if profileFolder else self.defaultProfileFolder(),
+            model_fingerprint=model.fingerprint(),
+        )
 
     def unloadModel(self) -> None:
         """Forget the model (a different device or checkpoint was chosen)."""
@@ -1057,8 +1112,17 @@ class SPASegmentationLogic(ScriptedLoadableModuleLogic):
 
     # ----- the session ---------------------------------------------------------------------------
 
-    def startSession(self, volumeNode, segmentationNode, segmentId: str, *, user: Optional[str] = None,
-                     structure: Optional[str] = None, nSamples: Optional[int] = None, seed: int = 0):
+    def startSession(
+        self,
+        volumeNode,
+        segmentationNode,
+        segmentId: str,
+        *,
+        user: Optional[str] = None,
+        structure: Optional[str] = None,
+        nSamples: Optional[int] = None,
+        seed: int = 0,
+    ):
         """A new SceneSession for this volume and segment (the previous one is cancelled)."""
         from SPASegmentationLib.engine import DEFAULT_SAMPLES
         from SPASegmentationLib.scene.geometry import volume_array
@@ -1070,10 +1134,18 @@ class SPASegmentationLogic(ScriptedLoadableModuleLogic):
             raise ValueError("select a volume, a segmentation and a segment first")
         self.cancelSession()
         self.sceneSession = SceneSession(
-            slicer.mrmlScene, self.model, volumeNode, segmentationNode, segmentId,
-            profiles=self.profileStore, user=user, structure=structure, seed=seed,
+            slicer.mrmlScene,
+            self.model,
+            volumeNode,
+            segmentationNode,
+            segmentId,
+            profiles=self.profileStore,
+            user=user,
+            structure=structure,
+            seed=seed,
             n_samples=DEFAULT_SAMPLES if nSamples is None else int(nSamples),
-            embeddings=self.embeddings, undo=self.segmentUndo(segmentationNode),
+            embeddings=self.embeddings,
+            undo=self.segmentUndo(segmentationNode),
         )
         self._volumeArray = np.array(volume_array(volumeNode), copy=True)
         self.lastAccepted = None
@@ -1088,10 +1160,22 @@ class SPASegmentationLogic(ScriptedLoadableModuleLogic):
             self._segmentUndoNode = segmentationNode
         return self._segmentUndo
 
-    def prepareStart(self, volumeNode, segmentationNode, segmentId: str, promptNode, sliceNode=None, *,
-                     user: Optional[str] = None, structure: Optional[str] = None, nSamples: Optional[int] = None):
+    def prepareStart(
+        self,
+        volumeNode,
+        segmentationNode,
+        segmentId: str,
+        promptNode,
+        sliceNode=None,
+        *,
+        user: Optional[str] = None,
+        structure: Optional[str] = None,
+        nSamples: Optional[int] = None,
+    ):
         """Main thread: a new session plus the orientation and prompt arguments for compute_start."""
-        session = self.startSession(volumeNode, segmentationNode, segmentId, user=user, structure=structure, nSamples=nSamples)
+        session = self.startSession(
+            volumeNode, segmentationNode, segmentId, user=user, structure=structure, nSamples=nSamples
+        )
         if promptNode.IsA("vtkMRMLMarkupsROINode"):
             bounds = [0.0] * 6
             promptNode.GetRASBounds(bounds)
@@ -1180,20 +1264,28 @@ class SPASegmentationLogic(ScriptedLoadableModuleLogic):
         if session is None or session.plane is None or self.embeddings is None or self._volumeArray is None:
             return
         plane, volume = session.plane, self._volumeArray
-        self.embeddings.prefetch_around(self.worker(), lambda index: plane.at(index).extract(volume),
-                                        plane.index, plane.n_slices, radius=radius)
+        self.embeddings.prefetch_around(
+            self.worker(), lambda index: plane.at(index).extract(volume), plane.index, plane.n_slices, radius=radius
+        )
 
     # ----- export --------------------------------------------------------------------------------
 
-    def exportDicomSeg(self, segmentationNode, volumeNode, outputDir: pathlib.Path,
-                       referenceSeriesFolder: Optional[pathlib.Path] = None) -> list[str]:
+    def exportDicomSeg(
+        self,
+        segmentationNode,
+        volumeNode,
+        outputDir: pathlib.Path,
+        referenceSeriesFolder: Optional[pathlib.Path] = None,
+    ) -> list[str]:
         """DICOM SEG of the segmentation: Slicer's DICOMSegmentationPlugin when the volume is in the DICOM
         database, else SPASegmentationLib.io.dicom_seg against the volume's source series folder."""
         outputDir = pathlib.Path(outputDir)
         outputDir.mkdir(parents=True, exist_ok=True)
         before = set(glob.glob(str(outputDir / "**" / "*.dcm"), recursive=True))
-        if volumeNode is not None and volumeNode.GetAttribute("DICOM.instanceUIDs") and self._exportWithSlicerPlugin(
-            segmentationNode, volumeNode, outputDir
+        if (
+            volumeNode is not None
+            and volumeNode.GetAttribute("DICOM.instanceUIDs")
+            and self._exportWithSlicerPlugin(segmentationNode, volumeNode, outputDir)
         ):
             after = set(glob.glob(str(outputDir / "**" / "*.dcm"), recursive=True))
             return sorted(after - before)
@@ -1226,7 +1318,9 @@ class SPASegmentationLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(f"DICOM SEG export failed: {error}")
         return True
 
-    def _exportWithLib(self, segmentationNode, volumeNode, outputDir: pathlib.Path, referenceSeriesFolder: pathlib.Path) -> list[str]:
+    def _exportWithLib(
+        self, segmentationNode, volumeNode, outputDir: pathlib.Path, referenceSeriesFolder: pathlib.Path
+    ) -> list[str]:
         """One DICOM SEG with every non-empty segment, via SPASegmentationLib.io.dicom_seg (highdicom)."""
         try:
             from SPASegmentationLib.io.dicom_seg import export_dicom_seg, ijk_to_lps_from_ras
@@ -1246,7 +1340,9 @@ class SPASegmentationLogic(ScriptedLoadableModuleLogic):
         volumeNode.GetIJKToRASMatrix(ijkToRas)
         name = "".join(c if c.isalnum() else "_" for c in segmentationNode.GetName()) or "segmentation"
         path = export_dicom_seg(
-            masks, str(referenceSeriesFolder), str(outputDir / f"{name}.seg.dcm"),
+            masks,
+            str(referenceSeriesFolder),
+            str(outputDir / f"{name}.seg.dcm"),
             ijk_to_lps=ijk_to_lps_from_ras(slicer.util.arrayFromVTKMatrix(ijkToRas)),
             model_fingerprint=self.model.fingerprint() if self.model is not None else None,
         )
@@ -1273,8 +1369,8 @@ class SPASegmentationTest(ScriptedLoadableModuleTest):
     @staticmethod
     def _writeSeries(volume: np.ndarray, folder: str) -> None:
         """A CT-like DICOM series (one file per slice) of ``volume`` (k, j, i) with SimpleITK."""
-        import SimpleITK as sitk
         import pydicom.uid
+        import SimpleITK as sitk
 
         image = sitk.GetImageFromArray(volume.astype(np.int16))
         image.SetSpacing((0.8, 0.8, 2.0))
@@ -1285,13 +1381,27 @@ class SPASegmentationTest(ScriptedLoadableModuleTest):
             sliceImage = image[:, :, k]
             position = image.TransformIndexToPhysicalPoint((0, 0, k))
             tags = {
-                "0008|0060": "CT", "0010|0010": "SPA^Test", "0010|0020": "SPA-TEST",
-                "0020|000d": study, "0020|000e": series, "0020|0052": frame,
-                "0008|0018": pydicom.uid.generate_uid(), "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
-                "0020|0013": str(k + 1), "0020|0032": "\\".join(f"{v:.4f}" for v in position),
-                "0020|0037": "1\\0\\0\\0\\1\\0", "0028|0030": "0.8\\0.8", "0018|0050": "2.0",
-                "0008|0020": "20250101", "0008|0030": "120000", "0020|0010": "1", "0020|0011": "1",
-                "0008|0090": "", "0008|0050": "", "0010|0030": "", "0010|0040": "O",
+                "0008|0060": "CT",
+                "0010|0010": "SPA^Test",
+                "0010|0020": "SPA-TEST",
+                "0020|000d": study,
+                "0020|000e": series,
+                "0020|0052": frame,
+                "0008|0018": pydicom.uid.generate_uid(),
+                "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
+                "0020|0013": str(k + 1),
+                "0020|0032": "\\".join(f"{v:.4f}" for v in position),
+                "0020|0037": "1\\0\\0\\0\\1\\0",
+                "0028|0030": "0.8\\0.8",
+                "0018|0050": "2.0",
+                "0008|0020": "20250101",
+                "0008|0030": "120000",
+                "0020|0010": "1",
+                "0020|0011": "1",
+                "0008|0090": "",
+                "0008|0050": "",
+                "0010|0030": "",
+                "0010|0040": "O",
             }
             for tag, value in tags.items():
                 sliceImage.SetMetaData(tag, value)
@@ -1338,7 +1448,9 @@ class SPASegmentationTest(ScriptedLoadableModuleTest):
         logic = SPASegmentationLogic()
         logic.setModel(model, pathlib.Path(tempDir) / "profiles")
         segmentationNode, segmentId = logic.addSegment(None, volumeNode, "lesion")
-        session = logic.startSession(volumeNode, segmentationNode, segmentId, user="tester", structure="lesion", nSamples=16)
+        session = logic.startSession(
+            volumeNode, segmentationNode, segmentId, user="tester", structure="lesion", nSamples=16
+        )
 
         # the prompt: the centre of the ellipsoid, in the axial view
         ijkToRas = vtkModule.vtkMatrix4x4()
@@ -1374,7 +1486,9 @@ class SPASegmentationTest(ScriptedLoadableModuleTest):
         self.assertFalse(undone is not None and undone.any())
         self.delayDisplay("Undo restored the empty segment")
 
-        session = logic.startSession(volumeNode, segmentationNode, segmentId, user="tester", structure="lesion", nSamples=16)
+        session = logic.startSession(
+            volumeNode, segmentationNode, segmentId, user="tester", structure="lesion", nSamples=16
+        )
         session.start("axial", point_ras=centre)
         logic.accept()
         result = session.compute_propagate()

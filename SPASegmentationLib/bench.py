@@ -63,7 +63,9 @@ def bench_configuration(
     for index in range(repeats + 1):
         t0 = time.perf_counter()
         with StageClock(model.device) as clock:
-            model_round = run_model_round(model, embedding, geometry, prompt, weights_now, n_samples, round_seed(0, index))
+            model_round = run_model_round(
+                model, embedding, geometry, prompt, weights_now, n_samples, round_seed(0, index)
+            )
         t1 = time.perf_counter()
         feedback_prompt(model, model_round, 0, feedback_seed(0, index))
         clock.add("feedback", time.perf_counter() - t1)
@@ -115,8 +117,13 @@ def machine_description() -> dict[str, Any]:
     """What the numbers were measured on."""
     import os
 
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine()}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -126,11 +133,18 @@ def format_report(reports: list[dict[str, Any]]) -> str:
     """A plain-text table of the reports."""
     lines = []
     stage_names = ["generator", "sampling", "conditioning_and_decoding", "aggregation", "kmeans", "feedback"]
-    header = f"{'conditioning':<12} {'N':>3} {'encode s':>9} {'round s':>8} " + " ".join(f"{s[:12]:>12}" for s in stage_names) + f" {'peak MB':>8}"
+    header = (
+        f"{'conditioning':<12} {'N':>3} {'encode s':>9} {'round s':>8} "
+        + " ".join(f"{s[:12]:>12}" for s in stage_names)
+        + f" {'peak MB':>8}"
+    )
     lines.append(header)
     for r in reports:
         stages = " ".join(f"{r['stages_s'].get(s, float('nan')):12.4f}" for s in stage_names)
-        lines.append(f"{r['conditioning']:<12} {r['n_samples']:>3} {r['encode_s']:9.3f} {r['round_s']:8.3f} {stages} {r['peak_rss_mb']:8.0f}")
+        lines.append(
+            f"{r['conditioning']:<12} {r['n_samples']:>3} {r['encode_s']:9.3f} {r['round_s']:8.3f} {stages} "
+            f"{r['peak_rss_mb']:8.0f}"
+        )
     if len(reports) == 2 and reports[0]["round_s"] > 0:
         ratio = reports[1]["round_s"] / reports[0]["round_s"]
         lines.append(f"round-time ratio {reports[1]['conditioning']}/{reports[0]['conditioning']}: {ratio:.1f}×")

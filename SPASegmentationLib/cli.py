@@ -10,8 +10,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 DEFAULT_OUTPUT = Path("output")
 
@@ -99,8 +100,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     point = initial_point(case.raters, target)
     session = Session(model, case.image, seed=args.seed, n_samples=args.samples)
-    print(f"SPA demo: sample {sample.name} ({case.image.shape[1]}×{case.image.shape[0]}), simulated clinician "
-          f"with the style of rater '{rater}', first click at ({point[0]:.0f}, {point[1]:.0f}); model {model.fingerprint()}")
+    print(
+        f"SPA demo: sample {sample.name} ({case.image.shape[1]}×{case.image.shape[0]}), simulated clinician "
+        f"with the style of rater '{rater}', first click at ({point[0]:.0f}, {point[1]:.0f}); "
+        f"model {model.fingerprint()}"
+    )
     round_ = session.start(point=point)
     rounds_summary = []
     while True:
@@ -108,16 +112,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
         accept = score >= args.accept_dice or round_.index >= args.rounds
         chosen = None if accept else nearest_candidate(round_.candidates, target)
         picture = render_round(
-            case.image, round_, out / f"round_{round_.index}.png", chosen=chosen, target=target,
+            case.image,
+            round_,
+            out / f"round_{round_.index}.png",
+            chosen=chosen,
+            target=target,
             points=[(point[0], point[1], True)],
             title=f"Round {round_.index}: Dice {score:.3f} to the clinician's style '{rater}'"
-                  + (" — accepted" if accept else f" — clinician picks candidate {chosen + 1}"),
+            + (" — accepted" if accept else f" — clinician picks candidate {chosen + 1}"),
         )
-        rounds_summary.append({"round": round_.index, "dice": score, "candidates": round_.n_candidates,
-                               "chosen": None if chosen is None else chosen + 1, "seconds": round_.seconds,
-                               "picture": picture.name})
-        print(f"  round {round_.index}: Dice {score:.3f}  ({round_.seconds:.2f} s)"
-              + ("  accepted" if accept else f"  → picks candidate {chosen + 1} of {round_.n_candidates}"))
+        rounds_summary.append(
+            {
+                "round": round_.index,
+                "dice": score,
+                "candidates": round_.n_candidates,
+                "chosen": None if chosen is None else chosen + 1,
+                "seconds": round_.seconds,
+                "picture": picture.name,
+            }
+        )
+        print(
+            f"  round {round_.index}: Dice {score:.3f}  ({round_.seconds:.2f} s)"
+            + ("  accepted" if accept else f"  → picks candidate {chosen + 1} of {round_.n_candidates}")
+        )
         if accept:
             break
         round_ = session.choose(chosen)
@@ -137,7 +154,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "session_state": session.state().to_dict(),
     }
     write_json_atomic(out / "summary.json", summary)
-    print(f"Final Dice {summary['final_dice']:.3f} after {len(rounds_summary)} round(s); pictures and summary.json in {out}")
+    print(
+        f"Final Dice {summary['final_dice']:.3f} after {len(rounds_summary)} round(s); "
+        f"pictures and summary.json in {out}"
+    )
     return 0
 
 
@@ -146,8 +166,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     """Segment one image from a point or box; optional scripted choices; write masks in its format."""
     from .errors import InputError
     from .figures import render_round
-    from .io.images import mask_extension, read_image, write_mask
     from .io.atomic import write_json_atomic
+    from .io.images import mask_extension, read_image, write_mask
     from .profiles import ProfileStore
     from .session import Session
 
@@ -163,11 +183,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
     model = _load_model(args)
     store = ProfileStore(_opt_path(args, "profiles"), model_fingerprint=model.fingerprint()) if args.user else None
     initial = store.initial_weights(args.user, args.structure) if store else None
-    session = Session(model, loaded.array, seed=args.seed, n_samples=args.samples, initial_weights=initial, window=window)
+    session = Session(
+        model, loaded.array, seed=args.seed, n_samples=args.samples, initial_weights=initial, window=window
+    )
     round_ = session.start(point=point, box=box)
     for number in choices:
         if number > round_.n_candidates:
-            raise InputError(f"--choose: round {round_.index} has {round_.n_candidates} candidate(s), so {number} does not exist")
+            raise InputError(
+                f"--choose: round {round_.index} has {round_.n_candidates} candidate(s), so {number} does not exist"
+            )
         round_ = session.choose(number - 1)
     mask = session.accept()
     out = Path(args.out)
@@ -175,23 +199,40 @@ def cmd_segment(args: argparse.Namespace) -> int:
     ext = mask_extension(loaded)
     written = {"recommended": str(write_mask(out / f"{stem}_spa_recommended{ext}", mask, loaded))}
     for k in range(round_.n_candidates):
-        written[f"candidate_{k + 1}"] = str(write_mask(out / f"{stem}_spa_candidate{k + 1}{ext}", round_.candidates[k], loaded))
-    preview = render_round(loaded.array, round_, out / f"{stem}_spa_round{round_.index}.png", window=window,
-                           points=[(point[0], point[1], True)] if point else [],
-                           title=f"{Path(args.image).name}: round {round_.index}")
+        written[f"candidate_{k + 1}"] = str(
+            write_mask(out / f"{stem}_spa_candidate{k + 1}{ext}", round_.candidates[k], loaded)
+        )
+    preview = render_round(
+        loaded.array,
+        round_,
+        out / f"{stem}_spa_round{round_.index}.png",
+        window=window,
+        points=[(point[0], point[1], True)] if point else [],
+        title=f"{Path(args.image).name}: round {round_.index}",
+    )
     profile_info = None
     if store:
         profile = store.update(args.user, args.structure, session.mixture, rounds=round_.index)
         profile_info = {"user": profile.user, "structure": profile.structure, "n_sessions": profile.n_sessions}
     summary = {
-        "kind": "spa-segment", "image": str(args.image), "slice": args.slice, "model_fingerprint": model.fingerprint(),
-        "rounds": round_.index, "choices": choices, "recommended_pixels": int(mask.sum()),
-        "candidate_pixels": [int(c.sum()) for c in round_.candidates], "outputs": written, "preview": str(preview),
-        "profile": profile_info, "session_state": session.state().to_dict(),
+        "kind": "spa-segment",
+        "image": str(args.image),
+        "slice": args.slice,
+        "model_fingerprint": model.fingerprint(),
+        "rounds": round_.index,
+        "choices": choices,
+        "recommended_pixels": int(mask.sum()),
+        "candidate_pixels": [int(c.sum()) for c in round_.candidates],
+        "outputs": written,
+        "preview": str(preview),
+        "profile": profile_info,
+        "session_state": session.state().to_dict(),
     }
     write_json_atomic(out / f"{stem}_spa_summary.json", summary)
-    print(f"round {round_.index}: recommended mask {int(mask.sum())} px, {round_.n_candidates} candidate(s) "
-          f"(" + ", ".join(f"{k + 1}: {int(c.sum())} px" for k, c in enumerate(round_.candidates)) + ")")
+    print(
+        f"round {round_.index}: recommended mask {int(mask.sum())} px, {round_.n_candidates} candidate(s) "
+        f"(" + ", ".join(f"{k + 1}: {int(c.sum())} px" for k, c in enumerate(round_.candidates)) + ")"
+    )
     print(f"wrote {written['recommended']} and {round_.n_candidates} candidate mask(s), preview {preview}")
     if profile_info:
         print(f"profile {args.user}/{args.structure} updated ({profile_info['n_sessions']} session(s))")
@@ -218,14 +259,18 @@ def cmd_profile(args: argparse.Namespace) -> int:
         if profile is None:
             from .errors import ProfileError
 
-            raise ProfileError(f"no profile for user {args.user!r} and structure {args.structure!r}; see `spa profile list`")
+            raise ProfileError(
+                f"no profile for user {args.user!r} and structure {args.structure!r}; see `spa profile list`"
+            )
         _print_json(profile.to_dict())
         return 0
     if args.action == "export":
         print(store.export(args.user, args.structure, Path(args.file)))
         return 0
     if args.action == "import":
-        profile = store.import_profile(Path(args.file), user=args.user, structure=args.structure, overwrite=args.overwrite)
+        profile = store.import_profile(
+            Path(args.file), user=args.user, structure=args.structure, overwrite=args.overwrite
+        )
         print(f"imported profile {profile.user}/{profile.structure} ({profile.n_sessions} session(s))")
         return 0
     if args.action == "delete":
@@ -249,18 +294,33 @@ def cmd_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     config = SPAConfig(backbone=args.backbone, conditioning=args.conditioning)
-    model = build_model(config, backbone_checkpoint=_opt_path(args, "checkpoint"), device=_device(args.device))
-    train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, rounds=args.rounds, n_samples=args.samples,
-                               seed=args.seed, first_prompt=args.first_prompt, lr=args.lr,
-                               best_of_n_weight=args.best_of_n_weight,
-                               deep_first_round_probability=args.deep_first_round_probability)
+    model = build_model(
+        config, backbone_checkpoint=_opt_path(args, "checkpoint"), device=_device(args.device), seed=args.seed
+    )
+    train_config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        rounds=args.rounds,
+        n_samples=args.samples,
+        seed=args.seed,
+        first_prompt=args.first_prompt,
+        lr=args.lr,
+        best_of_n_weight=args.best_of_n_weight,
+        deep_first_round_probability=args.deep_first_round_probability,
+    )
     cases = load_training_cases(Path(args.data), args.split, model, Path(args.cache))
     folder = MultiRaterFolder(Path(args.data))
-    description = {"root": str(args.data), "split": args.split, "n_cases": len(cases),
-                   "fingerprint": folder.fingerprint([c.case_id for c in cases])}
+    description = {
+        "root": str(args.data),
+        "split": args.split,
+        "n_cases": len(cases),
+        "fingerprint": folder.fingerprint([c.case_id for c in cases]),
+    }
     run = train(model, cases, out, train_config, data_description=description)
-    print(f"trained {run.steps_done} steps in {run.seconds / 60:.1f} min; weights {out / 'spa_model.pt'} "
-          f"(fingerprint {model.fingerprint()})")
+    print(
+        f"trained {run.steps_done} steps in {run.seconds / 60:.1f} min; weights {out / 'spa_model.pt'} "
+        f"(fingerprint {model.fingerprint()})"
+    )
     return 0
 
 
@@ -284,12 +344,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         methods[name] = (label, model)
     baseline = None
     if not args.no_baseline:
-        baseline = build_model(device=device) if args.checkpoint is None else build_model(
-            next(iter(methods.values()))[1].config, _opt_path(args, "checkpoint"), device)
+        baseline = (
+            build_model(device=device)
+            if args.checkpoint is None
+            else build_model(next(iter(methods.values()))[1].config, _opt_path(args, "checkpoint"), device)
+        )
     targets = _numbers(args.targets, len(args.targets.split(",")), "--targets")
-    results = evaluate(methods, Path(args.data), args.split, baseline_model=baseline, seed=args.seed,
-                       max_rounds=args.rounds, targets=targets, first_prompt=args.first_prompt,
-                       n_samples=args.samples, max_cases=args.max_cases, cache_dir=Path(args.cache))
+    results = evaluate(
+        methods,
+        Path(args.data),
+        args.split,
+        baseline_model=baseline,
+        seed=args.seed,
+        max_rounds=args.rounds,
+        targets=targets,
+        first_prompt=args.first_prompt,
+        n_samples=args.samples,
+        max_cases=args.max_cases,
+        cache_dir=Path(args.cache),
+    )
     paths_written = write_report(results, Path(args.out))
     print(markdown_summary_table(json.loads(paths_written["results"].read_text())))
     print(f"report: {paths_written['report']}")
@@ -309,8 +382,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         weights = args.model if (args.model and conditioning == Conditioning.TOKEN) else None
         if conditioning == Conditioning.TOKEN and weights is None and default_model_path().is_file():
             weights = str(default_model_path())
-        configs.append({"conditioning": conditioning, "n_samples": args.samples, "repeats": args.repeats,
-                        "device": device, "weights": weights, "threads": args.threads})
+        configs.append(
+            {
+                "conditioning": conditioning,
+                "n_samples": args.samples,
+                "repeats": args.repeats,
+                "device": device,
+                "weights": weights,
+                "threads": args.threads,
+            }
+        )
     reports = run_bench(configs)
     print(format_report(reports))
     payload = {"kind": "spa-bench", "machine": machine_description(), "reports": reports}
@@ -336,18 +417,24 @@ def cmd_export_seg(args: argparse.Namespace) -> int:
 
     from .errors import InputError
     from .io.dicom_seg import export_dicom_seg, ijk_to_lps_from_sitk, load_source_series
-    from .io.terminology import terminology_for
     from .io.images import read_reference
+    from .io.terminology import terminology_for
 
     mask_path, series_path = Path(args.mask), Path(args.series)
     if not mask_path.is_file():
-        raise InputError(f"{mask_path} is not a mask file; pass the mask written by `spa segment` (.nrrd, .nii.gz, .seg.nrrd …)")
+        raise InputError(
+            f"{mask_path} is not a mask file; pass the mask written by `spa segment` (.nrrd, .nii.gz, .seg.nrrd …)"
+        )
     if not series_path.is_dir():
-        raise InputError(f"{series_path} is not a folder; pass the folder holding the DICOM series the mask was drawn on")
+        raise InputError(
+            f"{series_path} is not a folder; pass the folder holding the DICOM series the mask was drawn on"
+        )
     image, _ = read_reference(mask_path)
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{mask_path} has {image.GetNumberOfComponentsPerPixel()} values per voxel (overlapping layers); "
-                         "export it as a single label map")
+        raise InputError(
+            f"{mask_path} has {image.GetNumberOfComponentsPerPixel()} values per voxel (overlapping layers); "
+            "export it as a single label map"
+        )
     if image.GetDimension() != 3:
         raise InputError(f"{mask_path} is a {image.GetDimension()}-D image; pass the 3-D mask of the whole series")
     series = load_source_series(series_path)
@@ -355,15 +442,24 @@ def cmd_export_seg(args: argparse.Namespace) -> int:
     if mask.dtype.kind == "f":
         mask = np.rint(mask).astype(np.int64)
     out = export_dicom_seg(
-        mask, series, Path(args.out), segment_label=args.label, structure=args.structure,
-        ijk_to_lps=ijk_to_lps_from_sitk(image), model_fingerprint=args.model_fingerprint, seed=args.seed,
-        series_description=args.series_description, content_creator=args.creator,
+        mask,
+        series,
+        Path(args.out),
+        segment_label=args.label,
+        structure=args.structure,
+        ijk_to_lps=ijk_to_lps_from_sitk(image),
+        model_fingerprint=args.model_fingerprint,
+        seed=args.seed,
+        series_description=args.series_description,
+        content_creator=args.creator,
     )
     terms = terminology_for(args.structure)
     labels = [int(v) for v in np.unique(mask) if v != 0]
-    print(f"wrote {out}: {len(labels)} segment(s) as {terms.category.meaning} / {terms.type.meaning}"
-          + (f" in {terms.region.meaning}" if terms.region else "")
-          + f", referencing series {series.series_uid} ({series.shape[0]} slices)")
+    print(
+        f"wrote {out}: {len(labels)} segment(s) as {terms.category.meaning} / {terms.type.meaning}"
+        + (f" in {terms.region.meaning}" if terms.region else "")
+        + f", referencing series {series.series_uid} ({series.shape[0]} slices)"
+    )
     return 0
 
 
@@ -375,7 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .simulation.prompts import FirstPrompt
     from .training import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="spa", description="SPA: segment by choosing among candidates; the model learns your preference.")
+    parser = argparse.ArgumentParser(
+        prog="spa", description="SPA: segment by choosing among candidates; the model learns your preference."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_options(p: argparse.ArgumentParser) -> None:
@@ -432,10 +530,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=TrainConfig.rounds)
     p.add_argument("--samples", type=int, default=TrainConfig.n_samples)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
-    p.add_argument("--deep-first-round-probability", type=float, default=TrainConfig.deep_first_round_probability,
-                   help="how often the round that also trains the decoder transformer is the first one")
-    p.add_argument("--best-of-n-weight", type=float, default=TrainConfig.best_of_n_weight,
-                   help="weight of the best-sample loss (sample diversity)")
+    p.add_argument(
+        "--deep-first-round-probability",
+        type=float,
+        default=TrainConfig.deep_first_round_probability,
+        help="how often the round that also trains the decoder transformer is the first one",
+    )
+    p.add_argument(
+        "--best-of-n-weight",
+        type=float,
+        default=TrainConfig.best_of_n_weight,
+        help="weight of the best-sample loss (sample diversity)",
+    )
     p.add_argument("--first-prompt", default=TrainConfig.first_prompt.value, choices=FirstPrompt.words())
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--device", default="auto")
@@ -451,7 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(DEFAULT_OUTPUT / "evaluate"))
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--targets", default="0.8,0.9")
-    p.add_argument("--first-prompt", default=FirstPrompt.POINT.value, choices=[FirstPrompt.POINT.value, FirstPrompt.BOX.value])
+    p.add_argument(
+        "--first-prompt", default=FirstPrompt.POINT.value, choices=[FirstPrompt.POINT.value, FirstPrompt.BOX.value]
+    )
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
     p.add_argument("--max-cases", type=int)
     p.add_argument("--no-baseline", action="store_true")
@@ -482,7 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("series", help="folder holding the DICOM series the mask was drawn on")
     p.add_argument("--out", required=True, help="DICOM SEG file to write")
     p.add_argument("--label", default="SPA segmentation", help="segment label (label maps: 'LABEL N' per value)")
-    p.add_argument("--structure", help="what was segmented, e.g. 'liver' or 'liver tumour' (SNOMED codes; default tissue)")
+    p.add_argument(
+        "--structure", help="what was segmented, e.g. 'liver' or 'liver tumour' (SNOMED codes; default tissue)"
+    )
     p.add_argument("--series-description", default="SPA segmentation")
     p.add_argument("--creator", help="content creator name, e.g. 'Doe^Jane'")
     p.add_argument("--model-fingerprint", help="fingerprint of the SPA model that made the mask (recorded)")

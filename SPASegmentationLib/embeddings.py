@@ -15,8 +15,9 @@ from __future__ import annotations
 import io
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ class EmbeddingKey(NamedTuple):
 class EmbeddingCache:
     """Image embeddings of one model, in memory (LRU of ``capacity``) and, with ``folder``, on disk."""
 
-    def __init__(self, model: "SPAModel", capacity: int = 16, folder: Path | None = None) -> None:
+    def __init__(self, model: SPAModel, capacity: int = 16, folder: Path | None = None) -> None:
         if isinstance(capacity, bool) or int(capacity) < 1:
             raise InputError(f"the embedding cache needs room for at least one slice, got capacity {capacity!r}")
         self.model = model
@@ -106,7 +107,7 @@ class EmbeddingCache:
 
     def prefetch_around(
         self,
-        worker: "ModelWorker",
+        worker: ModelWorker,
         slices: Callable[[int], np.ndarray] | np.ndarray,
         index: int,
         n_slices: int,

@@ -13,8 +13,9 @@ Every per-round seed is derived here, from the session seed (see :func:`round_se
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -6,14 +6,14 @@ SPA draws: recommended = yellow outline, added pixels = blue, removed pixels = v
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from .io.atomic import write_bytes_atomic
 from .model.preprocess import normalise_intensity
@@ -34,7 +34,9 @@ def display_image(image: np.ndarray, window: tuple[float, float] | None = None) 
     return np.repeat(unit[..., None], 3, axis=-1) if unit.ndim == 2 else unit
 
 
-def _crop_box(masks: Sequence[np.ndarray], shape: tuple[int, int], margin: float = 0.35, minimum: int = 64) -> tuple[slice, slice]:
+def _crop_box(
+    masks: Sequence[np.ndarray], shape: tuple[int, int], margin: float = 0.35, minimum: int = 64
+) -> tuple[slice, slice]:
     from scipy import ndimage
 
     union = np.zeros(shape, dtype=bool)
@@ -84,8 +86,15 @@ def render_round(
 
     def outline(ax, mask, colour, width=1.6, style="solid"):
         if mask[rows, cols].any() and not mask[rows, cols].all():
-            ax.contour(np.arange(cols.start, cols.stop), np.arange(rows.start, rows.stop), mask[rows, cols].astype(float),
-                       levels=[0.5], colors=[colour], linewidths=width, linestyles=style)
+            ax.contour(
+                np.arange(cols.start, cols.stop),
+                np.arange(rows.start, rows.stop),
+                mask[rows, cols].astype(float),
+                levels=[0.5],
+                colors=[colour],
+                linewidths=width,
+                linestyles=style,
+            )
 
     ax = axes[0]
     ax.imshow(rgb[rows, cols], extent=extent, interpolation="nearest")
@@ -93,7 +102,14 @@ def render_round(
     if target is not None:
         outline(ax, target, TARGET_COLOUR, 1.4, "dashed")
     for x, y, positive in points:
-        ax.plot([x], [y], marker="+" if positive else "x", color="#56B4E9" if positive else "#CC79A7", markersize=10, mew=2.5)
+        ax.plot(
+            [x],
+            [y],
+            marker="+" if positive else "x",
+            color="#56B4E9" if positive else "#CC79A7",
+            markersize=10,
+            mew=2.5,
+        )
     ax.set_title(f"Recommended (round {round_.index})", fontsize=10)
     for k in range(n):
         ax = axes[k + 1]

@@ -7,7 +7,7 @@ Masks are numpy boolean arrays of shape (H, W); any array that converts to bool 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import stats
@@ -22,9 +22,7 @@ def _as_mask_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     a = np.asarray(a).astype(bool)
     b = np.asarray(b).astype(bool)
     if a.shape != b.shape:
-        raise InputError(
-            f"Masks of shapes {a.shape} and {b.shape} cannot be compared; pass masks of the same shape."
-        )
+        raise InputError(f"Masks of shapes {a.shape} and {b.shape} cannot be compared; pass masks of the same shape.")
     return a, b
 
 
@@ -121,7 +119,9 @@ def generalized_energy_distance(
     if len(samples) == 0 or len(raters) == 0:
         raise InputError("GED needs at least one sample and one rater mask; pass non-empty lists.")
     if unbiased and (len(samples) < 2 or len(raters) < 2):
-        raise InputError("Unbiased GED needs at least two samples and two rater masks; pass more or use unbiased=False.")
+        raise InputError(
+            "Unbiased GED needs at least two samples and two rater masks; pass more or use unbiased=False."
+        )
     cross = _mean_distance(samples, raters, skip_same_index=False)
     within_samples = _mean_distance(samples, samples, skip_same_index=unbiased)
     within_raters = _mean_distance(raters, raters, skip_same_index=unbiased)

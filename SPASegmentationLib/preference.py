@@ -79,9 +79,7 @@ class PreferenceMixture:
         if self.means.shape != self.stds.shape:
             raise ValueError(f"means {tuple(self.means.shape)} and stds {tuple(self.stds.shape)} differ")
         if self.weights.shape != self.means.shape[:-1]:
-            raise ValueError(
-                f"weights {tuple(self.weights.shape)} do not match means {tuple(self.means.shape)}"
-            )
+            raise ValueError(f"weights {tuple(self.weights.shape)} do not match means {tuple(self.means.shape)}")
 
     @property
     def n_components(self) -> int:
@@ -124,10 +122,10 @@ class PreferenceMixture:
         sigma = torch.gather(self.stds, -2, gather)
         return mu + sigma * eps, index
 
-    def detach(self) -> "PreferenceMixture":
+    def detach(self) -> PreferenceMixture:
         return PreferenceMixture(self.weights.detach(), self.means.detach(), self.stds.detach())
 
-    def select(self, i: int) -> "PreferenceMixture":
+    def select(self, i: int) -> PreferenceMixture:
         """The mixture of image i of a batch."""
         return PreferenceMixture(self.weights[i], self.means[i], self.stds[i])
 
@@ -144,7 +142,7 @@ class PreferenceMixture:
         }
 
     @classmethod
-    def from_dict(cls, payload: dict[str, Any]) -> "PreferenceMixture":
+    def from_dict(cls, payload: dict[str, Any]) -> PreferenceMixture:
         """Rebuild and validate a mixture written by :meth:`to_dict`."""
         try:
             weights = torch.tensor(payload["weights"], dtype=torch.float32)
@@ -198,4 +196,3 @@ def e_step_weights(
     mean_loss = torch.where(drawn, mean_loss, fallback.expand_as(mean_loss))
     log_post = torch.log(prior_weights.clamp_min(1e-8)) - mean_loss / temperature
     return torch.softmax(log_post, dim=-1)
-

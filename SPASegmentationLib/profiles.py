@@ -10,7 +10,6 @@ never overwritten or removed, except by an explicit :meth:`ProfileStore.delete`.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,8 +32,7 @@ DEFAULT_LOCK_TIMEOUT_S = 30.0
 
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9_\-]([A-Za-z0-9 ._\-]{0,62}[A-Za-z0-9_\-])?")
 _NAME_RULE = (
-    "1-64 characters from letters A-Z/a-z, digits, space, '.', '_' and '-', "
-    "not starting or ending with '.' or a space"
+    "1-64 characters from letters A-Z/a-z, digits, space, '.', '_' and '-', not starting or ending with '.' or a space"
 )
 
 
@@ -141,7 +139,7 @@ class Profile:
         }
 
     @classmethod
-    def from_dict(cls, payload: object) -> "Profile":
+    def from_dict(cls, payload: object) -> Profile:
         """Rebuild and validate a profile written by :meth:`to_dict`; ProfileError says what is wrong."""
         if not isinstance(payload, dict):
             raise ProfileError("a profile must be a JSON object")
@@ -152,8 +150,17 @@ class Profile:
             raise ProfileError(f"schema_version is {version!r}, this version of SPA reads {SCHEMA_VERSION}")
         missing = [
             key
-            for key in ("user", "structure", "model_fingerprint", "n_sessions", "weights", "last_mixture",
-                        "created", "updated", "history")
+            for key in (
+                "user",
+                "structure",
+                "model_fingerprint",
+                "n_sessions",
+                "weights",
+                "last_mixture",
+                "created",
+                "updated",
+                "history",
+            )
             if key not in payload
         ]
         if missing:
@@ -164,9 +171,7 @@ class Profile:
         weights = _check_weights(payload["weights"])
         mixture = _mixture_from_payload(payload["last_mixture"])
         if len(weights) != mixture.n_components:
-            raise ProfileError(
-                f"weights have {len(weights)} components but last_mixture has {mixture.n_components}"
-            )
+            raise ProfileError(f"weights have {len(weights)} components but last_mixture has {mixture.n_components}")
         return cls(
             user=validate_name(payload["user"], "user"),
             structure=validate_name(payload["structure"], "structure"),
@@ -305,9 +310,7 @@ class ProfileStore:
 
     # ----- writing -----
 
-    def update(
-        self, user: str, structure: str, mixture: PreferenceMixture, rounds: int | None = None
-    ) -> Profile:
+    def update(self, user: str, structure: str, mixture: PreferenceMixture, rounds: int | None = None) -> Profile:
         """Fold the final mixture of an accepted session into the profile (creating it if absent).
 
         The weights become a running mean over at most the last 20 sessions:
@@ -336,7 +339,7 @@ class ProfileStore:
                     )
                 n_sessions = profile.n_sessions + 1
                 step = min(n_sessions, RUNNING_MEAN_WINDOW)
-                moved = [w + (w_new - w) / step for w, w_new in zip(profile.weights, new_weights)]
+                moved = [w + (w_new - w) / step for w, w_new in zip(profile.weights, new_weights, strict=True)]
                 total = sum(moved)
                 profile.weights = [w / total for w in moved]
                 profile.n_sessions = n_sessions

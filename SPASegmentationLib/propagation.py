@@ -17,8 +17,9 @@ or when ``progress`` returns False. Runs on the caller's thread (the ModelWorker
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -64,7 +65,9 @@ class PropagationResult:
     start_index: int = 0
     initial_weights: np.ndarray | None = None  # the mixture weights every slice started from (normalised)
     areas: dict[int, int] = field(default_factory=dict)  # slice index -> foreground pixels
-    mixture_weights: dict[int, np.ndarray] = field(default_factory=dict)  # each slice tried -> weights its round sampled
+    mixture_weights: dict[int, np.ndarray] = field(
+        default_factory=dict
+    )  # each slice tried -> weights its round sampled
 
     @property
     def indices(self) -> list[int]:
@@ -123,7 +126,7 @@ def intensity_shift(
 
 
 def propagate(
-    model: "SPAModel",
+    model: SPAModel,
     slices: SliceSource,
     start_index: int,
     start_mask: np.ndarray,
@@ -133,7 +136,7 @@ def propagate(
     seed: int = 0,
     n_samples: int = DEFAULT_SAMPLES,
     window: tuple[float, float] | None = None,
-    embeddings: "EmbeddingCache | None" = None,
+    embeddings: EmbeddingCache | None = None,
     progress: Callable[[int, int], bool] | None = None,
     max_slices: int | None = None,
     min_area_fraction: float = 0.05,
@@ -172,10 +175,15 @@ def propagate(
     if max_slices is not None and (isinstance(max_slices, bool) or int(max_slices) < 0):
         raise InputError(f"max_slices must be a non-negative number of slices, got {max_slices!r}")
     if not 0.0 <= min_area_fraction < 1.0 or not 0.0 <= min_dice <= 1.0:
-        raise InputError(f"min_area_fraction ({min_area_fraction}) must be in [0, 1) and min_dice ({min_dice}) in [0, 1]")
+        raise InputError(
+            f"min_area_fraction ({min_area_fraction}) must be in [0, 1) and min_dice ({min_dice}) in [0, 1]"
+        )
     prompt = SlicePrompt.parse(prompt, "propagation prompt")
-    weights = None if initial_weights is None else check_weights(
-        initial_weights, n_components=model.config.n_components, what="the adapted mixture weights")
+    weights = (
+        None
+        if initial_weights is None
+        else check_weights(initial_weights, n_components=model.config.n_components, what="the adapted mixture weights")
+    )
 
     masks: dict[int, np.ndarray] = {start_index: start_mask.copy()}
     areas = {start_index: int(start_mask.sum())}
@@ -195,8 +203,15 @@ def propagate(
 
     remaining = dict(reach)
     if progress is not None and progress(0, estimate(remaining)) is False:
-        return PropagationResult(masks, {d: CANCELLED for d in DIRECTIONS}, time.perf_counter() - began,
-                                 start_index, None if weights is None else weights.copy(), areas, mixture_weights)
+        return PropagationResult(
+            masks,
+            {d: CANCELLED for d in DIRECTIONS},
+            time.perf_counter() - began,
+            start_index,
+            None if weights is None else weights.copy(),
+            areas,
+            mixture_weights,
+        )
 
     for direction in DIRECTIONS:
         step = 1 if direction == "forward" else -1
@@ -211,15 +226,28 @@ def propagate(
                     f"{start_mask.shape[0]}×{start_mask.shape[1]}; every slice must have the same size"
                 )
             mask, mixture_weights[index] = _segment_slice(
-                model, image, previous, index, seed=seed, n_samples=n_samples, window=window,
-                weights=weights, embeddings=embeddings, prompt=prompt, box_margin=box_margin,
+                model,
+                image,
+                previous,
+                index,
+                seed=seed,
+                n_samples=n_samples,
+                window=window,
+                weights=weights,
+                embeddings=embeddings,
+                prompt=prompt,
+                box_margin=box_margin,
             )
             done += 1
             remaining[direction] -= 1
             area = int(mask.sum())
             shift = None if max_intensity_shift is None else intensity_shift(previous_image, previous, image, mask)
-            if (area == 0 or area < minimum_area or dice(mask, previous) < min_dice
-                    or (shift is not None and shift > max_intensity_shift)):
+            if (
+                area == 0
+                or area < minimum_area
+                or dice(mask, previous) < min_dice
+                or (shift is not None and shift > max_intensity_shift)
+            ):
                 stopped[direction] = STRUCTURE_ENDED
             else:
                 masks[index] = mask
@@ -236,12 +264,19 @@ def propagate(
             stopped[direction] = IMAGE_EDGE if at_edge else MAX_SLICES
         if all(d in stopped for d in DIRECTIONS):
             break
-    return PropagationResult(masks, {d: stopped[d] for d in DIRECTIONS}, time.perf_counter() - began,
-                             start_index, None if weights is None else weights.copy(), areas, mixture_weights)
+    return PropagationResult(
+        masks,
+        {d: stopped[d] for d in DIRECTIONS},
+        time.perf_counter() - began,
+        start_index,
+        None if weights is None else weights.copy(),
+        areas,
+        mixture_weights,
+    )
 
 
 def _segment_slice(
-    model: "SPAModel",
+    model: SPAModel,
     image: np.ndarray,
     previous: np.ndarray,
     index: int,
@@ -250,16 +285,25 @@ def _segment_slice(
     n_samples: int,
     window: tuple[float, float] | None,
     weights: np.ndarray | None,
-    embeddings: "EmbeddingCache | None",
+    embeddings: EmbeddingCache | None,
     prompt: SlicePrompt,
     box_margin: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One slice: (its recommendation kept where it touches the previous mask, the mixture weights sampled)."""
     embedding = None if embeddings is None else embeddings.get(image, window)
-    session = Session(model, image, seed=slice_seed(seed, index), n_samples=n_samples,
-                      initial_weights=weights, window=window, embedding=embedding)
+    session = Session(
+        model,
+        image,
+        seed=slice_seed(seed, index),
+        n_samples=n_samples,
+        initial_weights=weights,
+        window=window,
+        embedding=embedding,
+    )
     point, box = prompt_from_mask(previous, margin=box_margin)
-    round_ = session.start(point=None if prompt is SlicePrompt.BOX else point, box=None if prompt is SlicePrompt.POINT else box)
+    round_ = session.start(
+        point=None if prompt is SlicePrompt.BOX else point, box=None if prompt is SlicePrompt.POINT else box
+    )
     return keep_touching(round_.recommended, previous), round_.mixture_weights
 
 
@@ -273,7 +317,9 @@ def _slice_source(slices: SliceSource, n_slices: int | None) -> tuple[Callable[[
         volume = slices
         return (lambda i: volume[i]), int(volume.shape[0])
     if not callable(slices):
-        raise InputError(f"slices must be a (n_slices, H, W) array or a callable index -> image, got {type(slices).__name__}")
+        raise InputError(
+            f"slices must be a (n_slices, H, W) array or a callable index -> image, got {type(slices).__name__}"
+        )
     if n_slices is None or isinstance(n_slices, bool) or int(n_slices) < 1:
         raise InputError(f"with a callable for slices, pass n_slices (the number of slices, >= 1), got {n_slices!r}")
     return slices, int(n_slices)

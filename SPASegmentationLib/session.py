@@ -22,7 +22,15 @@ import numpy as np
 import torch
 
 from .candidates import N_CANDIDATES, signed_differences
-from .engine import DEFAULT_SAMPLES, ModelRound, feedback_prompt, feedback_seed, round_seed, run_model_round, start_prompt
+from .engine import (
+    DEFAULT_SAMPLES,
+    ModelRound,
+    feedback_prompt,
+    feedback_seed,
+    round_seed,
+    run_model_round,
+    start_prompt,
+)
 from .errors import InputError
 from .fingerprints import image_fingerprint
 from .model.spa import Prompt, SPAModel
@@ -60,8 +68,11 @@ class SessionStart:
     label: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        return {"point": None if self.point is None else [float(v) for v in self.point], "label": bool(self.label),
-                "box": None if self.box is None else [float(v) for v in self.box]}
+        return {
+            "point": None if self.point is None else [float(v) for v in self.point],
+            "label": bool(self.label),
+            "box": None if self.box is None else [float(v) for v in self.box],
+        }
 
 
 @dataclass
@@ -105,7 +116,7 @@ class SessionState:
         }
 
     @classmethod
-    def from_dict(cls, payload: Any) -> "SessionState":
+    def from_dict(cls, payload: Any) -> SessionState:
         """Read :meth:`to_dict`'s JSON; InputError naming the problem when it is not a usable state."""
         if not isinstance(payload, dict) or payload.get("kind") != STATE_KIND:
             raise InputError("this is not an SPA session state (missing kind 'spa-session')")
@@ -124,7 +135,9 @@ class SessionState:
                 n_candidates=int(payload["n_candidates"]),
                 window=None if not window else (float(window[0]), float(window[1])),
                 initial_weights=tuple(float(v) for v in payload["initial_weights"]),
-                start=None if not start else SessionStart(
+                start=None
+                if not start
+                else SessionStart(
                     point=None if start.get("point") is None else tuple(float(v) for v in start["point"]),
                     box=None if start.get("box") is None else tuple(float(v) for v in start["box"]),
                     label=bool(start.get("label", True)),
@@ -134,7 +147,9 @@ class SessionState:
                 mixture=payload.get("mixture"),
             )
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-            raise InputError(f"the session state is damaged ({type(exc).__name__}: {exc}); use a state written by SPA") from exc
+            raise InputError(
+                f"the session state is damaged ({type(exc).__name__}: {exc}); use a state written by SPA"
+            ) from exc
 
 
 class Session:
@@ -167,9 +182,12 @@ class Session:
             self.initial_weights = uniform_weights(k)
         else:
             # float32 first, as the weights are stored and used, then normalised in float32
-            as_float32 = torch.as_tensor(np.asarray(
-                initial_weights.detach().cpu() if isinstance(initial_weights, torch.Tensor) else initial_weights,
-                dtype=np.float32))
+            as_float32 = torch.as_tensor(
+                np.asarray(
+                    initial_weights.detach().cpu() if isinstance(initial_weights, torch.Tensor) else initial_weights,
+                    dtype=np.float32,
+                )
+            )
             check_weights(as_float32, n_components=k, what="initial mixture weights")
             self.initial_weights = as_float32 / as_float32.sum()
         if embedding is None:
@@ -192,8 +210,11 @@ class Session:
     ) -> Round:
         """Begin with a point inside the structure and/or a box (x0, y0, x1, y1) around it."""
         prompt = start_prompt(self.geometry, point, box, label)
-        self._start = SessionStart(None if point is None else tuple(float(v) for v in point),
-                                   None if box is None else tuple(float(v) for v in box), bool(label))
+        self._start = SessionStart(
+            None if point is None else tuple(float(v) for v in point),
+            None if box is None else tuple(float(v) for v in box),
+            bool(label),
+        )
         self._choices, self._model_rounds, self._rounds, self.accepted = [], [], [], False
         return self._advance(prompt, self.initial_weights)
 
@@ -203,7 +224,9 @@ class Session:
         if self.accepted:
             raise InputError("this session is already accepted; undo() first to keep refining")
         if not isinstance(k, (int, np.integer)) or not 0 <= k < current.n_candidates:
-            raise InputError(f"candidate {k} does not exist; round {current.index} has candidates 0..{current.n_candidates - 1}")
+            raise InputError(
+                f"candidate {k} does not exist; round {current.index} has candidates 0..{current.n_candidates - 1}"
+            )
         last = self._model_rounds[-1]
         prompt = feedback_prompt(self.model, last, int(k), feedback_seed(self.seed, current.index))
         self._choices.append(int(k))
@@ -224,7 +247,7 @@ class Session:
         self.accepted = False
         del self._rounds[target:]
         del self._model_rounds[target:]
-        del self._choices[target - 1:]
+        del self._choices[target - 1 :]
         return self._rounds[-1]
 
     # ----- what the session holds ----------------------------------------------------------------
@@ -265,8 +288,12 @@ class Session:
 
     @classmethod
     def restore(
-        cls, model: SPAModel, image: np.ndarray, state: SessionState | dict[str, Any], embedding: torch.Tensor | None = None
-    ) -> "Session":
+        cls,
+        model: SPAModel,
+        image: np.ndarray,
+        state: SessionState | dict[str, Any],
+        embedding: torch.Tensor | None = None,
+    ) -> Session:
         """Rebuild a session from :meth:`state` (or its JSON) by replaying its prompt and choices (deterministic)."""
         if not isinstance(state, SessionState):
             state = SessionState.from_dict(state)
@@ -276,9 +303,19 @@ class Session:
                 "load the model it was made with"
             )
         if state.image_fingerprint != image_fingerprint(image):
-            raise InputError("session state belongs to a different image (fingerprints differ); open the image it was made on")
-        session = cls(model, image, seed=state.seed, n_samples=state.n_samples, n_candidates=state.n_candidates,
-                      initial_weights=np.asarray(state.initial_weights), window=state.window, embedding=embedding)
+            raise InputError(
+                "session state belongs to a different image (fingerprints differ); open the image it was made on"
+            )
+        session = cls(
+            model,
+            image,
+            seed=state.seed,
+            n_samples=state.n_samples,
+            n_candidates=state.n_candidates,
+            initial_weights=np.asarray(state.initial_weights),
+            window=state.window,
+            embedding=embedding,
+        )
         if state.start is not None:
             session.start(point=state.start.point, box=state.start.box, label=state.start.label)
             for k in state.choices:
@@ -296,8 +333,14 @@ class Session:
         began = time.perf_counter()
         index = len(self._rounds) + 1
         model_round = run_model_round(
-            self.model, self.embedding, self.geometry, prompt, previous_weights,
-            self.n_samples, round_seed(self.seed, index), self.n_candidates,
+            self.model,
+            self.embedding,
+            self.geometry,
+            prompt,
+            previous_weights,
+            self.n_samples,
+            round_seed(self.seed, index),
+            self.n_candidates,
         )
         self._model_rounds.append(model_round)
         round_ = self._to_image(index, model_round, time.perf_counter() - began)
@@ -306,9 +349,15 @@ class Session:
 
     def _to_image(self, index: int, model_round: ModelRound, seconds: float) -> Round:
         side = self.model.backbone.mask_size
-        maps = torch.from_numpy(np.concatenate([
-            model_round.mean_probability[None], model_round.std[None], model_round.clusters.probabilities,
-        ]))
+        maps = torch.from_numpy(
+            np.concatenate(
+                [
+                    model_round.mean_probability[None],
+                    model_round.std[None],
+                    model_round.clusters.probabilities,
+                ]
+            )
+        )
         resized = self.geometry.maps_to_image(maps, side).numpy()
         threshold = self.model.config.recommend_threshold
         probability, uncertainty, candidate_probs = resized[0], resized[1], resized[2:]

@@ -10,13 +10,13 @@ Without an active clock, ``stage`` does nothing but one context-variable lookup.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Iterator
 
 import torch
 
-_active: ContextVar["StageClock | None"] = ContextVar("spa_stage_clock", default=None)
+_active: ContextVar[StageClock | None] = ContextVar("spa_stage_clock", default=None)
 
 
 class StageClock:
@@ -27,7 +27,7 @@ class StageClock:
         self.seconds: dict[str, float] = {}
         self._token = None
 
-    def __enter__(self) -> "StageClock":
+    def __enter__(self) -> StageClock:
         self._token = _active.set(self)
         return self
 

@@ -86,7 +86,9 @@ class TrainingCase:
     raters: dict[str, np.ndarray]  # image-size bool masks
 
 
-def load_training_cases(root: Path, split: str, model: SPAModel, cache_dir: Path, progress: bool = True) -> list[TrainingCase]:
+def load_training_cases(
+    root: Path, split: str, model: SPAModel, cache_dir: Path, progress: bool = True
+) -> list[TrainingCase]:
     """Read a multi-rater folder's split and make sure every image's embedding is cached."""
     from tqdm import tqdm
 
@@ -123,7 +125,9 @@ def _masked_bce(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
     return (loss * valid).sum((-2, -1)) / valid.sum((-2, -1)).clamp_min(1.0)
 
 
-def _probability_bce(probability: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, pos_weight: float) -> torch.Tensor:
+def _probability_bce(
+    probability: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, pos_weight: float
+) -> torch.Tensor:
     """BCE of a probability map (the aggregate of N samples), pos_weight on the foreground term."""
     p = probability.clamp(1e-6, 1 - 1e-6)
     loss = -(pos_weight * target * torch.log(p) + (1 - target) * torch.log(1 - p))
@@ -144,7 +148,11 @@ def set_trainable(model: SPAModel, config: TrainConfig) -> list[torch.nn.Paramet
 
 
 def training_step(
-    model: SPAModel, cases: list[TrainingCase], config: TrainConfig, rng: np.random.Generator, generator: torch.Generator
+    model: SPAModel,
+    cases: list[TrainingCase],
+    config: TrainConfig,
+    rng: np.random.Generator,
+    generator: torch.Generator,
 ) -> dict[str, float]:
     """One optimisation step's forward and backward over a batch (gradients accumulate per round)."""
     device = model.device
@@ -169,7 +177,9 @@ def training_step(
     totals = {"loss": 0.0, "aggregate_bce": 0.0, "best_bce": 0.0, "pi_mse": 0.0, "dice_first": 0.0, "dice_last": 0.0}
     for round_index in range(config.rounds):
         deep = config.deep_rounds and round_index == deep_round
-        sampled = sample_round(model, embeddings, prompts, weights, config.n_samples, generator, trainable_transformer=deep)
+        sampled = sample_round(
+            model, embeddings, prompts, weights, config.n_samples, generator, trainable_transformer=deep
+        )
         mixture, logits = sampled.mixture, sampled.logits  # logits (B, N, m, m)
         probability = torch.sigmoid(logits).mean(1, keepdim=True)
         aggregate_loss = _probability_bce(probability, target, valid, config.pos_weight).mean()
@@ -188,7 +198,7 @@ def training_step(
             recommended = (probability >= model.config.recommend_threshold).cpu().numpy()[:, 0]
             goals = target.cpu().numpy()[:, 0] > 0.5
             inside = valid.cpu().numpy()[:, 0] > 0.5
-            round_dice = float(np.mean([dice(r[v], g[v]) for r, g, v in zip(recommended, goals, inside)]))
+            round_dice = float(np.mean([dice(r[v], g[v]) for r, g, v in zip(recommended, goals, inside, strict=True)]))
             if round_index == 0:
                 totals["dice_first"] = round_dice
             totals["dice_last"] = round_dice
@@ -198,8 +208,14 @@ def training_step(
             next_prompts = []
             for i, case in enumerate(cases):
                 rows, cols = case.geometry.valid_shape_at(side)
-                model_round = summarise_round(model, prompts[i], mixture.select(i), probs[i, :, :rows, :cols],
-                                              config.n_candidates, seed=int(rng.integers(2**31)))
+                model_round = summarise_round(
+                    model,
+                    prompts[i],
+                    mixture.select(i),
+                    probs[i, :, :rows, :cols],
+                    config.n_candidates,
+                    seed=int(rng.integers(2**31)),
+                )
                 goal = targets[i][:rows, :cols].numpy().astype(bool)
                 chosen = nearest_candidate(model_round.clusters.masks, goal)
                 next_prompts.append(feedback_prompt(model, model_round, chosen, int(rng.integers(2**31))))
@@ -237,7 +253,9 @@ def train(
         [{"params": own_params, "lr": config.lr}, {"params": decoder_params, "lr": config.decoder_lr}],
         weight_decay=config.weight_decay,
     )
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.steps), eta_min=config.lr * 0.05)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(1, config.steps), eta_min=config.lr * 0.05
+    )
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     step, seconds_before = 0, 0.0
@@ -266,15 +284,28 @@ def train(
         totals["step"] = step
         history.append(totals)
         bar.update(1)
-        bar.set_postfix(loss=f"{totals['loss']:.3f}", dice1=f"{totals['dice_first']:.2f}", diceT=f"{totals['dice_last']:.2f}")
+        bar.set_postfix(
+            loss=f"{totals['loss']:.3f}", dice1=f"{totals['dice_first']:.2f}", diceT=f"{totals['dice_last']:.2f}"
+        )
         if step % config.log_every == 0 or step == config.steps:
-            recent = history[-config.log_every:]
+            recent = history[-config.log_every :]
             mean = {k: float(np.mean([h[k] for h in recent])) for k in recent[0] if k != "step"}
             with open(log_path, "a") as handle:
-                handle.write(json.dumps({"step": step, **mean, "elapsed_s": seconds_before + time.perf_counter() - started}) + "\n")
+                handle.write(
+                    json.dumps({"step": step, **mean, "elapsed_s": seconds_before + time.perf_counter() - started})
+                    + "\n"
+                )
         if step % config.checkpoint_every == 0 or step == config.steps:
-            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, rng, generator, step,
-                             seconds_before + time.perf_counter() - started)
+            _save_checkpoint(
+                checkpoint_path,
+                model,
+                optimizer,
+                scheduler,
+                rng,
+                generator,
+                step,
+                seconds_before + time.perf_counter() - started,
+            )
     bar.close()
     model.eval()
     seconds = seconds_before + time.perf_counter() - started
@@ -292,7 +323,9 @@ def train(
     return TrainingRun(step, seconds, history)
 
 
-def _save_checkpoint(path: Path, model: SPAModel, optimizer, scheduler, rng, generator, step: int, seconds: float) -> None:
+def _save_checkpoint(
+    path: Path, model: SPAModel, optimizer, scheduler, rng, generator, step: int, seconds: float
+) -> None:
     import io
 
     state = {

@@ -18,7 +18,8 @@ import concurrent.futures
 import logging
 import threading
 from collections import deque
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class ModelWorker:
         self._thread.start()
 
     # ----- handing work over ---------------------------------------------------------------------
-    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "concurrent.futures.Future[T]":
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
         """Queue user work ahead of every pending prefetch; its result or exception comes via the Future."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._condition:
@@ -54,7 +55,8 @@ class ModelWorker:
         return future
 
     def prefetch(self, key: str, fn: Callable[[], T]) -> bool:
-        """Queue low-priority work under ``key``; dropped (False) if that key is queued or running, or after shutdown."""
+        """Queue low-priority work under ``key``; dropped (False) if that key is queued or running, or after
+        shutdown."""
         with self._condition:
             if self._closed or key in self._prefetch_keys:
                 return False

@@ -37,7 +37,9 @@ def mrml_scene():
         yield scene
 
 
-def disc_image(height: int = 180, width: int = 240, centre=(120, 90), radius: float = 35.0, seed: int = 0) -> np.ndarray:
+def disc_image(
+    height: int = 180, width: int = 240, centre=(120, 90), radius: float = 35.0, seed: int = 0
+) -> np.ndarray:
     """A CT-like int16 image (HU) with a bright disc and a faint rim."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:height, :width]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 ROW_SPACING = 0.8  # mm between rows (first value of PixelSpacing)
 COLUMN_SPACING = 0.7  # mm between columns (second value of PixelSpacing)
@@ -42,22 +42,34 @@ def phantom(slices: int = 12, rows: int = 64, columns: int = 64) -> np.ndarray:
     """A (k, j, i) int16 HU body: air outside, soft tissue disc, a brighter ellipsoidal 'organ'."""
     k, j, i = np.mgrid[:slices, :rows, :columns].astype(np.float64)
     body = np.hypot((j - rows / 2) / (rows * 0.45), (i - columns / 2) / (columns * 0.45)) < 1.0
-    organ = ellipsoid((slices, rows, columns), centre=(slices / 2, rows * 0.45, columns * 0.55),
-                      radii=(slices * 0.3, rows * 0.2, columns * 0.25))
+    organ = ellipsoid(
+        (slices, rows, columns),
+        centre=(slices / 2, rows * 0.45, columns * 0.55),
+        radii=(slices * 0.3, rows * 0.2, columns * 0.25),
+    )
     hu = np.where(body, 40.0, -1000.0) + np.where(organ, 80.0, 0.0)
     hu += np.random.default_rng(0).normal(0.0, 5.0, hu.shape)
     return np.round(hu).astype(np.int16)
 
 
-def ellipsoid(shape: tuple[int, int, int], centre: tuple[float, float, float],
-              radii: tuple[float, float, float]) -> np.ndarray:
+def ellipsoid(
+    shape: tuple[int, int, int], centre: tuple[float, float, float], radii: tuple[float, float, float]
+) -> np.ndarray:
     """A (k, j, i) boolean ellipsoid, for phantoms and test masks."""
     k, j, i = np.mgrid[: shape[0], : shape[1], : shape[2]].astype(np.float64)
-    return ((k - centre[0]) / radii[0]) ** 2 + ((j - centre[1]) / radii[1]) ** 2 + ((i - centre[2]) / radii[2]) ** 2 <= 1.0
+    return ((k - centre[0]) / radii[0]) ** 2 + ((j - centre[1]) / radii[1]) ** 2 + (
+        (i - centre[2]) / radii[2]
+    ) ** 2 <= 1.0
 
 
-def _slice_dataset(series: dict, hu_slice: np.ndarray, position: np.ndarray, orientation: tuple[float, ...],
-                   instance_number: int, sop_uid: str) -> Dataset:
+def _slice_dataset(
+    series: dict,
+    hu_slice: np.ndarray,
+    position: np.ndarray,
+    orientation: tuple[float, ...],
+    instance_number: int,
+    sop_uid: str,
+) -> Dataset:
     """One CT Image Storage dataset for one slice."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
@@ -133,10 +145,15 @@ def _slice_dataset(series: dict, hu_slice: np.ndarray, position: np.ndarray, ori
     return ds
 
 
-def write_ct_series(folder: Path, slices: int = 12, rows: int = 64, columns: int = 64,
-                    origin: tuple[float, float, float] = (-22.4, -25.6, 100.0),
-                    orientation: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
-                    seed: int = 0) -> SyntheticSeries:
+def write_ct_series(
+    folder: Path,
+    slices: int = 12,
+    rows: int = 64,
+    columns: int = 64,
+    origin: tuple[float, float, float] = (-22.4, -25.6, 100.0),
+    orientation: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+    seed: int = 0,
+) -> SyntheticSeries:
     """Write a synthetic CT series into ``folder`` (created) and describe it.
 
     ``orientation`` is ImageOrientationPatient (row cosine, column cosine); slices are stacked along
@@ -148,18 +165,29 @@ def write_ct_series(folder: Path, slices: int = 12, rows: int = 64, columns: int
     col_dir = np.asarray(orientation[3:], dtype=np.float64)
     normal = np.cross(row_dir, col_dir)
     hu = phantom(slices, rows, columns)
-    series = {"study_uid": generate_uid(), "series_uid": generate_uid(), "frame_uid": generate_uid(),
-              "date": "20260101", "time": "120000"}
+    series = {
+        "study_uid": generate_uid(),
+        "series_uid": generate_uid(),
+        "frame_uid": generate_uid(),
+        "date": "20260101",
+        "time": "120000",
+    }
     sop_uids = [generate_uid() for _ in range(slices)]
     # instance numbers run against the slice order and files are written shuffled
     order = rng.permutation(slices)
     files: list[Path] = [Path()] * slices
     for name_index, k in enumerate(order):
         position = np.asarray(origin, dtype=np.float64) + k * SLICE_SPACING * normal
-        ds = _slice_dataset(series, hu[k], position, orientation, instance_number=slices - int(k),
-                            sop_uid=sop_uids[k])
+        ds = _slice_dataset(series, hu[k], position, orientation, instance_number=slices - int(k), sop_uid=sop_uids[k])
         path = folder / f"IM{name_index:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         files[int(k)] = path
-    return SyntheticSeries(folder=folder, files=files, study_uid=series["study_uid"], series_uid=series["series_uid"],
-                           frame_of_reference_uid=series["frame_uid"], hounsfield=hu, sop_instance_uids=sop_uids)
+    return SyntheticSeries(
+        folder=folder,
+        files=files,
+        study_uid=series["study_uid"],
+        series_uid=series["series_uid"],
+        frame_of_reference_uid=series["frame_uid"],
+        hounsfield=hu,
+        sop_instance_uids=sop_uids,
+    )

@@ -20,7 +20,14 @@ TESTING = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTING))
 
 from mrml import (  # noqa: E402
-    LPS_DIRECTIONS, add_colour_tables, add_segment, add_segmentation, add_volume, app_logic_of, new_scene, voxel_ras,
+    LPS_DIRECTIONS,
+    add_colour_tables,
+    add_segment,
+    add_segmentation,
+    add_volume,
+    app_logic_of,
+    new_scene,
+    voxel_ras,
 )
 from slice_view import OffscreenSliceView  # noqa: E402
 
@@ -51,8 +58,13 @@ def render_round_in_slice_view(model, rater: str | None = None, seed: int = 0, s
     spacing = float(sitk.ReadImage(str(case.image_path)).GetSpacing()[0])
     # LPS directions: image columns run to patient left and rows to posterior, so the Red view shows
     # the array as it is stored (columns left→right on screen, rows top→bottom).
-    volume = add_volume(scene, np.asarray(case.image)[None], spacing=(spacing, spacing, 2.5),
-                        directions=LPS_DIRECTIONS, name="CT sample")
+    volume = add_volume(
+        scene,
+        np.asarray(case.image)[None],
+        spacing=(spacing, spacing, 2.5),
+        directions=LPS_DIRECTIONS,
+        name="CT sample",
+    )
     display = volume.GetDisplayNode()
     display.SetAutoWindowLevel(0)
     display.SetWindowLevel(*CT_WINDOW)
@@ -75,8 +87,14 @@ def render_round_in_slice_view(model, rater: str | None = None, seed: int = 0, s
         pixels = view.render()
     finally:
         view.close()
-    info = {"rater": rater, "chosen": chosen + 1, "shown_round": shown.index, "shown_dice": dice(shown.recommended, target),
-            "n_candidates": shown.n_candidates, "model": model.fingerprint()}
+    info = {
+        "rater": rater,
+        "chosen": chosen + 1,
+        "shown_round": shown.index,
+        "shown_dice": dice(shown.recommended, target),
+        "n_candidates": shown.n_candidates,
+        "model": model.fingerprint(),
+    }
     session.close()
     return pixels, shown, info
 
@@ -98,23 +116,56 @@ def compose(pixels: np.ndarray, round_, info: dict) -> bytes:
     view_axes.text(8, 20, "Red (axial)", color="#e05a5a", fontsize=10, weight="bold")
     legend_axes = figure.add_axes((0.6, 0.0, 0.4, 1.0))
     legend_axes.set_axis_off()
-    legend_axes.text(0.02, 0.95, f"SPA — round {round_.index}", color="white", fontsize=14, weight="bold",
-                     transform=legend_axes.transAxes)
-    legend_axes.text(0.02, 0.895, f"one click; a clinician with style '{info['rater']}' would pick {info['chosen']}",
-                     color="#cccccc", fontsize=9.5, transform=legend_axes.transAxes)
+    legend_axes.text(
+        0.02,
+        0.95,
+        f"SPA — round {round_.index}",
+        color="white",
+        fontsize=14,
+        weight="bold",
+        transform=legend_axes.transAxes,
+    )
+    legend_axes.text(
+        0.02,
+        0.895,
+        f"one click; a clinician with style '{info['rater']}' would pick {info['chosen']}",
+        color="#cccccc",
+        fontsize=9.5,
+        transform=legend_axes.transAxes,
+    )
     handles = [Line2D([], [], color=RECOMMENDED_COLOUR, linewidth=2.5, label="recommended mask (outline)")]
     for k in range(round_.n_candidates):
         adds = int((round_.differences[k] > 0).sum())
         removes = int((round_.differences[k] < 0).sum())
-        handles.append(Patch(facecolor=CANDIDATE_COLOURS[k], edgecolor=CANDIDATE_COLOURS[k],
-                             label=f"candidate {k + 1} adds ({adds} px) — key {k + 1}"))
-        handles.append(Line2D([], [], color=removes_colour(k), linewidth=2.5,
-                              label=f"candidate {k + 1} removes ({removes} px)"))
-    legend = legend_axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.0, 0.86), frameon=False,
-                                fontsize=9.5, labelcolor="white", handlelength=1.8)
+        handles.append(
+            Patch(
+                facecolor=CANDIDATE_COLOURS[k],
+                edgecolor=CANDIDATE_COLOURS[k],
+                label=f"candidate {k + 1} adds ({adds} px) — key {k + 1}",
+            )
+        )
+        handles.append(
+            Line2D([], [], color=removes_colour(k), linewidth=2.5, label=f"candidate {k + 1} removes ({removes} px)")
+        )
+    legend = legend_axes.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(0.0, 0.86),
+        frameon=False,
+        fontsize=9.5,
+        labelcolor="white",
+        handlelength=1.8,
+    )
     legend.set_in_layout(False)
-    legend_axes.text(0.02, 0.08, "1–4 or click an overlay: choose   Enter: accept\nEsc: cancel   Ctrl+Z: undo a round",
-                     color="#cccccc", fontsize=9, transform=legend_axes.transAxes, linespacing=1.6)
+    legend_axes.text(
+        0.02,
+        0.08,
+        "1–4 or click an overlay: choose   Enter: accept\nEsc: cancel   Ctrl+Z: undo a round",
+        color="#cccccc",
+        fontsize=9,
+        transform=legend_axes.transAxes,
+        linespacing=1.6,
+    )
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", facecolor=figure.get_facecolor())
     return buffer.getvalue()
@@ -135,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(out, compose(pixels, shown, info))
-    print(f"written {out}: round {info['shown_round']} (Dice {info['shown_dice']:.3f} to rater '{info['rater']}', "
-          f"best candidate {info['chosen']}), {info['n_candidates']} candidates, model {info['model']}")
+    print(
+        f"written {out}: round {info['shown_round']} (Dice {info['shown_dice']:.3f} to rater '{info['rater']}', "
+        f"best candidate {info['chosen']}), {info['n_candidates']} candidates, model {info['model']}"
+    )
     return 0
 
 

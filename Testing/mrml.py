@@ -9,8 +9,9 @@ for the duration of the test. The whole module is skipped where slicer-core is n
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -160,7 +161,9 @@ def segment_array_via_export(scene: Any, segmentation_node: Any, segment_id: str
     try:
         ids = vtk.vtkStringArray()
         ids.InsertNextValue(segment_id)
-        if not segmentations_logic_of(scene).ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap, volume_node):
+        if not segmentations_logic_of(scene).ExportSegmentsToLabelmapNode(
+            segmentation_node, ids, labelmap, volume_node
+        ):
             raise RuntimeError("ExportSegmentsToLabelmapNode failed")
         image = labelmap.GetImageData()
         dims = image.GetDimensions()

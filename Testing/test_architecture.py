@@ -11,14 +11,33 @@ LIB = Path(__file__).resolve().parent.parent / "SPASegmentationLib"
 
 # Lowest first. A module may import modules of its own layer or a lower one (cycles are checked apart).
 LAYERS: list[tuple[str, ...]] = [
-    ("SPASegmentationLib", "errors", "enums", "resources", "palette", "metrics", "masks", "fingerprints", "stages",
-     "io.atomic", "io.terminology", "worker"),
+    (
+        "SPASegmentationLib",
+        "errors",
+        "enums",
+        "resources",
+        "palette",
+        "metrics",
+        "masks",
+        "fingerprints",
+        "stages",
+        "io.atomic",
+        "io.terminology",
+        "worker",
+    ),
     ("io.images", "io.dicom_seg", "model.preprocess"),
     ("preference", "candidates"),
     ("model.backbone", "model.conditioning", "model.generator", "model.spa", "model.build"),
     ("engine",),
-    ("session", "embeddings", "simulation.preferences", "simulation.prompts", "simulation.choices", "data.folder",
-     "data.synthetic"),
+    (
+        "session",
+        "embeddings",
+        "simulation.preferences",
+        "simulation.prompts",
+        "simulation.choices",
+        "data.folder",
+        "data.synthetic",
+    ),
     ("profiles", "propagation", "figures", "training", "bench", "evaluation.runner", "evaluation.report"),
     ("scene.geometry", "scene.segments", "scene.overlay", "scene.session"),
     ("cli",),
@@ -40,7 +59,8 @@ def lib_modules() -> dict[str, Path]:
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def runtime_imports(name: str, path: Path, known: set[str]) -> set[str]:
@@ -93,9 +113,13 @@ def test_every_lib_module_has_a_layer(graph):
 
 
 def test_no_import_runs_up_a_layer(graph):
-    upward = [f"{name} (layer {RANK[name]}) imports {target} (layer {RANK[target]})"
-              for name, targets in graph.items() if name in RANK
-              for target in targets if target in RANK and RANK[target] > RANK[name]]
+    upward = [
+        f"{name} (layer {RANK[name]}) imports {target} (layer {RANK[target]})"
+        for name, targets in graph.items()
+        if name in RANK
+        for target in targets
+        if target in RANK and RANK[target] > RANK[name]
+    ]
     assert not upward, "\n".join(upward)
 
 
@@ -108,7 +132,7 @@ def test_no_import_cycles(graph):
         path.append(name)
         for target in sorted(graph.get(name, ())):
             if state.get(target) == 1:
-                cycle = path[path.index(target):] + [target]
+                cycle = path[path.index(target) :] + [target]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if target not in state:
                 visit(target)
@@ -123,8 +147,10 @@ def test_no_import_cycles(graph):
 def test_the_checker_sees_an_upward_import(tmp_path):
     """The graph is read from real source: a lazy import inside a function counts, a typing-only one does not."""
     source = tmp_path / "probe.py"
-    source.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .cli import main\n"
-                      "def f():\n    from .engine import round_seed\n    from ..errors import InputError\n")
+    source.write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .cli import main\n"
+        "def f():\n    from .engine import round_seed\n    from ..errors import InputError\n"
+    )
     assert runtime_imports("model.probe", source, {"cli", "engine", "errors"}) == {"errors"}
     top = tmp_path / "top.py"
     top.write_text("import numpy\nfrom . import engine\nfrom .model.spa import SPAModel\n")

@@ -11,14 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import disc_image
 
 
 def spa(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, SPA_HOME=str(cwd / "home"), **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "SPASegmentationLib.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, encoding="utf-8", timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "SPASegmentationLib.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=600,
+    )
 
 
 def one_clear_line(result: subprocess.CompletedProcess, fragment: str) -> None:
@@ -39,11 +45,28 @@ def nrrd_image(tmp_path_factory) -> Path:
 
 
 def test_segment_writes_masks_in_the_input_geometry_and_updates_the_profile(tmp_path, nrrd_image):
-    result = spa("segment", str(nrrd_image), "--point", "120,90", "--choose", "1,2", "--user", "alice",
-                 "--structure", "lesion", "--out", "out", "--samples", "16", cwd=tmp_path)
+    result = spa(
+        "segment",
+        str(nrrd_image),
+        "--point",
+        "120,90",
+        "--choose",
+        "1,2",
+        "--user",
+        "alice",
+        "--structure",
+        "lesion",
+        "--out",
+        "out",
+        "--samples",
+        "16",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     recommended = sitk.ReadImage(str(tmp_path / "out" / "ct_spa_recommended.nrrd"))
-    assert recommended.GetSpacing() == pytest.approx((0.7, 0.8)) and recommended.GetOrigin() == pytest.approx((-12.0, 30.0))
+    assert recommended.GetSpacing() == pytest.approx((0.7, 0.8)) and recommended.GetOrigin() == pytest.approx(
+        (-12.0, 30.0)
+    )
     mask = sitk.GetArrayFromImage(recommended) > 0
     assert mask.shape == (180, 240) and mask[90, 120] and not mask[5, 5]
     summary = json.loads((tmp_path / "out" / "ct_spa_summary.json").read_text())
@@ -60,12 +83,37 @@ def test_segment_writes_masks_in_the_input_geometry_and_updates_the_profile(tmp_
 
 
 def test_a_corrupt_profile_is_reported_and_kept(tmp_path, nrrd_image):
-    assert spa("segment", str(nrrd_image), "--point", "120,90", "--user", "bob", "--structure", "liver",
-               "--samples", "8", cwd=tmp_path).returncode == 0
+    assert (
+        spa(
+            "segment",
+            str(nrrd_image),
+            "--point",
+            "120,90",
+            "--user",
+            "bob",
+            "--structure",
+            "liver",
+            "--samples",
+            "8",
+            cwd=tmp_path,
+        ).returncode
+        == 0
+    )
     path = next((tmp_path / "home" / "profiles").rglob("liver.json"))
     path.write_text("{ not json")
-    result = spa("segment", str(nrrd_image), "--point", "120,90", "--user", "bob", "--structure", "liver",
-                 "--samples", "8", cwd=tmp_path)
+    result = spa(
+        "segment",
+        str(nrrd_image),
+        "--point",
+        "120,90",
+        "--user",
+        "bob",
+        "--structure",
+        "liver",
+        "--samples",
+        "8",
+        cwd=tmp_path,
+    )
     one_clear_line(result, str(path.name))
     assert path.read_text() == "{ not json"
 
@@ -90,7 +138,9 @@ def test_a_corrupt_profile_is_reported_and_kept(tmp_path, nrrd_image):
 def test_user_errors_print_one_clear_line(tmp_path, nrrd_image, args, fragment):
     (tmp_path / "corrupt.pt").write_bytes(b"not a model")
     sitk.WriteImage(sitk.GetImageFromArray(np.full((20, 20), 7, np.int16)), str(tmp_path / "const.nrrd"))
-    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(3, 20, 20))), str(tmp_path / "vol.nii.gz"))
+    sitk.WriteImage(
+        sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(3, 20, 20))), str(tmp_path / "vol.nii.gz")
+    )
     names = {"{img}": str(nrrd_image), "{corrupt}": "corrupt.pt", "{const}": "const.nrrd", "{vol}": "vol.nii.gz"}
     one_clear_line(spa(*[names.get(a, a) for a in args], cwd=tmp_path), fragment)
 
@@ -112,15 +162,43 @@ def test_demo_writes_one_picture_per_round_and_a_summary(tmp_path):
 
 def test_generate_train_evaluate_end_to_end(tmp_path):
     assert spa("generate-data", "data", "--cases", "6", "--seed", "2", cwd=tmp_path).returncode == 0
-    trained = spa("train", "data", "--out", "run", "--steps", "2", "--batch-size", "2", "--samples", "4",
-                  "--rounds", "2", "--cache", "cache", cwd=tmp_path)
+    train_args = ["train", "data", "--out", "run", "--steps", "2", "--batch-size", "2", "--samples", "4"]
+    train_args += ["--rounds", "2", "--cache", "cache"]
+    trained = spa(*train_args, cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
     assert (tmp_path / "run" / "spa_model.pt").is_file() and (tmp_path / "run" / "train_log.jsonl").is_file()
-    evaluated = spa("evaluate", "data", "--model", "run/spa_model.pt", "--rounds", "3", "--samples", "8",
-                    "--first-prompt", "box", "--out", "eval", "--cache", "cache", cwd=tmp_path)
+    # The same seed gives the same weights, whether the embedding cache was cold (first run) or warm (this one).
+    again = spa(*train_args[:3], "run_again", *train_args[4:], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    fingerprints = [
+        json.loads((tmp_path / run / "training.json").read_text())["fingerprint"] for run in ("run", "run_again")
+    ]
+    assert fingerprints[0] == fingerprints[1]
+    evaluated = spa(
+        "evaluate",
+        "data",
+        "--model",
+        "run/spa_model.pt",
+        "--rounds",
+        "3",
+        "--samples",
+        "8",
+        "--first-prompt",
+        "box",
+        "--out",
+        "eval",
+        "--cache",
+        "cache",
+        cwd=tmp_path,
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert set(results["methods"]) == {"spa_token", "click_baseline", "spa_token_all_rounds", "click_baseline_all_rounds"}
+    assert set(results["methods"]) == {
+        "spa_token",
+        "click_baseline",
+        "spa_token_all_rounds",
+        "click_baseline_all_rounds",
+    }
     per_case = results["methods"]["spa_token"]["per_case"]
     assert len(per_case) == 1 and all(len(r["dice"]) == 3 for r in per_case.values())
     assert results["data"]["fingerprint"] and results["model"]["spa_token"]["fingerprint"]

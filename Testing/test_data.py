@@ -11,7 +11,11 @@ import SimpleITK as sitk
 
 from SPASegmentationLib.data.folder import MultiRaterFolder
 from SPASegmentationLib.data.synthetic import (
-    DEFAULT_RATERS, RATER_STYLES, generate_case, write_dataset, write_demo_case,
+    DEFAULT_RATERS,
+    RATER_STYLES,
+    generate_case,
+    write_dataset,
+    write_demo_case,
 )
 from SPASegmentationLib.errors import DataError, InputError
 from SPASegmentationLib.metrics import dice
@@ -67,9 +71,14 @@ def test_rater_styles_are_consistent_across_cases_and_distinct():
         for name, mask in case.raters.items():
             areas[name].append(mask.sum())
         names = sorted(case.raters)
-        pairwise += [dice(case.raters[x], case.raters[y]) for i, x in enumerate(names) for y in names[i + 1:]]
+        pairwise += [dice(case.raters[x], case.raters[y]) for i, x in enumerate(names) for y in names[i + 1 :]]
         # Consistent styles: on every image the tight rater is inside the core, the rim one outside it.
-        assert case.raters["tight"].sum() < case.raters["core"].sum() < case.raters["rim"].sum() < case.raters["generous"].sum()
+        assert (
+            case.raters["tight"].sum()
+            < case.raters["core"].sum()
+            < case.raters["rim"].sum()
+            < case.raters["generous"].sum()
+        )
         masks = list(case.raters.values())
         assert all(m.any() for m in masks)
         assert not any(np.array_equal(masks[i], masks[j]) for i in range(len(masks)) for j in range(i))
@@ -86,7 +95,9 @@ def test_default_raters_differ_in_a_sensible_range():
         case = generate_case(np.random.default_rng([5, index]), DEFAULT_RATERS)
         assert 192 <= min(case.image.shape[:2]) and max(case.image.shape[:2]) <= 320
         names = sorted(case.raters)
-        pairwise.append(np.mean([dice(case.raters[x], case.raters[y]) for i, x in enumerate(names) for y in names[i + 1:]]))
+        pairwise.append(
+            np.mean([dice(case.raters[x], case.raters[y]) for i, x in enumerate(names) for y in names[i + 1 :]])
+        )
     assert 0.6 < np.mean(pairwise) < 0.95
 
 
@@ -129,7 +140,7 @@ def tiny_root(tmp_path) -> Path:
     write_png(case / "image.png", (np.arange(400).reshape(20, 20) % 255).astype(np.uint8))
     for name, size in (("a", 5), ("b", 7)):
         mask = np.zeros((20, 20), np.uint8)
-        mask[5:5 + size, 5:5 + size] = 255
+        mask[5 : 5 + size, 5 : 5 + size] = 255
         write_png(case / f"rater_{name}.png", mask)
     return tmp_path / "root"
 
@@ -155,13 +166,29 @@ def test_folder_without_splits_uses_a_stable_split(tiny_root):
         (lambda r: (r / "splits.json").write_text('{"train": "p1"}'), "lists of case ids"),
         (lambda r: write_png(r / "p1" / "image.jpg", np.zeros((20, 20), np.uint8)), "2 image files"),
         (lambda r: write_png(r / "p1" / "rater_a.nrrd", np.ones((20, 20), np.uint8)), "two masks for rater 'a'"),
-        (lambda r: [write_png(r / "p1" / f"rater_x{k}.png", np.ones((20, 20), np.uint8)) for k in range(6)], "8 rater mask"),
-        (lambda r: sitk.WriteImage(sitk.GetImageFromArray(np.dstack([np.eye(20, dtype=np.uint8) * 255] * 2 + [np.zeros((20, 20), np.uint8)]),
-                                                          isVector=True), str(r / "p1" / "rater_b.png")), "colour image"),
+        (
+            lambda r: [write_png(r / "p1" / f"rater_x{k}.png", np.ones((20, 20), np.uint8)) for k in range(6)],
+            "8 rater mask",
+        ),
+        (
+            lambda r: sitk.WriteImage(
+                sitk.GetImageFromArray(
+                    np.dstack([np.eye(20, dtype=np.uint8) * 255] * 2 + [np.zeros((20, 20), np.uint8)]), isVector=True
+                ),
+                str(r / "p1" / "rater_b.png"),
+            ),
+            "colour image",
+        ),
         (lambda r: (r / "p1" / "image.png").write_bytes(b"not a png"), "could not be read"),
-        (lambda r: ((r / "p1" / "image.png").unlink(),
-                    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 20, 20), np.int16)), str(r / "p1" / "image.nii.gz"))),
-         "3-D volume with 3 slices"),
+        (
+            lambda r: (
+                (r / "p1" / "image.png").unlink(),
+                sitk.WriteImage(
+                    sitk.GetImageFromArray(np.zeros((3, 20, 20), np.int16)), str(r / "p1" / "image.nii.gz")
+                ),
+            ),
+            "3-D volume with 3 slices",
+        ),
     ],
 )
 def test_folder_problems_are_named_with_the_fix(tiny_root, damage, message):

@@ -12,14 +12,18 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-
 from dicom_series import SyntheticSeries, ellipsoid, write_ct_series
+
 from SPASegmentationLib.errors import InputError
-from SPASegmentationLib.io.terminology import ABNORMAL_STRUCTURE, ANATOMICAL_STRUCTURE, TISSUE, terminology_for
 from SPASegmentationLib.io.dicom_seg import (
-    Segment, SEGMENTATION_STORAGE, export_dicom_seg,
-    ijk_to_lps_from_ras, ijk_to_lps_from_sitk, load_source_series,
+    SEGMENTATION_STORAGE,
+    Segment,
+    export_dicom_seg,
+    ijk_to_lps_from_ras,
+    ijk_to_lps_from_sitk,
+    load_source_series,
 )
+from SPASegmentationLib.io.terminology import ABNORMAL_STRUCTURE, ANATOMICAL_STRUCTURE, TISSUE, terminology_for
 
 SHAPE = (12, 64, 64)
 
@@ -70,8 +74,12 @@ def dcmqi_segments(seg_path: Path, out_dir: Path) -> list[sitk.Image]:
     if tool is None:
         pytest.skip("dcmqi's segimage2itkimage is not installed")
     out_dir.mkdir()
-    result = subprocess.run([tool, "--inputDICOM", str(seg_path), "--outputDirectory", str(out_dir), "--outputType", "nrrd"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [tool, "--inputDICOM", str(seg_path), "--outputDirectory", str(out_dir), "--outputType", "nrrd"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     files = sorted(out_dir.glob("*.nrrd"), key=lambda p: int(p.name.split(".")[0].split("-")[-1]))
     return [sitk.ReadImage(str(f)) for f in files]
@@ -87,7 +95,7 @@ def on_ct_grid(segment: sitk.Image, ct_image: sitk.Image) -> np.ndarray:
     array = sitk.GetArrayFromImage(segment) > 0
     full = np.zeros(sitk.GetArrayFromImage(ct_image).shape, dtype=bool)
     i0, j0, k0 = start
-    full[k0:k0 + array.shape[0], j0:j0 + array.shape[1], i0:i0 + array.shape[2]] = array
+    full[k0 : k0 + array.shape[0], j0 : j0 + array.shape[1], i0 : i0 + array.shape[2]] = array
     return full
 
 
@@ -102,8 +110,16 @@ def test_source_series_is_sorted_like_simpleitk(ct, ct_image):
 
 def test_seg_is_valid_and_dcmqi_reads_back_the_exact_voxels(ct, ct_image, tumour, tmp_path):
     assert dciodvfy_errors(ct.files[0]) == []  # the synthetic source itself is valid CT
-    seg_path = export_dicom_seg(tumour, ct.folder, tmp_path / "seg.dcm", segment_label="Tumour",
-                                structure="liver tumour", model_fingerprint="f00d", seed=7, content_creator="Doe^Jane")
+    seg_path = export_dicom_seg(
+        tumour,
+        ct.folder,
+        tmp_path / "seg.dcm",
+        segment_label="Tumour",
+        structure="liver tumour",
+        model_fingerprint="f00d",
+        seed=7,
+        content_creator="Doe^Jane",
+    )
     assert seg_path == tmp_path / "seg.dcm" and seg_path.is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary file left behind"
     assert dciodvfy_errors(seg_path) == []
@@ -113,9 +129,16 @@ def test_seg_is_valid_and_dcmqi_reads_back_the_exact_voxels(ct, ct_image, tumour
 
 
 def test_seg_attributes_and_frame_order(ct, tumour, tmp_path):
-    seg_path = export_dicom_seg(tumour, [str(p) for p in reversed(ct.files)], tmp_path / "seg.dcm",
-                                structure="liver tumour", model_fingerprint="f00d", seed=7,
-                                series_description="SPA tumour", content_creator="Doe^Jane")
+    seg_path = export_dicom_seg(
+        tumour,
+        [str(p) for p in reversed(ct.files)],
+        tmp_path / "seg.dcm",
+        structure="liver tumour",
+        model_fingerprint="f00d",
+        seed=7,
+        series_description="SPA tumour",
+        content_creator="Doe^Jane",
+    )
     seg = pydicom.dcmread(seg_path)
     assert seg.SOPClassUID == SEGMENTATION_STORAGE and seg.Modality == "SEG"
     assert seg.SegmentationType == "BINARY"
@@ -124,21 +147,27 @@ def test_seg_attributes_and_frame_order(ct, tumour, tmp_path):
     assert str(seg.ContentCreatorName) == "Doe^Jane"
     referenced = seg.ReferencedSeriesSequence[0]
     assert referenced.SeriesInstanceUID == ct.series_uid
-    assert {item.ReferencedSOPInstanceUID for item in referenced.ReferencedInstanceSequence} == set(ct.sop_instance_uids)
+    assert {item.ReferencedSOPInstanceUID for item in referenced.ReferencedInstanceSequence} == set(
+        ct.sop_instance_uids
+    )
     segment = seg.SegmentSequence[0]
     assert segment.SegmentAlgorithmType == "SEMIAUTOMATIC" and segment.SegmentAlgorithmName == "SPA"
     assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == ABNORMAL_STRUCTURE.value
     assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "108369006"  # neoplasm
     assert segment.AnatomicRegionSequence[0].CodeValue == "10200004"  # liver
     algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
-    assert algorithm.AlgorithmName == "SPA" and "f00d" in algorithm.AlgorithmParameters and "7" in algorithm.AlgorithmParameters
+    assert (
+        algorithm.AlgorithmName == "SPA"
+        and "f00d" in algorithm.AlgorithmParameters
+        and "7" in algorithm.AlgorithmParameters
+    )
     # every frame holds exactly the mask slice of the CT instance it was derived from
     k_of_uid = {uid: k for k, uid in enumerate(ct.sop_instance_uids)}
     frames = seg.pixel_array.reshape(-1, SHAPE[1], SHAPE[2]).astype(bool)
     nonempty = [k for k in range(SHAPE[0]) if tumour[k].any()]
     assert int(seg.NumberOfFrames) == len(nonempty)
     seen = []
-    for frame, group in zip(frames, seg.PerFrameFunctionalGroupsSequence):
+    for frame, group in zip(frames, seg.PerFrameFunctionalGroupsSequence, strict=True):
         uid = group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
         k = k_of_uid[uid]
         assert np.array_equal(frame, tumour[k]), f"frame for slice {k} holds another slice"
@@ -156,8 +185,9 @@ def test_geometry_places_a_reversed_mask_and_refuses_a_shifted_one(ct, ct_image,
     reversed_matrix[:3, 2] = -matrix[:3, 2]
     # given as Slicer gives it: IJKToRAS (RAS = LPS with x and y negated)
     reversed_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ reversed_matrix
-    seg_path = export_dicom_seg(tumour[::-1].copy(), ct.folder, tmp_path / "rev.dcm",
-                                ijk_to_lps=ijk_to_lps_from_ras(reversed_ras))
+    seg_path = export_dicom_seg(
+        tumour[::-1].copy(), ct.folder, tmp_path / "rev.dcm", ijk_to_lps=ijk_to_lps_from_ras(reversed_ras)
+    )
     assert np.array_equal(on_ct_grid(dcmqi_segments(seg_path, tmp_path / "dq")[0], ct_image), tumour)
     shifted = matrix.copy()
     shifted[:3, 3] += np.array([0.0, 0.0, 1.0])  # 1 mm along the normal: between slices
@@ -175,8 +205,9 @@ def test_multi_segment_label_map_and_overlapping_dict(ct, ct_image, tumour, tmp_
     labels = np.zeros(SHAPE, dtype=np.uint8)
     labels[organ] = 1
     labels[tumour] = 3
-    seg_path = export_dicom_seg(labels, ct.folder, tmp_path / "multi.dcm", segment_labels={1: "Liver", 3: "Tumour"},
-                                structure="liver")
+    seg_path = export_dicom_seg(
+        labels, ct.folder, tmp_path / "multi.dcm", segment_labels={1: "Liver", 3: "Tumour"}, structure="liver"
+    )
     assert dciodvfy_errors(seg_path) == []
     seg = pydicom.dcmread(seg_path)
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Liver", "Tumour"]
@@ -187,8 +218,9 @@ def test_multi_segment_label_map_and_overlapping_dict(ct, ct_image, tumour, tmp_
     assert np.array_equal(on_ct_grid(segments[0], ct_image), labels == 1)
     assert np.array_equal(on_ct_grid(segments[1], ct_image), labels == 3)
     # overlapping segments from a dict (BINARY SEG allows overlap), each with its own terminology
-    dict_path = export_dicom_seg([Segment(organ, "Liver", "liver"), Segment(tumour, "Lesion", "lesion")], ct.folder,
-                                 tmp_path / "overlap.dcm")
+    dict_path = export_dicom_seg(
+        [Segment(organ, "Liver", "liver"), Segment(tumour, "Lesion", "lesion")], ct.folder, tmp_path / "overlap.dcm"
+    )
     assert dciodvfy_errors(dict_path) == []
     seg = pydicom.dcmread(dict_path)
     assert [s.SegmentedPropertyTypeCodeSequence[0].CodeMeaning for s in seg.SegmentSequence] == ["Liver", "Lesion"]
@@ -232,28 +264,53 @@ def test_terminology_from_free_text():
     liver = terminology_for("Liver")
     assert liver.category == ANATOMICAL_STRUCTURE and liver.type.value == "10200004" and liver.region is None
     lesion = terminology_for("kidney lesions")
-    assert lesion.category == ABNORMAL_STRUCTURE and lesion.type.meaning == "Lesion" and lesion.region.meaning == "Kidney"
+    assert (
+        lesion.category == ABNORMAL_STRUCTURE and lesion.type.meaning == "Lesion" and lesion.region.meaning == "Kidney"
+    )
     assert terminology_for("lymph node").type.meaning == "Lymph Node"
     assert terminology_for("bonemarrow").type == TISSUE  # whole words only
 
 
 def spa(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "SPASegmentationLib.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, encoding="utf-8", timeout=120, env=dict(os.environ, SPA_HOME=str(cwd / "home")))
+    return subprocess.run(
+        [sys.executable, "-m", "SPASegmentationLib.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=120,
+        env=dict(os.environ, SPA_HOME=str(cwd / "home")),
+    )
 
 
 def test_cli_export_seg_end_to_end(ct, ct_image, tumour, tmp_path):
     mask_image = sitk.GetImageFromArray(tumour.astype(np.uint8))
     mask_image.CopyInformation(ct_image)
     sitk.WriteImage(mask_image, str(tmp_path / "mask.nrrd"))
-    result = spa("export-seg", "mask.nrrd", str(ct.folder), "--out", "out/seg.dcm", "--label", "Tumour",
-                 "--structure", "liver tumour", "--seed", "3", "--model-fingerprint", "abc", cwd=tmp_path)
+    result = spa(
+        "export-seg",
+        "mask.nrrd",
+        str(ct.folder),
+        "--out",
+        "out/seg.dcm",
+        "--label",
+        "Tumour",
+        "--structure",
+        "liver tumour",
+        "--seed",
+        "3",
+        "--model-fingerprint",
+        "abc",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "1 segment(s)" in result.stdout and ct.series_uid in result.stdout
     seg = pydicom.dcmread(tmp_path / "out" / "seg.dcm")
     assert seg.SegmentSequence[0].SegmentLabel == "Tumour"
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct.series_uid
-    assert np.array_equal(on_ct_grid(dcmqi_segments(tmp_path / "out" / "seg.dcm", tmp_path / "dq")[0], ct_image), tumour)
+    assert np.array_equal(
+        on_ct_grid(dcmqi_segments(tmp_path / "out" / "seg.dcm", tmp_path / "dq")[0], ct_image), tumour
+    )
     # user errors: one clear line each
     small = sitk.GetImageFromArray(tumour[:, :, :60].astype(np.uint8))
     small.SetSpacing(ct_image.GetSpacing())
@@ -262,8 +319,11 @@ def test_cli_export_seg_end_to_end(ct, ct_image, tumour, tmp_path):
     moved = sitk.Image(mask_image)
     moved.SetOrigin(tuple(np.add(ct_image.GetOrigin(), (5.0, 0.0, 0.0))))
     sitk.WriteImage(moved, str(tmp_path / "moved.nrrd"))
-    for mask_name, fragment in (("small.nrrd", "12×64×60"), ("moved.nrrd", "matches no slice"),
-                                ("missing.nrrd", "not a mask file")):
+    for mask_name, fragment in (
+        ("small.nrrd", "12×64×60"),
+        ("moved.nrrd", "matches no slice"),
+        ("missing.nrrd", "not a mask file"),
+    ):
         failed = spa("export-seg", mask_name, str(ct.folder), "--out", "bad.dcm", cwd=tmp_path)
         assert failed.returncode == 2, failed.stderr
         lines = failed.stderr.strip().splitlines()
@@ -274,7 +334,9 @@ def test_cli_export_seg_end_to_end(ct, ct_image, tumour, tmp_path):
 
 def test_sagittal_series_round_trip(tmp_path):
     # rows run anterior→posterior, columns head→feet: slice normal along -x, not the z axis
-    sagittal = write_ct_series(tmp_path / "sag", slices=6, rows=20, columns=24, orientation=(0.0, 1.0, 0.0, 0.0, 0.0, -1.0))
+    sagittal = write_ct_series(
+        tmp_path / "sag", slices=6, rows=20, columns=24, orientation=(0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+    )
     series_id = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(sagittal.folder))[0]
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(sagittal.folder), series_id))

@@ -12,6 +12,7 @@ import pytest
 from matplotlib import image as mpimg
 
 from SPASegmentationLib.errors import InputError
+from SPASegmentationLib.evaluation.report import markdown_summary_table, summarise, write_report
 from SPASegmentationLib.metrics import (
     candidate_diversity,
     dice,
@@ -24,7 +25,6 @@ from SPASegmentationLib.metrics import (
 from SPASegmentationLib.simulation.choices import largest_error_click
 from SPASegmentationLib.simulation.preferences import consensus, draw_preference, fixed_preferences
 from SPASegmentationLib.simulation.prompts import initial_box, initial_point
-from SPASegmentationLib.evaluation.report import markdown_summary_table, summarise, write_report
 
 
 def box_mask(shape, rows, cols):
@@ -254,7 +254,7 @@ def test_initial_box():
     assert initial_box(target, margin_px=50) == (0.0, 0.0, 29.0, 19.0)
     jittered = initial_box(target, rng=np.random.default_rng(1), jitter_px=2.0)
     assert jittered == initial_box(target, rng=np.random.default_rng(1), jitter_px=2.0)
-    assert all(abs(j - b) <= 2.0 for j, b in zip(jittered, (10.0, 4.0, 20.0, 9.0)))
+    assert all(abs(j - b) <= 2.0 for j, b in zip(jittered, (10.0, 4.0, 20.0, 9.0), strict=True))
     with pytest.raises(InputError):
         initial_box(target, jitter_px=2.0)
 
@@ -296,8 +296,18 @@ def make_results():
             "spa": {
                 "label": "SPA (full)",
                 "per_case": {
-                    "c1": {"dice": [0.7, 0.85, 0.95], "seconds_per_round": 0.2, "candidate_diversity": [0.8, 0.6, 0.7], "ged": 0.3},
-                    "c2": {"dice": [0.9, 0.92, 0.93], "seconds_per_round": 0.4, "candidate_diversity": [0.9, float("nan")], "ged": 0.1},
+                    "c1": {
+                        "dice": [0.7, 0.85, 0.95],
+                        "seconds_per_round": 0.2,
+                        "candidate_diversity": [0.8, 0.6, 0.7],
+                        "ged": 0.3,
+                    },
+                    "c2": {
+                        "dice": [0.9, 0.92, 0.93],
+                        "seconds_per_round": 0.4,
+                        "candidate_diversity": [0.9, float("nan")],
+                        "ged": 0.1,
+                    },
                     "c3": {"dice": [0.5, 0.6, 0.7], "seconds_per_round": 0.3, "candidate_diversity": [], "ged": 0.2},
                 },
             },
@@ -377,9 +387,22 @@ def test_write_report_produces_all_files(tmp_path: Path):
     assert loaded["methods"]["spa"]["per_case"]["c2"]["candidate_diversity"][1] is None  # NaN -> null
 
     markdown = paths["report"].read_text(encoding="utf-8")
-    for expected in ("# SPA evaluation report", "Seed: 42", "data-abc123", "model-def456",
-                     "SPA (full)", "Click refinement", "Round 3", "NoI@0.8", "Failure@0.9",
-                     "0.700 [", "33.3 %", "3 stored", "dice_vs_round.png", "noi.png"):
+    for expected in (
+        "# SPA evaluation report",
+        "Seed: 42",
+        "data-abc123",
+        "model-def456",
+        "SPA (full)",
+        "Click refinement",
+        "Round 3",
+        "NoI@0.8",
+        "Failure@0.9",
+        "0.700 [",
+        "33.3 %",
+        "3 stored",
+        "dice_vs_round.png",
+        "noi.png",
+    ):
         assert expected in markdown, expected
 
     for key in ("dice_plot", "noi_plot"):

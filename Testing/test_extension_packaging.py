@@ -64,8 +64,7 @@ def ui_parameter_names() -> dict[str, str]:
 def parameter_fields() -> dict[str, str]:
     """Fields of the @parameterNodeWrapper class: name -> annotation source."""
     wrappers = [
-        cls for cls in classes().values()
-        if any(ast.unparse(d) == "parameterNodeWrapper" for d in cls.decorator_list)
+        cls for cls in classes().values() if any(ast.unparse(d) == "parameterNodeWrapper" for d in cls.decorator_list)
     ]
     assert len(wrappers) == 1, "exactly one @parameterNodeWrapper class is expected"
     return {
@@ -153,8 +152,17 @@ def test_self_test_runs_the_whole_workflow():
     workflow = [name for name in methods if name.startswith("test_")]
     assert workflow, "the self-test has no test_ method"
     source = "\n".join(ast.unparse(methods[name]) for name in workflow)
-    for step in (".start(", ".choose(", ".undo_round(", "logic.accept(", "DICOM.SegmentAlgorithmType",
-                 "undoAccepted(", "compute_propagate(", "apply_propagation(", "exportDicomSeg("):
+    for step in (
+        ".start(",
+        ".choose(",
+        ".undo_round(",
+        "logic.accept(",
+        "DICOM.SegmentAlgorithmType",
+        "undoAccepted(",
+        "compute_propagate(",
+        "apply_propagation(",
+        "exportDicomSeg(",
+    ):
         assert step in source, f"the self-test does not exercise {step}"
 
 
@@ -162,7 +170,9 @@ def test_every_ui_widget_the_module_uses_exists_in_the_ui_file():
     used = set(re.findall(r"self\.ui\.([A-Za-z_][A-Za-z0-9_]*)", MODULE_PY.read_text(encoding="utf-8")))
     widgets = ui_widgets()
     assert used, "the module uses no widget from the .ui file"
-    assert not sorted(used - set(widgets)), f"widgets used in SPASegmentation.py but missing from the .ui: {sorted(used - set(widgets))}"
+    assert not sorted(used - set(widgets)), (
+        f"widgets used in SPASegmentation.py but missing from the .ui: {sorted(used - set(widgets))}"
+    )
 
 
 def test_ui_object_names_are_unique_and_root_is_a_mrml_widget():
@@ -171,7 +181,11 @@ def test_ui_object_names_are_unique_and_root_is_a_mrml_widget():
     assert len(names) == len(set(names)), "duplicate objectName in the .ui file"
     root = tree.getroot().find("widget")
     assert root.get("class") == "qMRMLWidget" and root.get("name") == "SPASegmentation"
-    receivers = {c.findtext("receiver") for c in tree.getroot().iter("connection") if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    receivers = {
+        c.findtext("receiver")
+        for c in tree.getroot().iter("connection")
+        if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"
+    }
     mrml_widgets = {name for name, cls in ui_widgets().items() if cls.startswith("qMRML") and name != "SPASegmentation"}
     assert mrml_widgets <= receivers, f"MRML widgets without the scene connection: {sorted(mrml_widgets - receivers)}"
 
@@ -187,10 +201,25 @@ def test_every_slicer_parameter_name_is_a_field_of_the_parameter_node():
 
 def test_parameter_node_holds_the_workflow_state():
     fields = parameter_fields()
-    for name in ("inputVolume", "segmentation", "segmentId", "user", "structure", "firstPromptMode", "nSamples",
-                 "opacity", "device", "modelPath", "propagateMaxSlices"):
+    for name in (
+        "inputVolume",
+        "segmentation",
+        "segmentId",
+        "user",
+        "structure",
+        "firstPromptMode",
+        "nSamples",
+        "opacity",
+        "device",
+        "modelPath",
+        "propagateMaxSlices",
+    ):
         assert name in fields, f"parameter node field {name} is missing"
-    assert "Choice" in fields["firstPromptMode"] and "'point'" in fields["firstPromptMode"] and "'box'" in fields["firstPromptMode"]
+    assert (
+        "Choice" in fields["firstPromptMode"]
+        and "'point'" in fields["firstPromptMode"]
+        and "'box'" in fields["firstPromptMode"]
+    )
 
 
 def test_parameter_node_sample_count_default_is_the_engines():
@@ -247,8 +276,15 @@ def test_model_calls_go_through_one_worker_polled_by_a_qtimer():
 
 def test_top_level_cmake_has_complete_extension_metadata():
     values = cmake_set_values(TOP_CMAKE)
-    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
-                "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+    for key in (
+        "EXTENSION_HOMEPAGE",
+        "EXTENSION_CATEGORY",
+        "EXTENSION_CONTRIBUTORS",
+        "EXTENSION_DESCRIPTION",
+        "EXTENSION_ICONURL",
+        "EXTENSION_SCREENSHOTURLS",
+        "EXTENSION_DEPENDS",
+    ):
         assert key in values and " ".join(values[key]).strip(), f"{key} is missing or empty"
     assert values["EXTENSION_CATEGORY"] == ["Segmentation"]
     assert values["EXTENSION_HOMEPAGE"][0].startswith("https://github.com/spa-segmentation/SlicerSPA")
@@ -273,7 +309,9 @@ def test_index_json_is_valid_and_complete():
     entry = json.loads((ROOT / "SPA.json").read_text(encoding="utf-8"))
     for key in ("$schema", "category", "scm_url", "scm_revision", "build_dependencies", "tier"):
         assert key in entry, f"SPA.json lacks {key}"
-    assert entry["$schema"].startswith("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v")
+    assert entry["$schema"].startswith(
+        "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v"
+    )
     assert entry["category"] == cmake_set_values(TOP_CMAKE)["EXTENSION_CATEGORY"][0]
     assert entry["scm_url"].removesuffix(".git") == "https://github.com/spa-segmentation/SlicerSPA"
     assert entry["tier"] in (1, 3, 5)
@@ -332,7 +370,12 @@ def test_module_cmake_builds_the_scripted_module_with_tests():
     testing = cmake_commands(MODULE_DIR / "Testing" / "Python" / "CMakeLists.txt")
     unittest = [args for name, args in testing if name == "slicer_add_python_unittest"]
     assert len(unittest) == 1 and unittest[0][unittest[0].index("SCRIPT") + 1].endswith("SPASegmentation.py")
-    script = MODULE_DIR / "Testing" / "Python" / unittest[0][unittest[0].index("SCRIPT") + 1].replace("${CMAKE_CURRENT_SOURCE_DIR}/", "")
+    script = (
+        MODULE_DIR
+        / "Testing"
+        / "Python"
+        / unittest[0][unittest[0].index("SCRIPT") + 1].replace("${CMAKE_CURRENT_SOURCE_DIR}/", "")
+    )
     assert script.resolve() == MODULE_PY.resolve()
 
 
@@ -364,12 +407,18 @@ def test_the_library_is_copied_next_to_the_module_with_its_package_layout():
     glob = next(args for name, args in commands if name == "file" and "SPA_LIB_PYTHON_SCRIPTS" in args)
     assert glob[0] == "GLOB_RECURSE" and "RELATIVE" in glob
     pattern = glob[-1].replace("${SPA_LIB_SOURCE_DIR}/", "")
-    matched = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "SPASegmentationLib").rglob("*.py")
-                     if "__pycache__" not in p.parts and fnmatch.fnmatch(p.relative_to(ROOT).as_posix(), pattern))
+    matched = sorted(
+        p.relative_to(ROOT).as_posix()
+        for p in (ROOT / "SPASegmentationLib").rglob("*.py")
+        if "__pycache__" not in p.parts and fnmatch.fnmatch(p.relative_to(ROOT).as_posix(), pattern)
+    )
     assert "SPASegmentationLib/__init__.py" in matched and "SPASegmentationLib/model/spa.py" in matched
     compile_call = next(args for name, args in commands if name == "ctkMacroCompilePythonScript")
     assert compile_call[compile_call.index("SOURCE_DIR") + 1] == "${SPA_LIB_SOURCE_DIR}"
-    assert compile_call[compile_call.index("DESTINATION_DIR") + 1] == "${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}"
+    assert (
+        compile_call[compile_call.index("DESTINATION_DIR") + 1]
+        == "${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}"
+    )
     assert compile_call[compile_call.index("INSTALL_DIR") + 1] == "${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}"
     assert "NO_INSTALL_SUBDIR" in compile_call
     assert "set(SPA_LIB_SOURCE_DIR ${PROJECT_SOURCE_DIR})" in text
@@ -385,11 +434,19 @@ def test_module_finds_the_library_from_a_source_checkout():
     body = ast.unparse(helper)
     assert "find_spec('SPASegmentationLib')" in body and "sys.path.insert(0" in body
     # it runs at import time, before anything from the Lib is imported
-    call_line = next(n.lineno for n in tree.body if isinstance(n, ast.Expr) and ast.unparse(n) == "ensureLibraryOnPath()")
-    lib_imports = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("SPASegmentationLib")]
+    call_line = next(
+        n.lineno for n in tree.body if isinstance(n, ast.Expr) and ast.unparse(n) == "ensureLibraryOnPath()"
+    )
+    lib_imports = [
+        n.lineno
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("SPASegmentationLib")
+    ]
     assert lib_imports and min(lib_imports) > call_line
     assert (ROOT / "SPASegmentationLib" / "__init__.py").is_file() and MODULE_PY.parent.parent == ROOT
-    assert "import SPASegmentationLib" not in source.split("ensureLibraryOnPath()")[0].split("def ensureLibraryOnPath")[0]
+    assert (
+        "import SPASegmentationLib" not in source.split("ensureLibraryOnPath()")[0].split("def ensureLibraryOnPath")[0]
+    )
 
 
 # ----- dependencies ---------------------------------------------------------------------------------
@@ -438,7 +495,8 @@ set(Slicer_QTSCRIPTEDMODULES_LIB_DIR lib/Slicer-5.8/qt-scripted-modules)
 set(Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR lib/Slicer-5.8/qt-scripted-modules)
 set(BUILD_TESTING ON)
 function(ctkMacroCompilePythonScript)
-  cmake_parse_arguments(MY "NO_INSTALL_SUBDIR;GLOBAL_TARGET" "TARGET_NAME;SOURCE_DIR;DESTINATION_DIR;INSTALL_DIR" "SCRIPTS;RESOURCES" ${ARGN})
+  cmake_parse_arguments(MY "NO_INSTALL_SUBDIR;GLOBAL_TARGET"
+    "TARGET_NAME;SOURCE_DIR;DESTINATION_DIR;INSTALL_DIR" "SCRIPTS;RESOURCES" ${ARGN})
   if(NOT MY_SOURCE_DIR)
     set(MY_SOURCE_DIR ${CMAKE_CURRENT_SOURCE_DIR})
   endif()
@@ -479,21 +537,41 @@ def test_cmake_configures_against_stand_in_slicer_macros(tmp_path):
     slicer_dir.mkdir()
     (slicer_dir / "SlicerConfig.cmake").write_text(STAND_IN_SLICER_CONFIG, encoding="utf-8")
     for name in ("UseSlicer.cmake", "GenerateConfig.cmake", "CPack.cmake"):
-        (slicer_dir / name).write_text(f'file(APPEND ${{CMAKE_BINARY_DIR}}/calls.txt "include {name}\\n")\n', encoding="utf-8")
+        (slicer_dir / name).write_text(
+            f'file(APPEND ${{CMAKE_BINARY_DIR}}/calls.txt "include {name}\\n")\n', encoding="utf-8"
+        )
     build = tmp_path / "build"
-    run = subprocess.run([cmake, "-S", str(ROOT), "-B", str(build), f"-DSlicer_DIR={slicer_dir}"],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [cmake, "-S", str(ROOT), "-B", str(build), f"-DSlicer_DIR={slicer_dir}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     calls = (build / "calls.txt").read_text(encoding="utf-8").splitlines()
-    assert calls[0] == "include UseSlicer.cmake" and calls[-2:] == ["include GenerateConfig.cmake", "include CPack.cmake"]
+    assert calls[0] == "include UseSlicer.cmake" and calls[-2:] == [
+        "include GenerateConfig.cmake",
+        "include CPack.cmake",
+    ]
     assert "module SPASegmentation generic=TRUE" in calls
     assert f"unittest {MODULE_PY.resolve()}" in calls
     scripted = build / "lib/Slicer-5.8/qt-scripted-modules"
-    for relative in ("SPASegmentation.py", "Resources/UI/SPASegmentation.ui", "Resources/Icons/SPASegmentation.png",
-                     "Resources/requirements.txt", "SPASegmentationLib/__init__.py", "SPASegmentationLib/model/spa.py",
-                     "SPASegmentationLib/resources.py", "Resources/MODEL_CARD.md"):
+    for relative in (
+        "SPASegmentation.py",
+        "Resources/UI/SPASegmentation.ui",
+        "Resources/Icons/SPASegmentation.png",
+        "Resources/requirements.txt",
+        "SPASegmentationLib/__init__.py",
+        "SPASegmentationLib/model/spa.py",
+        "SPASegmentationLib/resources.py",
+        "Resources/MODEL_CARD.md",
+    ):
         assert (scripted / relative).is_file(), f"{relative} is not in the built scripted-modules folder"
-    library = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "SPASegmentationLib").rglob("*.py") if "__pycache__" not in p.parts)
+    library = sorted(
+        p.relative_to(ROOT).as_posix()
+        for p in (ROOT / "SPASegmentationLib").rglob("*.py")
+        if "__pycache__" not in p.parts
+    )
     assert all((scripted / relative).is_file() for relative in library)
     for weights in (ROOT / "Resources" / "models").glob("*.pt"):
         assert (scripted / "Resources" / "models" / weights.name).is_file()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import disc_image
 
 from SPASegmentationLib.metrics import dice
 from SPASegmentationLib.model.build import build_model
@@ -16,7 +17,6 @@ from SPASegmentationLib.model.spa import SPAConfig
 from SPASegmentationLib.session import Session
 from SPASegmentationLib.training import TrainConfig, TrainingCase, train
 from SPASegmentationLib.worker import ModelWorker
-from conftest import disc_image
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -35,7 +35,7 @@ def test_a_session_on_the_gpu_matches_the_cpu():
         second = session.choose(0)
         rounds[device] = (first, second)
         assert session.accept().shape == image.shape
-    for cpu, gpu in zip(*rounds.values()):
+    for cpu, gpu in zip(*rounds.values(), strict=True):
         # Same latent draws on both devices; only floating-point order differs.
         assert np.abs(cpu.probability - gpu.probability).max() < 0.02
         assert dice(cpu.recommended, gpu.recommended) > 0.99
@@ -51,8 +51,13 @@ def test_training_runs_on_the_gpu_and_changes_the_trained_parts(tmp_path):
     assert embedding.device.type == "cuda"
     cases = [TrainingCase("c0", embedding[0], geometry, {"tight": r < 31, "core": r < 35, "rim": r < 40})]
     before = {k: v.detach().clone() for k, v in model.spa_state_dict().items()}
-    run = train(model, cases, tmp_path / "run",
-                TrainConfig(steps=3, batch_size=1, rounds=2, n_samples=4, checkpoint_every=3, seed=1), progress=False)
+    run = train(
+        model,
+        cases,
+        tmp_path / "run",
+        TrainConfig(steps=3, batch_size=1, rounds=2, n_samples=4, checkpoint_every=3, seed=1),
+        progress=False,
+    )
     assert run.steps_done == 3 and all(np.isfinite(h["loss"]) for h in run.history)
     after = model.spa_state_dict()
     assert any(not torch.equal(before[k].cpu(), after[k].cpu()) for k in before if k.startswith("generator."))

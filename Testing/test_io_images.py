@@ -17,7 +17,7 @@ DIRECTION_3D = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
 def _square_mask(height: int, width: int) -> np.ndarray:
     """A small rectangle mask for writing tests."""
     mask = np.zeros((height, width), dtype=bool)
-    mask[height // 4: height // 2, width // 3: width // 2 + 2] = True
+    mask[height // 4 : height // 2, width // 3 : width // 2 + 2] = True
     return mask
 
 

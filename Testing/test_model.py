@@ -12,7 +12,7 @@ import torch
 from SPASegmentationLib.errors import CheckpointError, ProfileError
 from SPASegmentationLib.model.backbone import LITEMEDSAM_SHA256, ViTSpec, build_backbone
 from SPASegmentationLib.model.build import build_model, load_model
-from SPASegmentationLib.model.spa import Prompt, SPAConfig, SPAModel
+from SPASegmentationLib.model.spa import Prompt, SPAConfig
 from SPASegmentationLib.preference import PreferenceMixture, e_step_weights, uniform_weights
 
 TINY_VIT = ViTSpec(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), image_size=64, window_size=2)
@@ -28,16 +28,32 @@ def _save_tiny_sam_checkpoint(path: Path, spec: ViTSpec = TINY_VIT, seed: int = 
     embedding = spec.image_size // spec.patch_size
     sam = Sam(
         image_encoder=ImageEncoderViT(
-            depth=spec.depth, embed_dim=spec.embed_dim, img_size=spec.image_size, mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=spec.num_heads, patch_size=spec.patch_size,
-            qkv_bias=True, use_rel_pos=True, global_attn_indexes=spec.global_attn_indexes,
-            window_size=spec.window_size, out_chans=256,
+            depth=spec.depth,
+            embed_dim=spec.embed_dim,
+            img_size=spec.image_size,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=spec.num_heads,
+            patch_size=spec.patch_size,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=spec.global_attn_indexes,
+            window_size=spec.window_size,
+            out_chans=256,
         ),
-        prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(embedding, embedding),
-                                     input_image_size=(spec.image_size, spec.image_size), mask_in_chans=16),
-        mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer=TwoWayTransformer(
-            depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8), transformer_dim=256,
-            iou_head_depth=3, iou_head_hidden_dim=256),
+        prompt_encoder=PromptEncoder(
+            embed_dim=256,
+            image_embedding_size=(embedding, embedding),
+            input_image_size=(spec.image_size, spec.image_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+            transformer_dim=256,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
     )
     state = sam.state_dict()
     # Random, non-zero relative-position tables, so a silent drop would be visible.

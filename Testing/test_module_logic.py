@@ -18,10 +18,9 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-
-from mrml import add_volume, segment_tag, voxel_ras
 import test_dicom_seg as dicom_checks
 from dicom_series import write_ct_series
+from mrml import add_volume, segment_tag, voxel_ras
 
 MODULE_PY = Path(__file__).resolve().parents[1] / "SPASegmentation" / "SPASegmentation.py"
 
@@ -78,8 +77,9 @@ def volume_from_series(scene, image: sitk.Image):
     lps_to_ras = np.diag([-1.0, -1.0, 1.0])
     direction = lps_to_ras @ np.asarray(image.GetDirection()).reshape(3, 3)
     origin = lps_to_ras @ np.asarray(image.GetOrigin())
-    return add_volume(scene, sitk.GetArrayFromImage(image), spacing=image.GetSpacing(), origin=origin,
-                      directions=direction, name="CT")
+    return add_volume(
+        scene, sitk.GetArrayFromImage(image), spacing=image.GetSpacing(), origin=origin, directions=direction, name="CT"
+    )
 
 
 def organ_centre_ras(volume, series) -> tuple[float, float, float]:
@@ -108,8 +108,9 @@ def test_module_logic_workflow_on_real_mrml(module, mrml_scene, shipped_model, c
     prompt = logic.newPromptNode("point")
     prompt.AddControlPoint(*centre)
 
-    session, orientation, kwargs = logic.prepareStart(volume, segmentation, segment_id, prompt, user="alice",
-                                                      structure="liver", nSamples=16)
+    session, orientation, kwargs = logic.prepareStart(
+        volume, segmentation, segment_id, prompt, user="alice", structure="liver", nSamples=16
+    )
     assert orientation == "axial" and kwargs == {"point_ras": centre}
     first = session.compute_start(orientation, **kwargs)
     session.show(first)
@@ -177,7 +178,9 @@ def test_module_logic_workflow_on_real_mrml(module, mrml_scene, shipped_model, c
     assert mrml_scene.GetFirstNodeByName("SPA preview") is None
 
 
-def test_module_logic_refuses_to_export_nothing_or_without_a_series(module, mrml_scene, shipped_model, ct_series, tmp_path):
+def test_module_logic_refuses_to_export_nothing_or_without_a_series(
+    module, mrml_scene, shipped_model, ct_series, tmp_path
+):
     series, image = ct_series
     volume = volume_from_series(mrml_scene, image)
     logic = module.SPASegmentationLogic()

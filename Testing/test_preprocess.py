@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from SPASegmentationLib.errors import InputError
 from SPASegmentationLib.model.preprocess import ImageGeometry, normalise_intensity, prepare_image

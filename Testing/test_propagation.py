@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from SPASegmentationLib.embeddings import EmbeddingCache
+from SPASegmentationLib.engine import slice_seed
 from SPASegmentationLib.errors import InputError
+from SPASegmentationLib.masks import keep_touching
 from SPASegmentationLib.propagation import (
     CANCELLED,
     IMAGE_EDGE,
@@ -16,9 +19,6 @@ from SPASegmentationLib.propagation import (
     prompt_from_mask,
     propagate,
 )
-from SPASegmentationLib.embeddings import EmbeddingCache
-from SPASegmentationLib.engine import slice_seed
-from SPASegmentationLib.masks import keep_touching
 
 N_SLICES, SIZE, START = 10, 96, 4
 SAMPLES = 8
@@ -49,8 +49,16 @@ def propagated(untrained_model, volume, lookup):
     """(result, progress calls) of the reference propagation from the middle slice."""
     image, truth = volume
     calls = []
-    result = propagate(untrained_model, image, START, truth[START], n_samples=SAMPLES, seed=4, embeddings=lookup,
-                       progress=lambda done, total: calls.append((done, total)) is None)
+    result = propagate(
+        untrained_model,
+        image,
+        START,
+        truth[START],
+        n_samples=SAMPLES,
+        seed=4,
+        embeddings=lookup,
+        progress=lambda done, total: calls.append((done, total)) is None,
+    )
     return result, calls
 
 
@@ -112,8 +120,9 @@ def test_propagation_covers_the_structure_and_stops_where_it_ends(propagated, vo
 def test_propagation_is_deterministic_and_reuses_embeddings(untrained_model, propagated, volume, lookup):
     image, truth = volume
     before = lookup.misses
-    again = propagate(untrained_model, image, START, truth[START], n_samples=SAMPLES, seed=4, embeddings=lookup,
-                      max_slices=2)
+    again = propagate(
+        untrained_model, image, START, truth[START], n_samples=SAMPLES, seed=4, embeddings=lookup, max_slices=2
+    )
     assert lookup.misses == before  # every slice came from the cache
     assert again.indices == [2, 3, 4, 5, 6]
     assert all(np.array_equal(again.masks[i], propagated[0].masks[i]) for i in again.indices)
@@ -123,8 +132,9 @@ def test_propagation_is_deterministic_and_reuses_embeddings(untrained_model, pro
 def test_image_edge_and_max_slices(untrained_model, volume, lookup):
     image, truth = volume
     inner = image[2:8]  # the structure fills every slice of this sub-volume
-    result = propagate(untrained_model, lambda i: inner[i], 2, truth[4], n_slices=len(inner),
-                       n_samples=SAMPLES, embeddings=lookup)
+    result = propagate(
+        untrained_model, lambda i: inner[i], 2, truth[4], n_slices=len(inner), n_samples=SAMPLES, embeddings=lookup
+    )
     assert result.stopped == {"forward": IMAGE_EDGE, "backward": IMAGE_EDGE}
     assert result.indices == list(range(6))
     capped = propagate(untrained_model, image, START, truth[START], n_samples=SAMPLES, embeddings=lookup, max_slices=1)
@@ -134,8 +144,16 @@ def test_image_edge_and_max_slices(untrained_model, volume, lookup):
 
 def test_cancel_keeps_the_masks_made_so_far(untrained_model, volume, lookup, propagated):
     image, truth = volume
-    result = propagate(untrained_model, image, START, truth[START], n_samples=SAMPLES, seed=4, embeddings=lookup,
-                       progress=lambda done, total: done < 2)
+    result = propagate(
+        untrained_model,
+        image,
+        START,
+        truth[START],
+        n_samples=SAMPLES,
+        seed=4,
+        embeddings=lookup,
+        progress=lambda done, total: done < 2,
+    )
     assert result.stopped == {"forward": CANCELLED, "backward": CANCELLED}
     assert result.indices == [4, 5, 6]
     assert all(np.array_equal(result.masks[i], propagated[0].masks[i]) for i in (5, 6))
@@ -151,10 +169,26 @@ def test_adapted_weights_seed_every_slice(untrained_model, volume, lookup):
     leaning[7] = 2.0
     other = np.zeros(k)
     other[11] = 1.0
-    a = propagate(untrained_model, image, START, truth[START], n_samples=SAMPLES, embeddings=lookup, max_slices=1,
-                  initial_weights=leaning)
-    b = propagate(untrained_model, image, START, truth[START], n_samples=SAMPLES, embeddings=lookup, max_slices=1,
-                  initial_weights=other)
+    a = propagate(
+        untrained_model,
+        image,
+        START,
+        truth[START],
+        n_samples=SAMPLES,
+        embeddings=lookup,
+        max_slices=1,
+        initial_weights=leaning,
+    )
+    b = propagate(
+        untrained_model,
+        image,
+        START,
+        truth[START],
+        n_samples=SAMPLES,
+        embeddings=lookup,
+        max_slices=1,
+        initial_weights=other,
+    )
     np.testing.assert_allclose(a.initial_weights, leaning / 4.0)
     assert set(a.mixture_weights) == {3, 5}
     for index in (3, 5):

@@ -95,7 +95,7 @@ def test_extracted_image_follows_the_screen(mrml_scene, geometry, orientation):
     plane = plane_through(volume, orientation, centre)
     image = plane.extract(values)
     right, down = SCREEN[orientation]
-    for (y, x) in [(0, 0), (1, 2), (image.shape[0] - 1, image.shape[1] - 1)]:
+    for y, x in [(0, 0), (1, 2), (image.shape[0] - 1, image.shape[1] - 1)]:
         here = np.array(pixel_to_ras(volume, plane, (x, y)))
         step_x = np.array(pixel_to_ras(volume, plane, (x + 1, y))) - here
         step_y = np.array(pixel_to_ras(volume, plane, (x, y + 1))) - here
@@ -171,8 +171,8 @@ def test_outside_point_and_bad_orientation_are_input_errors(mrml_scene):
 def test_box_from_roi(mrml_scene, geometry):
     volume, _ = labelled_volume(mrml_scene, geometry)
     a, b = voxel_ras(volume, (1, 1, 2)), voxel_ras(volume, (3, 5, 6))
-    centre = [(u + v) / 2 for u, v in zip(a, b)]
-    size = [abs(u - v) for u, v in zip(a, b)]
+    centre = [(u + v) / 2 for u, v in zip(a, b, strict=True)]
+    size = [abs(u - v) for u, v in zip(a, b, strict=True)]
     roi = add_roi(mrml_scene, centre, size)
     plane = plane_through(volume, "axial", voxel_ras(volume, (2, 3, 4)))
     x0, y0, x1, y1 = box_from_roi(volume, plane, roi)
@@ -263,7 +263,9 @@ def test_tag_spa_segment(mrml_scene):
     assert entry.GetCategoryObject().GetCodeValue() == "49755003"
     assert entry.GetTypeObject().GetCodeMeaning() == "Neoplasm"
     assert entry.GetRegionObject().GetCodeValue() == "10200004"
-    assert segment.GetTerminology().startswith("Segmentation category and type - 3D Slicer General Anatomy list~SCT^49755003^")
+    assert segment.GetTerminology().startswith(
+        "Segmentation category and type - 3D Slicer General Anatomy list~SCT^49755003^"
+    )
     tag_spa_segment(seg, target, "liver")
     assert "~SCT^10200004^Liver~" in segment.GetTerminology()
 
@@ -293,10 +295,18 @@ def synthetic_round(shape, rng) -> Round:
     candidates[0, 1:3, 2:4] = False  # removes a corner
     candidates[1, 0:6, 1:8] = True  # adds a ring
     candidates[2, 5, 2:7] = True  # adds a row
-    differences = (candidates.astype(np.int8) - recommended.astype(np.int8))
-    return Round(index=1, probability=recommended.astype(np.float32), recommended=recommended,
-                 uncertainty=np.zeros(shape, np.float32), candidates=candidates, differences=differences,
-                 candidate_shares=np.full(3, 1 / 3), mixture_weights=np.full(4, 0.25), seconds=0.0)
+    differences = candidates.astype(np.int8) - recommended.astype(np.int8)
+    return Round(
+        index=1,
+        probability=recommended.astype(np.float32),
+        recommended=recommended,
+        uncertainty=np.zeros(shape, np.float32),
+        candidates=candidates,
+        differences=differences,
+        candidate_shares=np.full(3, 1 / 3),
+        mixture_weights=np.full(4, 0.25),
+        seconds=0.0,
+    )
 
 
 def test_overlay_shows_exactly_the_round_and_leaves_user_segmentation_alone(mrml_scene):
@@ -397,8 +407,9 @@ def ellipsoid_volume(scene, shape=(6, 96, 96)):
     k, j, i = np.mgrid[: shape[0], : shape[1], : shape[2]]
     inside = ((k - 2.5) / 3.2) ** 2 + ((j - 48) / 22) ** 2 + ((i - 44) / 26) ** 2 < 1
     values = (40 + 120 * inside + rng.normal(0, 6, shape)).astype(np.int16)
-    volume = add_volume(scene, values, spacing=(0.8, 0.8, 2.0), origin=(40.0, 30.0, -10.0),
-                        directions=LPS_DIRECTIONS, name="ellipsoid")
+    volume = add_volume(
+        scene, values, spacing=(0.8, 0.8, 2.0), origin=(40.0, 30.0, -10.0), directions=LPS_DIRECTIONS, name="ellipsoid"
+    )
     return volume, values, inside
 
 
@@ -415,8 +426,19 @@ def scene_setup(mrml_scene, untrained_model, tmp_path):
     other[3, 40:60, 30:50] = True
     other_id = add_segment(seg, "other", other, volume)
     store = ProfileStore(tmp_path / "profiles", model_fingerprint=untrained_model.fingerprint())
-    return dict(scene=mrml_scene, model=untrained_model, volume=volume, values=values, inside=inside, seg=seg,
-                target=target, kept=kept, other_id=other_id, other=other, store=store)
+    return dict(
+        scene=mrml_scene,
+        model=untrained_model,
+        volume=volume,
+        values=values,
+        inside=inside,
+        seg=seg,
+        target=target,
+        kept=kept,
+        other_id=other_id,
+        other=other,
+        store=store,
+    )
 
 
 def BOX_RAS(volume):
@@ -492,7 +514,11 @@ def test_scene_session_cancel_and_roi_start(scene_setup):
     session = make_session(s, profiles=None, user=None, structure=None, embeddings=lookup)
     before_ids = s["seg"].GetSegmentation().GetNumberOfSegments()
     a, b = voxel_ras(s["volume"], (2, 26, 18)), voxel_ras(s["volume"], (2, 70, 70))
-    roi = add_roi(s["scene"], [(u + v) / 2 for u, v in zip(a, b)], [abs(u - v) + 0.1 for u, v in zip(a, b)])
+    roi = add_roi(
+        s["scene"],
+        [(u + v) / 2 for u, v in zip(a, b, strict=True)],
+        [abs(u - v) + 0.1 for u, v in zip(a, b, strict=True)],
+    )
     round_ = session.start("axial", roi_node=roi)
     assert session.plane.index == 2
     x0, y0, x1, y1 = session.session.state().start.box
@@ -619,7 +645,7 @@ def test_preview_is_drawn_in_slicer_slice_view(mrml_scene):
         colours = {tuple(c) for c in shown.reshape(-1, 3).tolist()}
         for expected in (RECOMMENDED_COLOUR, CANDIDATE_COLOURS[1], CANDIDATE_COLOURS[2], removes_colour(0)):
             rgb = tuple(int(round(255 * c)) for c in expected)
-            assert any(max(abs(a - b) for a, b in zip(rgb, c)) <= 2 for c in colours), expected
+            assert any(max(abs(a - b) for a, b in zip(rgb, c, strict=True)) <= 2 for c in colours), expected
         # Showing a round where candidate 2 changes nothing must erase its old drawing.
         smaller = synthetic_round(plane.shape, None)
         smaller.differences[2] = 0

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import disc_image
 
 from SPASegmentationLib.errors import InputError
 from SPASegmentationLib.session import Session, SessionState
-from conftest import disc_image
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_rounds_are_deterministic_for_a_seed_and_differ_across_seeds(model, ct_i
     _, a = run_rounds(model, ct_image, [0, 1], seed=5)
     _, b = run_rounds(model, ct_image, [0, 1], seed=5)
     _, c = run_rounds(model, ct_image, [0, 1], seed=6)
-    assert all(np.array_equal(x.probability, y.probability) for x, y in zip(a, b))
+    assert all(np.array_equal(x.probability, y.probability) for x, y in zip(a, b, strict=True))
     assert not np.array_equal(a[0].probability, c[0].probability)
 
 

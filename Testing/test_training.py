@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import disc_image
 
 from SPASegmentationLib.model.build import build_model, load_model
 from SPASegmentationLib.model.spa import SPAConfig
 from SPASegmentationLib.training import TrainConfig, TrainingCase, train
-from conftest import disc_image
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +66,13 @@ def test_training_resumes_to_exactly_the_same_weights(tmp_path, cases, monkeypat
 
 def test_training_reduces_the_loss(tmp_path, cases):
     model = fresh_model()
-    run = train(model, cases, tmp_path / "run", TrainConfig(steps=12, lr=1e-3, **{**CONFIG, "checkpoint_every": 100}),
-                progress=False)
+    run = train(
+        model,
+        cases,
+        tmp_path / "run",
+        TrainConfig(steps=12, lr=1e-3, **{**CONFIG, "checkpoint_every": 100}),
+        progress=False,
+    )
     first = np.mean([h["aggregate_bce"] for h in run.history[:3]])
     last = np.mean([h["aggregate_bce"] for h in run.history[-3:]])
     assert last < first * 0.9

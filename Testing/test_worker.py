@@ -7,12 +7,12 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import disc_image
 
-from SPASegmentationLib.errors import InputError
 from SPASegmentationLib.embeddings import EmbeddingCache
+from SPASegmentationLib.errors import InputError
 from SPASegmentationLib.session import Session
 from SPASegmentationLib.worker import ModelWorker, WorkerClosedError, neighbour_order
-from conftest import disc_image
 
 TIMEOUT = 30.0
 

@@ -28,7 +28,21 @@ IMAGE_STEM = "image"
 RATER_PREFIX = "rater_"
 MIN_RATERS, MAX_RATERS = 2, 7
 SPLITS_FILE = "splits.json"
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".dcm", ".tif", ".tiff", ".bmp")
+IMAGE_SUFFIXES = (
+    ".nii.gz",
+    ".nii",
+    ".nrrd",
+    ".nhdr",
+    ".mha",
+    ".mhd",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".dcm",
+    ".tif",
+    ".tiff",
+    ".bmp",
+)
 DEFAULT_TEST_SHARE = 5  # without splits.json, one case in five (by hash) is a test case
 
 
@@ -70,14 +84,18 @@ class MultiRaterFolder:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         if not self.root.exists():
-            raise DataError(f"dataset folder {self.root} does not exist; pass a folder of <case>/image.* and rater_<name>.* files")
+            raise DataError(
+                f"dataset folder {self.root} does not exist; pass a folder of <case>/image.* and rater_<name>.* files"
+            )
         if not self.root.is_dir():
             raise DataError(f"{self.root} is not a folder; pass the dataset's root folder")
         self.case_ids: list[str] = sorted(
             p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
         )
         if not self.case_ids:
-            raise DataError(f"dataset folder {self.root} has no case folders; each case is a folder with image.* and rater_<name>.*")
+            raise DataError(
+                f"dataset folder {self.root} has no case folders; each case is a folder with image.* and rater_<name>.*"
+            )
         self._files = {case_id: self._find_case_files(case_id) for case_id in self.case_ids}
         self._splits = self._read_splits()
 
@@ -92,19 +110,23 @@ class MultiRaterFolder:
         try:
             splits = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataError(f"{path} is not valid JSON ({exc}); fix it or remove it to use the default 80/20 split") from exc
+            raise DataError(
+                f"{path} is not valid JSON ({exc}); fix it or remove it to use the default 80/20 split"
+            ) from exc
         if not isinstance(splits, dict) or not all(
             isinstance(ids, list) and all(isinstance(i, str) for i in ids) for ids in splits.values()
         ):
-            raise DataError(f"{path} must map split names to lists of case ids, e.g. {{\"train\": [...], \"test\": [...]}}")
+            raise DataError(f'{path} must map split names to lists of case ids, e.g. {{"train": [...], "test": [...]}}')
         known = set(self.case_ids)
         for name, ids in splits.items():
             unknown = [i for i in ids if i not in known]
             if unknown:
-                raise DataError(f"{path} split {name!r} names unknown cases {unknown[:5]}; fix the ids or add the case folders")
+                raise DataError(
+                    f"{path} split {name!r} names unknown cases {unknown[:5]}; fix the ids or add the case folders"
+                )
         names = sorted(splits)
         for index, first in enumerate(names):
-            for second in names[index + 1:]:
+            for second in names[index + 1 :]:
                 shared = sorted(set(splits[first]) & set(splits[second]))
                 if shared:
                     raise DataError(
@@ -117,12 +139,14 @@ class MultiRaterFolder:
         if self._splits is not None:
             if name not in self._splits:
                 raise DataError(
-                    f"{self.root / SPLITS_FILE} has no split {name!r}; choose one of {sorted(self._splits)} or add it there"
+                    f"{self.root / SPLITS_FILE} has no split {name!r}; "
+                    f"choose one of {sorted(self._splits)} or add it there"
                 )
             return list(self._splits[name])
         if name not in ("train", "test"):
             raise DataError(
-                f"{self.root} has no splits.json, so only 'train' and 'test' exist (not {name!r}); add a splits.json to define it"
+                f"{self.root} has no splits.json, so only 'train' and 'test' exist (not {name!r}); "
+                "add a splits.json to define it"
             )
         return [c for c in self.case_ids if _in_test_by_hash(c) == (name == "test")]
 
@@ -132,24 +156,28 @@ class MultiRaterFolder:
         files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
         images = [p for p in files if _stem(p) == IMAGE_STEM]
         if len(images) != 1:
-            found = "no image file" if not images else f"{len(images)} image files ({', '.join(p.name for p in images)})"
+            found = (
+                "no image file" if not images else f"{len(images)} image files ({', '.join(p.name for p in images)})"
+            )
             raise DataError(f"case {folder} has {found}; it needs exactly one image.<png|jpg|nii.gz|nrrd|mha|dcm>")
         raters: dict[str, Path] = {}
         for path in files:
             stem = _stem(path)
             if not stem.startswith(RATER_PREFIX):
                 continue
-            name = stem[len(RATER_PREFIX):]
+            name = stem[len(RATER_PREFIX) :]
             if not name:
-                raise DataError(f"{path} has no rater name; call it rater_<name>{path.name[len(stem):]}")
+                raise DataError(f"{path} has no rater name; call it rater_<name>{path.name[len(stem) :]}")
             if name in raters:
                 raise DataError(
-                    f"case {folder} has two masks for rater {name!r} ({raters[name].name}, {path.name}); keep one of them"
+                    f"case {folder} has two masks for rater {name!r} ({raters[name].name}, {path.name}); "
+                    "keep one of them"
                 )
             raters[name] = path
         if not MIN_RATERS <= len(raters) <= MAX_RATERS:
             raise DataError(
-                f"case {folder} has {len(raters)} rater mask(s); SPA needs {MIN_RATERS}-{MAX_RATERS} files named rater_<name>.*"
+                f"case {folder} has {len(raters)} rater mask(s); "
+                f"SPA needs {MIN_RATERS}-{MAX_RATERS} files named rater_<name>.*"
             )
         return _CaseFiles(images[0], raters)
 

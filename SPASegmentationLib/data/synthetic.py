@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -71,7 +71,7 @@ def _radial_profile(
 
     def profile(theta: np.ndarray) -> np.ndarray:
         """The profile's value at each angle (radians)."""
-        return sum(a * np.cos(k * theta + phase) for k, (a, phase) in zip(harmonics, coefficients))
+        return sum(a * np.cos(k * theta + phase) for k, (a, phase) in zip(harmonics, coefficients, strict=True))
 
     return profile
 
@@ -197,7 +197,9 @@ def write_case(case: SyntheticCase, folder: Path) -> Path:
         image.SetSpacing(case.spacing)
         write_image_atomic(image, folder / "image.nrrd")
     for name, mask in case.raters.items():
-        write_image_atomic(sitk.GetImageFromArray(mask.astype(np.uint8) * 255), folder / f"rater_{name}.png", compress=False)
+        write_image_atomic(
+            sitk.GetImageFromArray(mask.astype(np.uint8) * 255), folder / f"rater_{name}.png", compress=False
+        )
     return folder
 
 
@@ -237,10 +239,17 @@ def write_dataset(
     test = sorted(case_ids[i] for i in order[:n_test])
     train = sorted(set(case_ids) - set(test))
     write_json_atomic(root / "splits.json", {"train": train, "test": test})
-    write_json_atomic(root / "dataset.json", {
-        "kind": DATASET_KIND, "generator_version": GENERATOR_VERSION, "seed": seed,
-        "n_cases": n_cases, "raters": list(raters), "test_fraction": test_fraction,
-    })
+    write_json_atomic(
+        root / "dataset.json",
+        {
+            "kind": DATASET_KIND,
+            "generator_version": GENERATOR_VERSION,
+            "seed": seed,
+            "n_cases": n_cases,
+            "raters": list(raters),
+            "test_fraction": test_fraction,
+        },
+    )
     return root
 
 

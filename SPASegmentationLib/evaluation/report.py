@@ -35,8 +35,9 @@ from __future__ import annotations
 import copy
 import io
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -183,9 +184,7 @@ def _tables(results: Mapping[str, Any], summaries: Mapping[str, Mapping[str, Any
     lines.append("|---|" + "---|" * max_rounds)
     for name, summary in summaries.items():
         curve = summary["dice_per_round"]
-        cells = [
-            _fmt_interval(curve["mean"][r], curve["low"][r], curve["high"][r], 3) for r in range(max_rounds)
-        ]
+        cells = [_fmt_interval(curve["mean"][r], curve["low"][r], curve["high"][r], 3) for r in range(max_rounds)]
         lines.append(f"| {_label(results, name)} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(

@@ -14,9 +14,10 @@ stays the result for later rounds (``dice``). Each method also runs on to the la
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,25 +45,43 @@ def accepted_curve(dice_all_rounds: list[float], accept_at: float) -> list[float
 
 
 def run_spa(
-    model: SPAModel, case: MultiRaterCase, target: np.ndarray, first: dict[str, Any], embedding: torch.Tensor,
-    max_rounds: int, seed: int, n_samples: int,
+    model: SPAModel,
+    case: MultiRaterCase,
+    target: np.ndarray,
+    first: dict[str, Any],
+    embedding: torch.Tensor,
+    max_rounds: int,
+    seed: int,
+    n_samples: int,
 ) -> dict[str, Any]:
     """One simulated SPA session: Dice per round, candidate diversity, seconds per round."""
     session = Session(model, case.image, seed=seed, n_samples=n_samples, embedding=embedding)
     round_ = session.start(**first)
-    dices, diversity, seconds = [dice(round_.recommended, target)], [candidate_diversity(list(round_.candidates))], [round_.seconds]
+    dices, diversity, seconds = (
+        [dice(round_.recommended, target)],
+        [candidate_diversity(list(round_.candidates))],
+        [round_.seconds],
+    )
     while round_.index < max_rounds:
         round_ = session.choose(nearest_candidate(round_.candidates, target))
         dices.append(dice(round_.recommended, target))
         diversity.append(candidate_diversity(list(round_.candidates)))
         seconds.append(round_.seconds)
-    return {"dice_all_rounds": dices, "candidate_diversity": diversity, "seconds_per_round": float(np.mean(seconds)),
-            "choices": session.choices}
+    return {
+        "dice_all_rounds": dices,
+        "candidate_diversity": diversity,
+        "seconds_per_round": float(np.mean(seconds)),
+        "choices": session.choices,
+    }
 
 
 @torch.no_grad()
 def run_click_baseline(
-    model: SPAModel, case: MultiRaterCase, target: np.ndarray, first: dict[str, Any], embedding: torch.Tensor,
+    model: SPAModel,
+    case: MultiRaterCase,
+    target: np.ndarray,
+    first: dict[str, Any],
+    embedding: torch.Tensor,
     max_rounds: int,
 ) -> dict[str, Any]:
     """Click refinement on the backbone alone: one corrective click per round, previous logits as mask."""
@@ -117,7 +136,10 @@ def evaluate(
     for name, (label, _) in methods.items():
         results["methods"][name] = {"label": label, "per_case": {}}
     if baseline_model is not None:
-        results["methods"]["click_baseline"] = {"label": "Click refinement (LiteMedSAM, one click per round)", "per_case": {}}
+        results["methods"]["click_baseline"] = {
+            "label": "Click refinement (LiteMedSAM, one click per round)",
+            "per_case": {},
+        }
     for case_id in tqdm(case_ids, desc=f"evaluating ({split})", disable=not progress, unit="case"):
         case = cases[case_id]
         target = consensus(case.raters, preferences[case_id])
@@ -128,7 +150,9 @@ def evaluate(
             record["dice"] = accepted_curve(record["dice_all_rounds"], max(targets))
             results["methods"][name]["per_case"][case_id] = record
         if baseline_model is not None:
-            record = run_click_baseline(baseline_model, case, target, first, embedding.to(baseline_model.device), max_rounds)
+            record = run_click_baseline(
+                baseline_model, case, target, first, embedding.to(baseline_model.device), max_rounds
+            )
             record["dice"] = accepted_curve(record["dice_all_rounds"], max(targets))
             results["methods"]["click_baseline"]["per_case"][case_id] = record
         if on_case:
@@ -139,15 +163,29 @@ def evaluate(
             "label": f"{method['label']}, keeps choosing to round {max_rounds}",
             "per_case": {cid: dict(rec, dice=rec["dice_all_rounds"]) for cid, rec in method["per_case"].items()},
         }
-    results.update({
-        "kind": "spa-evaluation",
-        "seed": seed,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "data": {"root": str(root), "fingerprint": folder.fingerprint(case_ids), "split": split, "cases": case_ids},
-        "model": {name: {"fingerprint": model.fingerprint(), "conditioning": model.config.conditioning.value,
-                         "backbone": model.backbone.info.name, "training": model.training_info.get("train_config", {})}
-                  for name, (_, model) in methods.items()},
-        "protocol": {"max_rounds": max_rounds, "targets": list(targets), "first_prompt": first_prompt.value,
-                     "n_samples": n_samples, "accept_at": max(targets), "preferences": preferences},
-    })
+    results.update(
+        {
+            "kind": "spa-evaluation",
+            "seed": seed,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "data": {"root": str(root), "fingerprint": folder.fingerprint(case_ids), "split": split, "cases": case_ids},
+            "model": {
+                name: {
+                    "fingerprint": model.fingerprint(),
+                    "conditioning": model.config.conditioning.value,
+                    "backbone": model.backbone.info.name,
+                    "training": model.training_info.get("train_config", {}),
+                }
+                for name, (_, model) in methods.items()
+            },
+            "protocol": {
+                "max_rounds": max_rounds,
+                "targets": list(targets),
+                "first_prompt": first_prompt.value,
+                "n_samples": n_samples,
+                "accept_at": max(targets),
+                "preferences": preferences,
+            },
+        }
+    )
     return results

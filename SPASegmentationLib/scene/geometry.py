@@ -16,8 +16,9 @@ here. Conventions:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import vtk
@@ -142,7 +143,9 @@ class SlicePlane:
         self._check_volume(volume)
         image = np.asarray(image)
         if tuple(image.shape) != self.shape:
-            raise InputError(f"image of shape {image.shape} does not fit the {self.orientation} plane of shape {self.shape}")
+            raise InputError(
+                f"image of shape {image.shape} does not fit the {self.orientation} plane of shape {self.shape}"
+            )
         if self.flip_rows:
             image = image[::-1, :]
         if self.flip_cols:
@@ -151,17 +154,21 @@ class SlicePlane:
             image = image.T
         volume[self._selector()] = image
 
-    def at(self, index: int) -> "SlicePlane":
+    def at(self, index: int) -> SlicePlane:
         """The same orientation through another slice."""
         index = int(index)
         if not 0 <= index < self.n_slices:
             raise InputError(f"slice {index} does not exist; the {self.orientation} slices are 0..{self.n_slices - 1}")
         return replace(self, index=index)
 
-    def same_slice(self, other: "SlicePlane | None") -> bool:
+    def same_slice(self, other: SlicePlane | None) -> bool:
         """True when ``other`` is this very slice of the same volume layout."""
         return other is not None and (other.orientation, other.slice_axis, other.index, other.volume_shape) == (
-            self.orientation, self.slice_axis, self.index, self.volume_shape)
+            self.orientation,
+            self.slice_axis,
+            self.index,
+            self.volume_shape,
+        )
 
     def pixel_of(self, kji: Sequence[float]) -> tuple[float, float]:
         """(x, y) image coordinates of a continuous (k, j, i) array position (the slice coordinate is dropped)."""

@@ -8,8 +8,9 @@ is drawn, so the image under the recommendation stays visible.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import slicer
@@ -22,7 +23,10 @@ from .segments import oriented_labelmap
 
 RECOMMENDED_COLOUR: tuple[float, float, float] = rgb(RECOMMENDED)
 CANDIDATE_COLOURS: tuple[tuple[float, float, float], ...] = (
-    rgb("orange"), rgb("sky blue"), rgb("bluish green"), rgb("reddish purple"),
+    rgb("orange"),
+    rgb("sky blue"),
+    rgb("bluish green"),
+    rgb("reddish purple"),
 )
 REMOVES_SHADE = 0.6  # "removes" outlines use the candidate's colour darkened by this factor
 DEFAULT_PREVIEW_OPACITY = 0.5
@@ -121,8 +125,9 @@ class CandidateOverlay:
             self._write_slice(self.RECOMMENDED_ID, plane, np.asarray(round_.recommended, dtype=bool))
             for segment_id, mask in regions.items():
                 self._write_slice(segment_id, plane, mask)
-            self._stack_smallest_on_top({segment_id: 0 if mask is None else int(np.count_nonzero(mask))
-                                         for segment_id, mask in regions.items()})
+            self._stack_smallest_on_top(
+                {segment_id: 0 if mask is None else int(np.count_nonzero(mask)) for segment_id, mask in regions.items()}
+            )
         finally:
             self.node.EndModify(was_modifying)
         self.node.Modified()  # emptied segments fire no event of their own; views must redraw them too

@@ -10,7 +10,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import slicer
@@ -83,7 +84,9 @@ def read_segment(segmentation_node: Any, segment_id: str, volume_node: Any) -> n
     if stored.GetPointData().GetScalars() is None or extent[1] < extent[0]:
         return np.zeros(shape, dtype=bool)
     resampled = slicer.vtkOrientedImageData()
-    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(stored, reference, resampled, False, True)
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        stored, reference, resampled, False, True
+    )
     out_extent = resampled.GetExtent()
     if tuple(out_extent) != (0, shape[2] - 1, 0, shape[1] - 1, 0, shape[0] - 1):
         raise RuntimeError(f"resampling the segment gave extent {out_extent}, expected the volume's {shape}")
@@ -104,7 +107,9 @@ def commit_mask(segmentation_node: Any, segment_id: str, volume_node: Any, plane
     check_plane(volume_node, plane)
     mask = np.asarray(mask)
     if tuple(mask.shape) != plane.shape:
-        raise InputError(f"mask of shape {mask.shape} does not fit the {plane.orientation} slice of shape {plane.shape}")
+        raise InputError(
+            f"mask of shape {mask.shape} does not fit the {plane.orientation} slice of shape {plane.shape}"
+        )
     _prepare_segmentation(segmentation_node, volume_node)
     voxels = read_segment(segmentation_node, segment_id, volume_node)
     plane.insert(voxels, mask.astype(bool))
@@ -123,7 +128,9 @@ def commit_volume_mask(
     shape = volume_shape(volume_node)
     mask3d = np.asarray(mask3d)
     if tuple(mask3d.shape) != shape:
-        raise InputError(f"mask of shape {mask3d.shape} does not fit volume '{node_name(volume_node)}' of shape {shape}")
+        raise InputError(
+            f"mask of shape {mask3d.shape} does not fit volume '{node_name(volume_node)}' of shape {shape}"
+        )
     _prepare_segmentation(segmentation_node, volume_node)
     if planes_touched is None:
         voxels = mask3d.astype(bool)
@@ -143,8 +150,11 @@ def terminology_string(structure: str | None) -> str:
     entry = slicer.vtkSlicerTerminologyEntry()
     entry.SetTerminologyContextName(TERMINOLOGY_CONTEXT)
     entry.SetRegionContextName(REGION_CONTEXT)
-    for target, code in ((entry.GetCategoryObject(), terms.category), (entry.GetTypeObject(), terms.type),
-                         (entry.GetRegionObject(), terms.region)):
+    for target, code in (
+        (entry.GetCategoryObject(), terms.category),
+        (entry.GetTypeObject(), terms.type),
+        (entry.GetRegionObject(), terms.region),
+    ):
         if code is None:
             continue
         target.SetCodingSchemeDesignator(code.scheme_designator)

@@ -7,7 +7,8 @@ belong on the main thread.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -47,7 +48,7 @@ class SceneSession:
         segmentation_node: Any,
         segment_id: str,
         *,
-        profiles: "ProfileStore | None" = None,
+        profiles: ProfileStore | None = None,
         user: str | None = None,
         structure: str | None = None,
         seed: int = 0,
@@ -99,7 +100,8 @@ class SceneSession:
         roi_node: Any = None,
         box_ras: tuple[Sequence[float], Sequence[float]] | None = None,
     ) -> Round:
-        """First round on the ``orientation`` slice through the prompt: a point, a ROI node or a RAS box (two corners)."""
+        """First round on the ``orientation`` slice through the prompt: a point, a ROI node or a RAS box
+        (two corners)."""
         if point_ras is None and roi_node is None and box_ras is None:
             raise InputError("start needs a point inside the structure or a box (ROI) around it")
         if roi_node is not None and box_ras is not None:
@@ -110,7 +112,7 @@ class SceneSession:
             anchor = [0.0, 0.0, 0.0]
             roi_node.GetCenterWorld(anchor)
         else:
-            anchor = [(float(a) + float(b)) / 2.0 for a, b in zip(box_ras[0], box_ras[1])]
+            anchor = [(float(a) + float(b)) / 2.0 for a, b in zip(box_ras[0], box_ras[1], strict=True)]
         plane = plane_through(self.volume_node, orientation, anchor)
         point = None if point_ras is None else ras_to_pixel(self.volume_node, plane, point_ras)
         box = None
@@ -120,8 +122,15 @@ class SceneSession:
             box = box_from_ras(self.volume_node, plane, box_ras[0], box_ras[1])
         image = plane.extract(volume_array(self.volume_node))
         embedding = None if self.embeddings is None else self.embeddings.get(image, window=self.window)
-        session = Session(self.model, image, seed=self.seed, n_samples=self.n_samples,
-                          initial_weights=self.initial_weights(), window=self.window, embedding=embedding)
+        session = Session(
+            self.model,
+            image,
+            seed=self.seed,
+            n_samples=self.n_samples,
+            initial_weights=self.initial_weights(),
+            window=self.window,
+            embedding=embedding,
+        )
         round_ = session.start(point=point, box=box)
         self.session, self.plane = session, plane
         return round_
@@ -173,7 +182,8 @@ class SceneSession:
         return round_
 
     def accept(self) -> None:
-        """Commit the recommended mask into the segment (one undo step), tag it, update the profile, clear the preview."""
+        """Commit the recommended mask into the segment (one undo step), tag it, update the profile and
+        clear the preview."""
         session = self._require_session()
         round_ = session.current
         mask = session.accept()
@@ -198,7 +208,7 @@ class SceneSession:
         progress: Callable[[int, int], bool] | None = None,
         max_slices: int | None = None,
         n_samples: int | None = None,
-    ) -> "PropagationResult":
+    ) -> PropagationResult:
         """Carry the last accepted mask through neighbouring slices (worker thread; nothing is written).
 
         ``progress(done, total_estimate)`` returning False cancels; ``max_slices`` caps each direction;
@@ -225,7 +235,7 @@ class SceneSession:
             max_slices=max_slices,
         )
 
-    def apply_propagation(self, result: "PropagationResult") -> None:
+    def apply_propagation(self, result: PropagationResult) -> None:
         """Write a propagation's slices into the segment as one undo step (other slices unchanged)."""
         if self.plane is None:
             raise InputError("there is no slice to propagate from; start and accept a segmentation first")

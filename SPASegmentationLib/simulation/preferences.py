@@ -9,7 +9,7 @@ seed or generator passed in, so an evaluation can be repeated exactly and compar
 from __future__ import annotations
 
 import hashlib
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 

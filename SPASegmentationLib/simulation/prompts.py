@@ -8,7 +8,8 @@ keyword arguments for ``Session.start`` / ``engine.start_prompt``: {"point": (x,
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -86,7 +87,9 @@ def initial_box(
     return x0, y0, x1, y1
 
 
-def evaluation_first_prompt(raters: Mapping[str, np.ndarray], target: np.ndarray, kind: FirstPrompt | str) -> dict[str, Any]:
+def evaluation_first_prompt(
+    raters: Mapping[str, np.ndarray], target: np.ndarray, kind: FirstPrompt | str
+) -> dict[str, Any]:
     """The fixed first prompt of the evaluation: the target's box, or the deepest all-rater point."""
     kind = FirstPrompt.parse(kind, "first prompt")
     if kind is FirstPrompt.MIXED:
