@@ -1,0 +1,107 @@
+"""The round engine: one round for inference and training, stage timing from outside, seeds, typed configs,
+and the one embedding cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from SPASegmentationLib.embeddings import EmbeddingCache
+from SPASegmentationLib.engine import (
+    feedback_seed,
+    round_seed,
+    run_model_round,
+    sample_round,
+    slice_seed,
+    start_prompt,
+    summarise_round,
+    valid_probabilities,
+)
+from SPASegmentationLib.errors import CheckpointError, InputError
+from SPASegmentationLib.model.conditioning import Conditioning
+from SPASegmentationLib.model.spa import SPAConfig
+from SPASegmentationLib.preference import SamplingMode, uniform_weights
+from SPASegmentationLib.stages import StageClock, stage
+from SPASegmentationLib.training import TrainConfig
+
+ROUND_STAGES = {"generator", "sampling", "conditioning_and_decoding", "aggregation", "kmeans"}
+
+
+@pytest.fixture(scope="module")
+def encoded(untrained_model):
+    from conftest import disc_image
+
+    image = disc_image()
+    embedding, geometry = untrained_model.encode(image)
+    return image, embedding, geometry
+
+
+def test_run_model_round_is_the_training_steps_in_sequence(untrained_model, encoded):
+    """Inference's round is sample_round + summarise_round, the two calls training makes."""
+    model = untrained_model
+    _, embedding, geometry = encoded
+    prompt = start_prompt(geometry, point=(120, 90))
+    weights = uniform_weights(model.config.n_components)
+    seed = round_seed(3, 1)
+    whole = run_model_round(model, embedding, geometry, prompt, weights, 12, seed)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(seed)
+        sampled = sample_round(model, embedding, [prompt], weights[None], 12, generator)
+        parts = summarise_round(
+            model, prompt, sampled.mixture.select(0), valid_probabilities(model, sampled.logits[0], geometry), 4, seed
+        )
+    assert np.array_equal(whole.mean_probability, parts.mean_probability)
+    assert np.array_equal(whole.clusters.masks, parts.clusters.masks)
+    assert torch.equal(whole.mixture.weights, parts.mixture.weights)
+
+
+def test_stage_clock_times_each_stage_only_while_active(untrained_model, encoded):
+    model = untrained_model
+    _, embedding, geometry = encoded
+    prompt = start_prompt(geometry, box=(80, 50, 160, 130))
+    weights = uniform_weights(model.config.n_components)
+    with StageClock(model.device) as clock:
+        run_model_round(model, embedding, geometry, prompt, weights, 8, round_seed(0, 1))
+    assert set(clock.seconds) == ROUND_STAGES and all(v > 0 for v in clock.seconds.values())
+    before = dict(clock.seconds)
+    run_model_round(model, embedding, geometry, prompt, weights, 8, round_seed(0, 2))  # no clock active now
+    with stage("generator"):
+        pass
+    assert clock.seconds == before
+
+
+def test_seeds_are_the_ones_saved_sessions_were_made_with():
+    """A saved session replays its rounds from these seeds: their values must never change."""
+    assert round_seed(0, 1) == 3964924996 and round_seed(7, 3) == 3466196061
+    assert feedback_seed(0, 1) == 1349218077 == round_seed(0, 1001)
+    assert slice_seed(4, 6) == 54993459 and slice_seed(4, 6) < 2**31
+
+
+def test_configs_refuse_unknown_keys_and_words():
+    config = SPAConfig(conditioning="concat", sampling="moment_matched")
+    assert config.conditioning is Conditioning.CONCAT and config.sampling is SamplingMode.MOMENT_MATCHED
+    payload = config.to_dict()
+    assert payload["conditioning"] == "concat" and type(payload["conditioning"]) is str
+    assert SPAConfig.from_dict(payload) == config
+    with pytest.raises(CheckpointError, match=r"unknown keys \['latent_size'\]"):
+        SPAConfig.from_dict(payload | {"latent_size": 32})
+    with pytest.raises(CheckpointError, match="use one of token, concat"):
+        SPAConfig.from_dict(payload | {"conditioning": "film"})
+    with pytest.raises(InputError, match="first prompt 'lasso'"):
+        TrainConfig(first_prompt="lasso")
+    assert TrainConfig(first_prompt="box").to_dict()["first_prompt"] == "box"
+
+
+def test_embedding_cache_gives_the_same_embedding_cold_and_warm(untrained_model, encoded, tmp_path):
+    image = encoded[0]
+    cold_cache = EmbeddingCache(untrained_model, folder=tmp_path)
+    cold = cold_cache.get(image)
+    warm_cache = EmbeddingCache(untrained_model, folder=tmp_path)  # a new process: memory empty, disk warm
+    warm = warm_cache.get(image)
+    assert torch.equal(cold, warm) and cold_cache.misses == 1 and warm_cache.misses == 0
+    windowed = warm_cache.get(image, window=(-100.0, 200.0))
+    assert warm_cache.misses == 1 and not torch.equal(windowed, warm)  # the window is part of the key
+    assert len(list(tmp_path.rglob("*.pt"))) == 2
+    memory_only = EmbeddingCache(untrained_model).get(image)
+    assert torch.allclose(memory_only, cold, atol=1e-2) and memory_only.dtype == torch.float32
