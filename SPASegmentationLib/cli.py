@@ -285,7 +285,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train SPA on a multi-rater folder with simulated users."""
     import torch
 
-    from .data.folder import MultiRaterFolder
+    from .data.detect import open_dataset
     from .model.build import build_model
     from .model.spa import SPAConfig
     from .training import TrainConfig, load_training_cases, train
@@ -308,13 +308,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         best_of_n_weight=args.best_of_n_weight,
         deep_first_round_probability=args.deep_first_round_probability,
     )
-    cases = load_training_cases(Path(args.data), args.split, model, Path(args.cache))
-    folder = MultiRaterFolder(Path(args.data))
+    cases, statistics = load_training_cases(Path(args.data), args.split, model, Path(args.cache))
+    dataset = open_dataset(Path(args.data))
     description = {
         "root": str(args.data),
+        "layout": dataset.layout,
         "split": args.split,
         "n_cases": len(cases),
-        "fingerprint": folder.fingerprint([c.case_id for c in cases]),
+        "raters": statistics.to_dict(),
+        "fingerprint": dataset.fingerprint([c.case_id for c in cases]),
     }
     run = train(model, cases, out, train_config, data_description=description)
     print(
@@ -519,9 +521,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("train", help="train SPA with simulated users on a multi-rater folder")
-    p.add_argument("data", help="multi-rater folder (see README: <case>/image.*, <case>/rater_<name>.*)")
+    p.add_argument(
+        "data",
+        help="multi-rater data: an SPA folder (<case>/image.*, rater_<name>.*), an LIDC crops tree "
+        "(training/<id>/image_<n>.jpg, label<k>_.jpg) or an LIDC .pickle; the layout is detected",
+    )
     p.add_argument("--out", default=str(DEFAULT_OUTPUT / "train"))
-    p.add_argument("--split", default="train")
+    p.add_argument(
+        "--split", default="train", help="train, test, all, or a split that splits.json names (default train)"
+    )
     p.add_argument("--backbone", default=BackboneName.LITEMEDSAM.value, choices=BackboneName.words())
     p.add_argument("--checkpoint", help="backbone checkpoint (required for sam_vit_b / medsam_vit_b)")
     p.add_argument("--conditioning", default=Conditioning.TOKEN.value, choices=Conditioning.words())
@@ -550,10 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="simulated-user evaluation: Dice per round and NoI, SPA vs click baseline")
-    p.add_argument("data")
+    p.add_argument(
+        "data", help="multi-rater data in any layout `spa train` reads (SPA folder, LIDC crops tree, LIDC .pickle)"
+    )
     p.add_argument("--model", action="append", help="SPA weights; repeat to compare (default: the shipped model)")
     p.add_argument("--checkpoint")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="test, train, all, or a split that splits.json names (default test)")
     p.add_argument("--out", default=str(DEFAULT_OUTPUT / "evaluate"))
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--targets", default="0.8,0.9")

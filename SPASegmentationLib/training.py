@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .data.dataset import RaterStatistics
+from .data.detect import open_dataset
 from .embeddings import EmbeddingCache
 from .engine import feedback_prompt, sample_round, start_prompt, summarise_round
 from .errors import DataError
@@ -88,24 +90,29 @@ class TrainingCase:
 
 def load_training_cases(
     root: Path, split: str, model: SPAModel, cache_dir: Path, progress: bool = True
-) -> list[TrainingCase]:
-    """Read a multi-rater folder's split and make sure every image's embedding is cached."""
+) -> tuple[list[TrainingCase], RaterStatistics]:
+    """Read a dataset's split (any layout ``open_dataset`` knows) and make sure every image's embedding is
+    cached. Cases where no rater marked anything teach nothing and are left out (counted in the statistics)."""
     from tqdm import tqdm
 
-    from .data.folder import MultiRaterFolder
-
-    folder = MultiRaterFolder(root)
-    case_ids = folder.split(split)
+    dataset = open_dataset(root)
+    case_ids = dataset.split(split)
     if not case_ids:
         raise DataError(f"split {split!r} of {root} has no cases; add cases or fix splits.json")
     cache = EmbeddingCache(model, folder=cache_dir)
     cases = []
+    statistics = RaterStatistics()
     for case_id in tqdm(case_ids, desc=f"embeddings ({split})", disable=not progress, unit="img"):
-        case = folder.load(case_id)
+        case = dataset.load(case_id)
+        statistics.add(case)
+        if not any(mask.any() for mask in case.raters.values()):
+            continue
         embedding = cache.get(case.image)
         cases.append(TrainingCase(case_id, embedding[0].cpu(), model.geometry_of(case.image), case.raters))
         cache.clear()  # training keeps its own copy; the cache is only its disk
-    return cases
+    if not cases:
+        raise DataError(f"split {split!r} of {root} has no case where a rater marked a structure; nothing to learn")
+    return cases, statistics
 
 
 def _target_in_model_frame(case: TrainingCase, target: np.ndarray, side: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from SPASegmentationLib.data.dataset import rater_statistics
+from SPASegmentationLib.data.detect import open_dataset
 from SPASegmentationLib.data.folder import MultiRaterFolder
+from SPASegmentationLib.data.lidc import LidcCropsFolder, LidcPickle
 from SPASegmentationLib.data.synthetic import (
     DEFAULT_RATERS,
     RATER_STYLES,
@@ -155,11 +158,10 @@ def test_folder_without_splits_uses_a_stable_split(tiny_root):
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda r: (r / "p1" / "rater_b.png").unlink(), "1 rater mask"),
+        (lambda r: [(r / "p1" / f"rater_{n}.png").unlink() for n in "ab"], "0 rater mask"),
         (lambda r: (r / "p1" / "image.png").unlink(), "no image file"),
         (lambda r: write_png(r / "p1" / "rater_b.png", np.zeros((10, 10), np.uint8) + 255), "must match the image"),
         (lambda r: write_png(r / "p1" / "rater_b.png", np.full((20, 20), 7, np.uint8)), "not a binary mask"),
-        (lambda r: write_png(r / "p1" / "rater_b.png", np.zeros((20, 20), np.uint8)), "empty"),
         (lambda r: (r / "splits.json").write_text('{"train": ["p9"]}'), "unknown cases"),
         (lambda r: (r / "splits.json").write_text("{oops"), "not valid JSON"),
         (lambda r: (r / "splits.json").write_text('{"train": ["p1"], "test": ["p1"]}'), "in both"),
@@ -245,3 +247,66 @@ def test_missing_or_empty_root_is_a_clear_error(tmp_path):
     (tmp_path / "splits.json").write_text("{}")
     with pytest.raises(DataError, match="no case folders"):
         MultiRaterFolder(tmp_path)
+
+
+def test_an_empty_rater_mask_and_a_single_rater_are_valid_cases(tiny_root):
+    write_png(tiny_root / "p1" / "rater_b.png", np.zeros((20, 20), np.uint8))  # rater b saw no structure
+    case = MultiRaterFolder(tiny_root).load("p1")
+    assert case.raters["a"].sum() == 25 and not case.raters["b"].any()
+    (tiny_root / "p1" / "rater_b.png").unlink()
+    assert list(MultiRaterFolder(tiny_root).load("p1").raters) == ["a"]
+    assert MultiRaterFolder(tiny_root).split("all") == ["p1"]
+
+
+LIDC = Path(__file__).resolve().parent / "data" / "lidc-cimd"
+
+
+def test_the_real_lidc_crops_are_read_in_their_own_layout():
+    dataset = open_dataset(LIDC)
+    assert isinstance(dataset, LidcCropsFolder) and dataset.layout == "lidc-crops"
+    assert len(dataset.split("train")) == 19 and len(dataset.split("test")) == 9 and len(dataset.split("all")) == 28
+    assert dataset.split("test")[:2] == ["testing/12", "testing/23"]  # natural order of the ids
+    case = dataset.load("testing/12")
+    assert case.image.shape == (128, 128) and case.image.dtype == np.uint8
+    assert sorted(case.raters) == ["label0", "label1", "label2", "label3"]
+    assert [int(m.sum()) for m in case.raters.values()] == [0, 0, 0, 15]  # three radiologists saw no nodule
+    statistics = rater_statistics(dataset.load(c) for c in dataset.split("all"))
+    assert statistics.cases == 28 and statistics.with_empty_rater == 7 and statistics.all_raters_empty == 0
+    assert statistics.single_rater == 0 and statistics.empty_rater_masks == 19
+    assert dataset.fingerprint(dataset.split("test")) != dataset.fingerprint(dataset.split("train"))
+    with pytest.raises(DataError, match="no 'val' split"):
+        dataset.split("val")
+
+
+def test_an_lidc_pickle_is_read_safely(tmp_path):
+    import pickle
+
+    rng = np.random.default_rng(0)
+    entries = {}
+    for k in range(10):
+        masks = [np.zeros((16, 16), np.uint8) for _ in range(4)]
+        masks[k % 4][4:9, 4:9] = 1
+        entries[f"crop{k}"] = {
+            "image": rng.random((16, 16)).astype(np.float32),
+            "masks": masks,
+            "series_uid": f"1.2.3.{k // 2}",
+        }
+    path = tmp_path / "lidc.pickle"
+    path.write_bytes(pickle.dumps(entries))
+    dataset = open_dataset(path)
+    assert isinstance(dataset, LidcPickle) and len(dataset.split("all")) == 10
+    train, test = dataset.split("train"), dataset.split("test")
+    assert sorted(train + test) == sorted(entries)
+    series = {c: entries[c]["series_uid"] for c in entries}
+    assert not {series[c] for c in train} & {series[c] for c in test}  # a scan's crops stay on one side
+    case = dataset.load("crop1")
+    assert case.image.dtype == np.uint8 and case.raters["label1"].sum() == 25 and not case.raters["label0"].any()
+
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(pickle.dumps({"x": {"image": Exploit(), "masks": []}}))
+    with pytest.raises(DataError, match="builtins.print"):
+        open_dataset(bad)

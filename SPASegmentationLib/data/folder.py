@@ -5,11 +5,13 @@
     <root>/splits.json                                  optional {"train": [...], "test": [...], "val": [...]}
 
 Every visible sub-folder of ``<root>`` is a case; its name is the case id. A case holds exactly one
-2-D image (CT in Hounsfield units is fine; read with ``io.images.read_image``) and 2–7 rater masks;
-rater names may differ between cases. Masks may be bool, 0/1 or 0/255 and must not be empty. Other
-files in a case folder are ignored. Without splits.json a deterministic 80/20 train/test split by a
-stable hash of the case id is used. The folder's layout is checked when it is opened; the pixels of
-a case when it is loaded. Every problem is a ``DataError`` naming the case, the file and the fix.
+2-D image (CT in Hounsfield units is fine; read with ``io.images.read_image``) and 1–7 rater masks;
+rater names may differ between cases. Masks may be bool, 0/1 or 0/255. An empty mask is a valid
+opinion (that rater saw no structure here) and one rater is a valid case. Other files in a case
+folder are ignored. Without splits.json a deterministic 80/20 train/test split by a stable hash of
+the case id is used; split ``all`` is every case. The folder's layout is checked when it is opened;
+the pixels of a case when it is loaded. Every problem is a ``DataError`` naming the case, the file
+and the fix. Other layouts (the LIDC crops) are in :mod:`.lidc`; :func:`.dataset.open_dataset` picks.
 """
 
 from __future__ import annotations
@@ -21,12 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError, InputError
-from ..io.images import SliceRequiredError, read_image
+from ..errors import DataError
+from .dataset import ALL_SPLIT, MAX_RATERS, MIN_RATERS, MultiRaterCase, in_test_by_hash, read_case_image
 
 IMAGE_STEM = "image"
 RATER_PREFIX = "rater_"
-MIN_RATERS, MAX_RATERS = 2, 7
 SPLITS_FILE = "splits.json"
 IMAGE_SUFFIXES = (
     ".nii.gz",
@@ -43,17 +44,6 @@ IMAGE_SUFFIXES = (
     ".tiff",
     ".bmp",
 )
-DEFAULT_TEST_SHARE = 5  # without splits.json, one case in five (by hash) is a test case
-
-
-@dataclass
-class MultiRaterCase:
-    """One image and its raters' masks."""
-
-    case_id: str
-    image: np.ndarray  # as read by io.images.read_image: (H, W) native dtype or (H, W, 3) uint8
-    raters: dict[str, np.ndarray]  # rater name → (H, W) bool
-    image_path: Path
 
 
 @dataclass
@@ -73,13 +63,10 @@ def _stem(path: Path) -> str:
     return ""
 
 
-def _in_test_by_hash(case_id: str) -> bool:
-    """The stable default split: a case is a test case when the sha256 of its id is 0 modulo 5."""
-    return int(hashlib.sha256(case_id.encode()).hexdigest(), 16) % DEFAULT_TEST_SHARE == 0
-
-
 class MultiRaterFolder:
     """A folder of multi-rater cases (see the module docstring for the layout)."""
+
+    layout = "spa-folder"
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -136,6 +123,8 @@ class MultiRaterFolder:
 
     def split(self, name: str) -> list[str]:
         """Case ids of a split: from splits.json, else a stable 80/20 train/test split by case-id hash."""
+        if name == ALL_SPLIT:
+            return list(self.case_ids)
         if self._splits is not None:
             if name not in self._splits:
                 raise DataError(
@@ -148,7 +137,7 @@ class MultiRaterFolder:
                 f"{self.root} has no splits.json, so only 'train' and 'test' exist (not {name!r}); "
                 "add a splits.json to define it"
             )
-        return [c for c in self.case_ids if _in_test_by_hash(c) == (name == "test")]
+        return [c for c in self.case_ids if in_test_by_hash(c) == (name == "test")]
 
     def _find_case_files(self, case_id: str) -> _CaseFiles:
         """The image and rater files of a case folder, checking the layout (not the pixels)."""
@@ -187,20 +176,9 @@ class MultiRaterFolder:
             raise DataError(f"case {case_id!r} is not a case folder of {self.root}; choose one of its sub-folders")
         return self._files[case_id]
 
-    def _read(self, case_id: str, path: Path) -> np.ndarray:
-        """One 2-D image of a case as an array, with read problems turned into DataErrors."""
-        try:
-            return read_image(path).array
-        except SliceRequiredError as exc:
-            raise DataError(
-                f"case {case_id!r}: {path} is a 3-D volume with {exc.n_slices} slices; save one 2-D slice per case"
-            ) from exc
-        except InputError as exc:
-            raise DataError(f"case {case_id!r}: {exc}") from exc
-
     def _read_mask(self, case_id: str, path: Path, image_shape: tuple[int, ...]) -> np.ndarray:
-        """A rater mask as a bool array, checked to be binary, non-empty and of the image's size."""
-        mask = self._read(case_id, path)
+        """A rater mask as a bool array (empty is allowed), checked to be binary and of the image's size."""
+        mask = read_case_image(case_id, path)
         if mask.ndim == 3:
             if not (np.array_equal(mask[..., 0], mask[..., 1]) and np.array_equal(mask[..., 0], mask[..., 2])):
                 raise DataError(f"{path} is a colour image; save the mask as one channel with values 0/1 or 0/255")
@@ -214,15 +192,12 @@ class MultiRaterFolder:
         if not (values <= {0, 1} or values <= {0, 255}):
             shown = sorted(values)[:6]
             raise DataError(f"{path} is not a binary mask (values {shown}…); save it with values 0/1 or 0/255")
-        binary = mask > 0
-        if not binary.any():
-            raise DataError(f"{path} is empty; remove the rater file or draw the structure")
-        return binary
+        return mask > 0
 
     def load(self, case_id: str) -> MultiRaterCase:
         """Read and validate one case."""
         files = self._files_of(case_id)
-        image = self._read(case_id, files.image)
+        image = read_case_image(case_id, files.image)
         raters = {name: self._read_mask(case_id, path, image.shape) for name, path in files.raters.items()}
         return MultiRaterCase(case_id, image, raters, files.image)
 

@@ -313,6 +313,13 @@ def _report_markdown(results: Mapping[str, Any], summaries: Mapping[str, Mapping
         f"- Data: {data.get('root', 'unknown')} (split {data.get('split', 'unknown')}, "
         f"{len(data.get('cases', []))} cases), fingerprint `{data.get('fingerprint', 'unknown')}`"
     )
+    raters = data.get("raters")
+    if raters:
+        lines.append(
+            f"- Raters: {raters['cases']} case(s) read; {raters['single_rater']} with a single rater, "
+            f"{raters['with_empty_rater']} with at least one empty rater mask ({raters['empty_rater_masks']} empty "
+            f"masks in all), {raters['all_raters_empty']} where no rater marked anything (not evaluated)"
+        )
     if "fingerprint" in model:  # one model; several are listed by method below
         lines.append(f"- Model fingerprint: `{model['fingerprint']}`")
     for key, value in model.items():

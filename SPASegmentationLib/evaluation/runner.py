@@ -23,9 +23,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data.folder import MultiRaterCase, MultiRaterFolder
+from ..data.dataset import MultiRaterCase, rater_statistics
+from ..data.detect import open_dataset
 from ..embeddings import EmbeddingCache
 from ..engine import DEFAULT_SAMPLES, start_prompt
+from ..errors import DataError
 from ..metrics import candidate_diversity, dice
 from ..model.spa import SPAModel
 from ..session import Session
@@ -123,11 +125,19 @@ def evaluate(
     on_case: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate SPA models (name → (label, model)) and optionally the click baseline on one split."""
-    folder = MultiRaterFolder(root)
-    case_ids = folder.split(split)
+    dataset = open_dataset(root)
+    case_ids = dataset.split(split)
     if max_cases is not None:
         case_ids = case_ids[:max_cases]
-    cases = {case_id: folder.load(case_id) for case_id in case_ids}
+    if not case_ids:
+        raise DataError(f"split {split!r} of {root} has no cases; choose another --split (train, test, all)")
+    cases = {case_id: dataset.load(case_id) for case_id in case_ids}
+    statistics = rater_statistics(cases.values())
+    # A case where no rater marked anything has no preference to reach: it is counted, not evaluated.
+    cases = {cid: c for cid, c in cases.items() if any(m.any() for m in c.raters.values())}
+    case_ids = list(cases)
+    if not case_ids:
+        raise DataError(f"no case of split {split!r} of {root} has a rater mask with a structure in it")
     preferences = fixed_preferences({cid: c.raters for cid, c in cases.items()}, seed)
     any_model = baseline_model or next(iter(methods.values()))[1]
     first_prompt = FirstPrompt.parse(first_prompt, "first prompt")
@@ -168,7 +178,14 @@ def evaluate(
             "kind": "spa-evaluation",
             "seed": seed,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "data": {"root": str(root), "fingerprint": folder.fingerprint(case_ids), "split": split, "cases": case_ids},
+            "data": {
+                "root": str(root),
+                "layout": dataset.layout,
+                "fingerprint": dataset.fingerprint(case_ids),
+                "split": split,
+                "cases": case_ids,
+                "raters": statistics.to_dict(),
+            },
             "model": {
                 name: {
                     "fingerprint": model.fingerprint(),
