@@ -330,26 +330,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate SPA model(s) and the click baseline on held-out cases."""
     import torch
 
+    from .errors import InputError
     from .evaluation.report import markdown_summary_table, write_report
-    from .evaluation.runner import evaluate
+    from .evaluation.runner import SpaMethod, evaluate
     from .model.build import build_model, default_model, load_model
+    from .session import ChoiceAnchor
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _device(args.device)
+    anchors = [ChoiceAnchor.parse(word.strip(), "--anchor") for word in args.anchor.split(",")]
+    if len(set(anchors)) != len(anchors):
+        raise InputError(f"--anchor {args.anchor!r} names a design twice; list each once, e.g. none,minimal")
     methods = {}
     paths = args.model or [None]
     for index, path in enumerate(paths):
         model = default_model(device) if path is None else load_model(Path(path), _opt_path(args, "checkpoint"), device)
-        name = f"spa_{model.config.conditioning}" + (f"_{index + 1}" if len(paths) > 1 else "")
-        label = f"SPA ({model.config.conditioning} conditioning, {Path(path).parent.name if path else 'shipped'})"
-        methods[name] = (label, model)
+        for anchor in anchors:
+            name = f"spa_{model.config.conditioning}" + (f"_{index + 1}" if len(paths) > 1 else "")
+            name += f"_anchor_{anchor}" if len(anchors) > 1 else ""
+            source = Path(path).parent.name if path else "shipped"
+            label = f"SPA ({model.config.conditioning} conditioning, {source}, anchor {anchor})"
+            methods[name] = SpaMethod(label, model, anchor)
     baseline = None
     if not args.no_baseline:
         baseline = (
             build_model(device=device)
             if args.checkpoint is None
-            else build_model(next(iter(methods.values()))[1].config, _opt_path(args, "checkpoint"), device)
+            else build_model(next(iter(methods.values())).model.config, _opt_path(args, "checkpoint"), device)
         )
     targets = _numbers(args.targets, len(args.targets.split(",")), "--targets")
     results = evaluate(
@@ -470,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .engine import DEFAULT_SAMPLES
     from .model.backbone import BackboneName
     from .model.conditioning import Conditioning
+    from .session import DEFAULT_ANCHOR, ChoiceAnchor
     from .simulation.prompts import FirstPrompt
     from .training import TrainConfig
 
@@ -571,6 +580,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--first-prompt", default=FirstPrompt.POINT.value, choices=[FirstPrompt.POINT.value, FirstPrompt.BOX.value]
     )
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
+    p.add_argument(
+        "--anchor",
+        default=DEFAULT_ANCHOR.value,
+        help="how the round after a choice follows the chosen candidate: "
+        f"{', '.join(ChoiceAnchor.words())}; a comma list compares them side by side (default {DEFAULT_ANCHOR})",
+    )
     p.add_argument("--max-cases", type=int)
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--seed", type=int, default=0)

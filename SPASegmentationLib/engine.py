@@ -109,6 +109,23 @@ def valid_probabilities(model: SPAModel, logits: torch.Tensor, geometry: ImageGe
 
 
 @torch.no_grad()
+def sample_probabilities(
+    model: SPAModel,
+    embedding: torch.Tensor,
+    geometry: ImageGeometry,
+    prompt: Prompt,
+    previous_weights: torch.Tensor,
+    n_samples: int,
+    seed: int,
+) -> tuple[np.ndarray, PreferenceMixture]:
+    """One image's N sample probability maps (N, rows, cols) for the prompt, and the mixture they came from."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    sampled = sample_round(model, embedding, [prompt], previous_weights.to(model.device)[None], n_samples, generator)
+    with stage("aggregation"):
+        probabilities = valid_probabilities(model, sampled.logits[0], geometry)
+    return probabilities, sampled.mixture.select(0)
+
+
 def run_model_round(
     model: SPAModel,
     embedding: torch.Tensor,
@@ -120,11 +137,18 @@ def run_model_round(
     n_candidates: int = N_CANDIDATES,
 ) -> ModelRound:
     """One image's round: sample N masks for the prompt, aggregate them, find the candidates."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    sampled = sample_round(model, embedding, [prompt], previous_weights.to(model.device)[None], n_samples, generator)
-    with stage("aggregation"):
-        probabilities = valid_probabilities(model, sampled.logits[0], geometry)
-    return summarise_round(model, prompt, sampled.mixture.select(0), probabilities, n_candidates, seed)
+    probabilities, mixture = sample_probabilities(model, embedding, geometry, prompt, previous_weights, n_samples, seed)
+    return summarise_round(model, prompt, mixture, probabilities, n_candidates, seed)
+
+
+def pull_towards(probabilities: np.ndarray, choice: np.ndarray, weight: float) -> np.ndarray:
+    """Sample maps (N, h, w) moved the share ``weight`` (0..1) of the way to the chosen candidate's map (h, w).
+
+    Aggregation and clustering are linear in the maps, so the recommendation moves the same share.
+    """
+    if weight == 0.0:
+        return probabilities
+    return ((1.0 - weight) * probabilities + weight * choice[None]).astype(np.float32)
 
 
 def feedback_prompt(model: SPAModel, model_round: ModelRound, chosen: int, seed: int) -> Prompt:

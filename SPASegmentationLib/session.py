@@ -27,17 +27,35 @@ from .engine import (
     ModelRound,
     feedback_prompt,
     feedback_seed,
+    pull_towards,
     round_seed,
-    run_model_round,
+    sample_probabilities,
     start_prompt,
+    summarise_round,
 )
+from .enums import TextEnum
 from .errors import InputError
 from .fingerprints import image_fingerprint
+from .metrics import dice
 from .model.spa import Prompt, SPAModel
 from .preference import PreferenceMixture, check_weights, uniform_weights
 
 STATE_KIND = "spa-session"
 STATE_VERSION = 1
+ANCHOR_STEPS = np.linspace(0.0, 1.0, 9)  # the moves towards a choice that ChoiceAnchor.MINIMAL tries, in order
+
+
+class ChoiceAnchor(TextEnum):
+    """How the round after a choice relates to the chosen candidate."""
+
+    NONE = "none"  # the model's new round as it comes (the paper)
+    HALF = "half"  # every sample moved halfway to the chosen candidate
+    # the smallest move (in steps of 1/8) that keeps the new recommendation at least as close to the chosen
+    # candidate as the current one: the loop never moves away from the user's choice
+    MINIMAL = "minimal"
+
+
+DEFAULT_ANCHOR = ChoiceAnchor.NONE
 
 
 @dataclass
@@ -53,6 +71,7 @@ class Round:
     candidate_shares: np.ndarray  # (K,) share of the N samples behind each candidate
     mixture_weights: np.ndarray  # (K_g,) the mixture weights this round sampled from
     seconds: float  # compute time of the round
+    anchor_weight: float = 0.0  # how far the samples were moved towards the previous round's choice (0..1)
 
     @property
     def n_candidates(self) -> int:
@@ -91,9 +110,11 @@ class SessionState:
     n_candidates: int
     window: tuple[float, float] | None
     initial_weights: tuple[float, ...]
+    anchor: ChoiceAnchor = ChoiceAnchor.NONE
     start: SessionStart | None = None
     choices: list[int] = field(default_factory=list)
     accepted: bool = False
+    accepted_candidate: int | None = None  # accepted as candidate k (0-based) instead of the recommendation
     mixture: dict[str, Any] | None = None  # PreferenceMixture.to_dict() of the last round (a record)
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,9 +130,11 @@ class SessionState:
             "n_candidates": self.n_candidates,
             "window": None if self.window is None else list(self.window),
             "initial_weights": [float(v) for v in self.initial_weights],
+            "anchor": self.anchor.value,
             "start": None if self.start is None else self.start.to_dict(),
             "choices": list(self.choices),
             "accepted": self.accepted,
+            "accepted_candidate": self.accepted_candidate,
             "mixture": self.mixture,
         }
 
@@ -135,6 +158,7 @@ class SessionState:
                 n_candidates=int(payload["n_candidates"]),
                 window=None if not window else (float(window[0]), float(window[1])),
                 initial_weights=tuple(float(v) for v in payload["initial_weights"]),
+                anchor=ChoiceAnchor.parse(payload.get("anchor", ChoiceAnchor.NONE.value), "choice anchor"),
                 start=None
                 if not start
                 else SessionStart(
@@ -144,6 +168,9 @@ class SessionState:
                 ),
                 choices=[int(k) for k in payload.get("choices", [])],
                 accepted=bool(payload.get("accepted", False)),
+                accepted_candidate=None
+                if payload.get("accepted_candidate") is None
+                else int(payload["accepted_candidate"]),
                 mixture=payload.get("mixture"),
             )
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
@@ -166,6 +193,7 @@ class Session:
         initial_weights: np.ndarray | torch.Tensor | None = None,
         window: tuple[float, float] | None = None,
         embedding: torch.Tensor | None = None,
+        anchor: ChoiceAnchor | str = DEFAULT_ANCHOR,
     ):
         if n_samples < 1:
             raise InputError(f"n_samples must be at least 1, got {n_samples}")
@@ -177,6 +205,7 @@ class Session:
         self.n_samples = int(n_samples)
         self.n_candidates = int(n_candidates)
         self.window = window
+        self.anchor = ChoiceAnchor.parse(anchor, "choice anchor")
         k = model.config.n_components
         if initial_weights is None:
             self.initial_weights = uniform_weights(k)
@@ -200,6 +229,7 @@ class Session:
         self._model_rounds: list[ModelRound] = []
         self._rounds: list[Round] = []
         self.accepted = False
+        self.accepted_candidate: int | None = None  # set when a candidate, not the recommendation, was accepted
 
     # ----- the interaction -----------------------------------------------------------------------
     def start(
@@ -216,6 +246,7 @@ class Session:
             bool(label),
         )
         self._choices, self._model_rounds, self._rounds, self.accepted = [], [], [], False
+        self.accepted_candidate = None
         return self._advance(prompt, self.initial_weights)
 
     def choose(self, k: int) -> Round:
@@ -230,13 +261,23 @@ class Session:
         last = self._model_rounds[-1]
         prompt = feedback_prompt(self.model, last, int(k), feedback_seed(self.seed, current.index))
         self._choices.append(int(k))
-        return self._advance(prompt, last.mixture.weights)
+        return self._advance(prompt, last.mixture.weights, chosen=int(k))
 
-    def accept(self) -> np.ndarray:
-        """Finish with the current recommended mask (H, W) bool."""
+    def accept(self, candidate: int | None = None) -> np.ndarray:
+        """Finish with the current recommended mask (H, W) bool, or with candidate ``candidate`` (0-based) as shown."""
         current = self._require_round()
+        if candidate is not None:
+            if isinstance(candidate, bool) or not isinstance(candidate, (int, np.integer)):
+                raise InputError(f"the candidate to accept must be a number, got {candidate!r}")
+            if not 0 <= candidate < current.n_candidates:
+                raise InputError(
+                    f"candidate {candidate} does not exist; round {current.index} has candidates "
+                    f"0..{current.n_candidates - 1}"
+                )
+            candidate = int(candidate)
         self.accepted = True
-        return current.recommended.copy()
+        self.accepted_candidate = candidate
+        return (current.recommended if candidate is None else current.candidates[candidate]).copy()
 
     def undo(self, to_round: int | None = None) -> Round:
         """Go back one round (or to round ``to_round``, 1-based); the session is open again."""
@@ -244,7 +285,7 @@ class Session:
         target = current.index - 1 if to_round is None else int(to_round)
         if not 1 <= target <= current.index:
             raise InputError(f"cannot undo to round {target}; rounds 1..{current.index} exist")
-        self.accepted = False
+        self.accepted, self.accepted_candidate = False, None
         del self._rounds[target:]
         del self._model_rounds[target:]
         del self._choices[target - 1 :]
@@ -280,9 +321,11 @@ class Session:
             n_candidates=self.n_candidates,
             window=None if self.window is None else (float(self.window[0]), float(self.window[1])),
             initial_weights=tuple(float(v) for v in self.initial_weights.tolist()),
+            anchor=self.anchor,
             start=self._start,
             choices=list(self._choices),
             accepted=self.accepted,
+            accepted_candidate=self.accepted_candidate,
             mixture=None if not self._model_rounds else self._model_rounds[-1].mixture.to_dict(),
         )
 
@@ -314,6 +357,7 @@ class Session:
             n_candidates=state.n_candidates,
             initial_weights=np.asarray(state.initial_weights),
             window=state.window,
+            anchor=state.anchor,
             embedding=embedding,
         )
         if state.start is not None:
@@ -321,6 +365,7 @@ class Session:
             for k in state.choices:
                 session.choose(k)
             session.accepted = state.accepted
+            session.accepted_candidate = state.accepted_candidate if state.accepted else None
         return session
 
     # ----- internals -----------------------------------------------------------------------------
@@ -329,23 +374,42 @@ class Session:
             raise InputError("the session has not started; call start(point=…) or start(box=…) first")
         return self._rounds[-1]
 
-    def _advance(self, prompt: Prompt, previous_weights: torch.Tensor) -> Round:
+    def _advance(self, prompt: Prompt, previous_weights: torch.Tensor, chosen: int | None = None) -> Round:
         began = time.perf_counter()
         index = len(self._rounds) + 1
-        model_round = run_model_round(
-            self.model,
-            self.embedding,
-            self.geometry,
-            prompt,
-            previous_weights,
-            self.n_samples,
-            round_seed(self.seed, index),
-            self.n_candidates,
+        seed = round_seed(self.seed, index)
+        probabilities, mixture = sample_probabilities(
+            self.model, self.embedding, self.geometry, prompt, previous_weights, self.n_samples, seed
         )
+        weight = 0.0
+        if chosen is not None and self.anchor is not ChoiceAnchor.NONE:
+            choice = self._model_rounds[-1].clusters.probabilities[chosen]
+            weight = self._anchor_weight(probabilities.mean(axis=0), choice, chosen)
+            probabilities = pull_towards(probabilities, choice, weight)
+        model_round = summarise_round(self.model, prompt, mixture, probabilities, self.n_candidates, seed)
         self._model_rounds.append(model_round)
         round_ = self._to_image(index, model_round, time.perf_counter() - began)
+        round_.anchor_weight = weight
         self._rounds.append(round_)
         return round_
+
+    def _anchor_weight(self, new_mean: np.ndarray, choice: np.ndarray, chosen: int) -> float:
+        """How far to move the new round towards the chosen candidate (model-frame maps), by the anchor policy."""
+        if self.anchor is ChoiceAnchor.HALF:
+            return 0.5
+        current = self._rounds[-1]
+        target = current.candidates[chosen]
+        closeness = dice(current.recommended, target)
+        maps = self.geometry.maps_to_image(
+            torch.from_numpy(np.stack([new_mean, choice])), self.model.backbone.mask_size
+        )
+        new_image, choice_image = maps.numpy()
+        threshold = self.model.config.recommend_threshold
+        for weight in ANCHOR_STEPS:
+            recommended = (1.0 - weight) * new_image + weight * choice_image >= threshold
+            if dice(recommended, target) >= closeness:
+                return float(weight)
+        return 1.0
 
     def _to_image(self, index: int, model_round: ModelRound, seconds: float) -> Round:
         side = self.model.backbone.mask_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from conftest import disc_image
 
 from SPASegmentationLib.errors import InputError
+from SPASegmentationLib.metrics import dice
 from SPASegmentationLib.session import Session, SessionState
 
 
@@ -150,3 +152,63 @@ def test_using_a_session_before_start_is_a_clear_error(model, ct_image):
             call()
     with pytest.raises(InputError, match="n_samples"):
         Session(model, ct_image, n_samples=0)
+
+
+def _closeness_to_choices(rounds, choices):
+    """Per choice: (Dice of the recommendation to the chosen candidate before, after)."""
+    pairs = []
+    for before, after, k in zip(rounds[:-1], rounds[1:], choices, strict=True):
+        chosen = before.candidates[min(k, before.n_candidates - 1)]
+        pairs.append((dice(before.recommended, chosen), dice(after.recommended, chosen)))
+    return pairs
+
+
+def test_the_minimal_anchor_never_moves_away_from_the_choice(shipped_model):
+    """On a real LIDC crop, choosing the tightest candidate makes the shipped model's next recommendation drift
+    away from it; the minimal anchor keeps every next recommendation at least as close to the choice."""
+    from SPASegmentationLib.data.detect import open_dataset
+    from SPASegmentationLib.simulation.preferences import consensus
+    from SPASegmentationLib.simulation.prompts import initial_box
+
+    case = open_dataset(Path(__file__).parent / "data" / "lidc-cimd").load("testing/43")
+    box = initial_box(consensus(case.raters, ["label0", "label2", "label3"]))
+    choices = [0, 0, 0]
+
+    def run(anchor):
+        session = Session(shipped_model, case.image, seed=0, anchor=anchor)
+        rounds = [session.start(box=box)]
+        for k in choices:
+            rounds.append(session.choose(k))
+        return session, rounds
+
+    _, free = run("none")
+    session, anchored = run("minimal")
+    assert all(r.anchor_weight == 0.0 for r in free)
+    assert sum(after < before for before, after in _closeness_to_choices(free, choices)) >= 2  # the model drifts
+    assert all(after >= before for before, after in _closeness_to_choices(anchored, choices))
+    assert any(0.0 < r.anchor_weight for r in anchored[1:]) and all(0.0 <= r.anchor_weight <= 1.0 for r in anchored)
+    assert np.array_equal(free[0].probability, anchored[0].probability)  # the first round has no choice to follow
+    restored = Session.restore(shipped_model, case.image, json.loads(json.dumps(session.state().to_dict())))
+    assert restored.anchor == "minimal" and np.array_equal(restored.current.probability, anchored[-1].probability)
+
+
+def test_the_half_anchor_moves_every_sample_halfway(model, ct_image):
+    session, rounds = run_rounds(model, ct_image, [1], anchor="half")
+    assert rounds[1].anchor_weight == 0.5
+    with pytest.raises(InputError, match="unknown choice anchor 'sideways'"):
+        Session(model, ct_image, anchor="sideways")
+
+
+def test_a_candidate_can_be_accepted_directly(model, ct_image):
+    session, rounds = run_rounds(model, ct_image, [0])
+    k = rounds[-1].n_candidates - 1
+    mask = session.accept(k)
+    assert np.array_equal(mask, rounds[-1].candidates[k]) and session.accepted and session.accepted_candidate == k
+    state = session.state()
+    assert state.accepted_candidate == k and SessionState.from_dict(state.to_dict()) == state
+    assert Session.restore(model, ct_image, state).accepted_candidate == k
+    session.undo()
+    assert not session.accepted and session.accepted_candidate is None
+    for bad in (9, -1, True, "1"):
+        with pytest.raises(InputError, match="candidate"):
+            session.accept(bad)

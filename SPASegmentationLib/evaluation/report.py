@@ -48,6 +48,8 @@ from ..io.atomic import write_bytes_atomic, write_json_atomic
 from ..metrics import NOI_FAIL_VALUE, failure_rate, mean_ci, rounds_to_reach
 
 RESULTS_KIND = "spa-evaluation"
+SIZE_ORDER = ("small", "medium", "large")  # evaluation.runner.SIZE_BINS
+MOVED_AWAY_TOLERANCE = 1e-9  # a recommendation "moved away" when its Dice to the chosen candidate fell
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
 DICE_PLOT_FILE = "dice_vs_round.png"
@@ -139,6 +141,20 @@ def summarise(method: Mapping[str, Any], targets: Sequence[float], max_rounds: i
     ged = [v for v in ged if math.isfinite(v)]
     if ged:
         summary["ged"] = _interval(ged)
+
+    summary["largest_drop"] = max([0.0] + [means[r] - means[r + 1] for r in range(max_rounds - 1)])
+    pairs = [pair for record in per_case.values() for pair in record.get("dice_to_choice") or []]
+    if pairs:
+        away = sum(after < before - MOVED_AWAY_TOLERANCE for before, after in pairs)
+        summary["moved_away"] = {"choices": len(pairs), "rate": away / len(pairs)}
+    by_size: dict[str, list[list[float]]] = {}
+    for case_id, values in zip(per_case, padded, strict=True):
+        if per_case[case_id].get("size"):
+            by_size.setdefault(per_case[case_id]["size"], []).append(values)
+    summary["by_size"] = {
+        size: {"n_cases": len(rows), "dice_per_round": np.asarray(rows).mean(axis=0).tolist()}
+        for size, rows in sorted(by_size.items(), key=lambda item: SIZE_ORDER.index(item[0]))
+    }
     return summary
 
 
@@ -205,7 +221,39 @@ def _tables(results: Mapping[str, Any], summaries: Mapping[str, Mapping[str, Any
         seconds = summary["seconds_per_round"]
         cells.append("n/a" if seconds is None else f"{seconds:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.extend(_breakdown(results, summaries))
     return "\n".join(lines) + "\n"
+
+
+def _breakdown(results: Mapping[str, Any], summaries: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Where a method breaks: by structure size (share of the image), how often the recommendation after a
+    choice moved away from the chosen candidate, and the largest fall of the mean Dice between two rounds."""
+    max_rounds = int(results["protocol"]["max_rounds"])
+    last = max_rounds - 1
+    third = min(2, last)
+    lines = [
+        f"By structure size (small < 1 % of the image, medium < 10 %, large), mean Dice at rounds 1 → {third + 1} "
+        f"→ {max_rounds} (cases); how often the recommendation after a choice moved away from the chosen candidate "
+        "(Dice to it fell); the largest fall of the mean Dice from one round to the next:",
+        "",
+        "| Method | small | medium | large | moved away from the choice | largest fall |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, summary in summaries.items():
+        cells = [_label(results, name)]
+        for size in SIZE_ORDER:
+            entry = summary.get("by_size", {}).get(size)
+            if entry is None:
+                cells.append("–")
+                continue
+            curve = entry["dice_per_round"]
+            cells.append(f"{curve[0]:.3f} → {curve[third]:.3f} → {curve[last]:.3f} ({entry['n_cases']})")
+        moved = summary.get("moved_away")
+        cells.append("–" if moved is None else f"{100.0 * moved['rate']:.1f} % of {moved['choices']}")
+        cells.append(f"{summary['largest_drop']:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown_summary_table(results: Mapping[str, Any]) -> str:

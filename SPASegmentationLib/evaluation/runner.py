@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,28 @@ from ..engine import DEFAULT_SAMPLES, start_prompt
 from ..errors import DataError
 from ..metrics import candidate_diversity, dice
 from ..model.spa import SPAModel
-from ..session import Session
+from ..session import ChoiceAnchor, Session
 from ..simulation.choices import largest_error_click, nearest_candidate
 from ..simulation.preferences import consensus, fixed_preferences
 from ..simulation.prompts import FirstPrompt, evaluation_first_prompt
 
 DEFAULT_TARGETS = (0.8, 0.9)
+SIZE_BINS = ((0.0, 0.01, "small"), (0.01, 0.10, "medium"), (0.10, 1.01, "large"))  # share of the image
+
+
+@dataclass
+class SpaMethod:
+    """One SPA configuration under evaluation: a model and how rounds follow the user's choice."""
+
+    label: str
+    model: SPAModel
+    anchor: ChoiceAnchor = ChoiceAnchor.NONE
+
+
+def size_bin(target: np.ndarray) -> str:
+    """small (< 1 % of the image), medium (< 10 %) or large."""
+    share = float(np.count_nonzero(target)) / target.size
+    return next(name for low, high, name in SIZE_BINS if low <= share < high)
 
 
 def accepted_curve(dice_all_rounds: list[float], accept_at: float) -> list[float]:
@@ -47,7 +64,7 @@ def accepted_curve(dice_all_rounds: list[float], accept_at: float) -> list[float
 
 
 def run_spa(
-    model: SPAModel,
+    method: SpaMethod,
     case: MultiRaterCase,
     target: np.ndarray,
     first: dict[str, Any],
@@ -56,16 +73,25 @@ def run_spa(
     seed: int,
     n_samples: int,
 ) -> dict[str, Any]:
-    """One simulated SPA session: Dice per round, candidate diversity, seconds per round."""
-    session = Session(model, case.image, seed=seed, n_samples=n_samples, embedding=embedding)
+    """One simulated SPA session: Dice per round, candidate diversity, seconds per round, and after each choice
+    whether the next recommendation moved away from the chosen candidate (Dice to it fell)."""
+    session = Session(
+        method.model, case.image, seed=seed, n_samples=n_samples, embedding=embedding, anchor=method.anchor
+    )
     round_ = session.start(**first)
     dices, diversity, seconds = (
         [dice(round_.recommended, target)],
         [candidate_diversity(list(round_.candidates))],
         [round_.seconds],
     )
+    to_choice, anchor_weights = [], []
     while round_.index < max_rounds:
-        round_ = session.choose(nearest_candidate(round_.candidates, target))
+        chosen = nearest_candidate(round_.candidates, target)
+        choice = round_.candidates[chosen]
+        before = dice(round_.recommended, choice)
+        round_ = session.choose(chosen)
+        to_choice.append([before, dice(round_.recommended, choice)])
+        anchor_weights.append(round_.anchor_weight)
         dices.append(dice(round_.recommended, target))
         diversity.append(candidate_diversity(list(round_.candidates)))
         seconds.append(round_.seconds)
@@ -74,6 +100,9 @@ def run_spa(
         "candidate_diversity": diversity,
         "seconds_per_round": float(np.mean(seconds)),
         "choices": session.choices,
+        "dice_to_choice": to_choice,  # per choice: [Dice(recommended, chosen) before, after]
+        "anchor_weights": anchor_weights,
+        "size": size_bin(target),
     }
 
 
@@ -105,11 +134,11 @@ def run_click_baseline(
         prompt = prompt.with_feedback((float(mx), float(my)), positive, logits.cpu())
     while len(dices) < max_rounds:
         dices.append(dices[-1])
-    return {"dice_all_rounds": dices, "seconds_per_round": float(np.mean(seconds))}
+    return {"dice_all_rounds": dices, "seconds_per_round": float(np.mean(seconds)), "size": size_bin(target)}
 
 
 def evaluate(
-    methods: dict[str, tuple[str, SPAModel]],
+    methods: dict[str, SpaMethod],
     root: Path,
     split: str = "test",
     *,
@@ -124,7 +153,7 @@ def evaluate(
     progress: bool = True,
     on_case: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate SPA models (name → (label, model)) and optionally the click baseline on one split."""
+    """Evaluate SPA configurations (name → SpaMethod) and optionally the click baseline on one split."""
     dataset = open_dataset(root)
     case_ids = dataset.split(split)
     if max_cases is not None:
@@ -139,12 +168,12 @@ def evaluate(
     if not case_ids:
         raise DataError(f"no case of split {split!r} of {root} has a rater mask with a structure in it")
     preferences = fixed_preferences({cid: c.raters for cid, c in cases.items()}, seed)
-    any_model = baseline_model or next(iter(methods.values()))[1]
+    any_model = baseline_model or next(iter(methods.values())).model
     first_prompt = FirstPrompt.parse(first_prompt, "first prompt")
     cache = EmbeddingCache(any_model, folder=cache_dir or Path("output/cache/embeddings"))
     results: dict[str, Any] = {"methods": {}}
-    for name, (label, _) in methods.items():
-        results["methods"][name] = {"label": label, "per_case": {}}
+    for name, method in methods.items():
+        results["methods"][name] = {"label": method.label, "per_case": {}}
     if baseline_model is not None:
         results["methods"]["click_baseline"] = {
             "label": "Click refinement (LiteMedSAM, one click per round)",
@@ -155,8 +184,9 @@ def evaluate(
         target = consensus(case.raters, preferences[case_id])
         first = evaluation_first_prompt(case.raters, target, first_prompt)
         embedding = cache.get(case.image)
-        for name, (_, model) in methods.items():
-            record = run_spa(model, case, target, first, embedding.to(model.device), max_rounds, seed, n_samples)
+        for name, method in methods.items():
+            device = method.model.device
+            record = run_spa(method, case, target, first, embedding.to(device), max_rounds, seed, n_samples)
             record["dice"] = accepted_curve(record["dice_all_rounds"], max(targets))
             results["methods"][name]["per_case"][case_id] = record
         if baseline_model is not None:
@@ -188,12 +218,13 @@ def evaluate(
             },
             "model": {
                 name: {
-                    "fingerprint": model.fingerprint(),
-                    "conditioning": model.config.conditioning.value,
-                    "backbone": model.backbone.info.name,
-                    "training": model.training_info.get("train_config", {}),
+                    "fingerprint": method.model.fingerprint(),
+                    "conditioning": method.model.config.conditioning.value,
+                    "backbone": method.model.backbone.info.name,
+                    "anchor": method.anchor.value,
+                    "training": method.model.training_info.get("train_config", {}),
                 }
-                for name, (_, model) in methods.items()
+                for name, method in methods.items()
             },
             "protocol": {
                 "max_rounds": max_rounds,
