@@ -99,7 +99,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     point = initial_point(case.raters, target)
-    session = Session(model, case.image, seed=args.seed, n_samples=args.samples)
+    session = Session(model, case.image, seed=args.seed, n_samples=args.samples, anchor=args.anchor)
     print(
         f"SPA demo: sample {sample.name} ({case.image.shape[1]}×{case.image.shape[0]}), simulated clinician "
         f"with the style of rater '{rater}', first click at ({point[0]:.0f}, {point[1]:.0f}); "
@@ -184,7 +184,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
     store = ProfileStore(_opt_path(args, "profiles"), model_fingerprint=model.fingerprint()) if args.user else None
     initial = store.initial_weights(args.user, args.structure) if store else None
     session = Session(
-        model, loaded.array, seed=args.seed, n_samples=args.samples, initial_weights=initial, window=window
+        model,
+        loaded.array,
+        seed=args.seed,
+        n_samples=args.samples,
+        initial_weights=initial,
+        window=window,
+        anchor=args.anchor,
     )
     round_ = session.start(point=point, box=box)
     for number in choices:
@@ -193,11 +199,18 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 f"--choose: round {round_.index} has {round_.n_candidates} candidate(s), so {number} does not exist"
             )
         round_ = session.choose(number - 1)
-    mask = session.accept()
+    if args.accept is not None and not 1 <= args.accept <= round_.n_candidates:
+        raise InputError(
+            f"--accept {args.accept}: round {round_.index} has candidates 1..{round_.n_candidates}; "
+            "leave --accept out to accept the recommended mask"
+        )
+    mask = session.accept(None if args.accept is None else args.accept - 1)
     out = Path(args.out)
     stem = Path(args.image).name.split(".")[0] or "image"
     ext = mask_extension(loaded)
-    written = {"recommended": str(write_mask(out / f"{stem}_spa_recommended{ext}", mask, loaded))}
+    written = {"recommended": str(write_mask(out / f"{stem}_spa_recommended{ext}", round_.recommended, loaded))}
+    if args.accept is not None:
+        written["accepted"] = str(write_mask(out / f"{stem}_spa_accepted{ext}", mask, loaded))
     for k in range(round_.n_candidates):
         written[f"candidate_{k + 1}"] = str(
             write_mask(out / f"{stem}_spa_candidate{k + 1}{ext}", round_.candidates[k], loaded)
@@ -221,7 +234,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
         "model_fingerprint": model.fingerprint(),
         "rounds": round_.index,
         "choices": choices,
-        "recommended_pixels": int(mask.sum()),
+        "accepted": "recommended" if args.accept is None else f"candidate {args.accept}",
+        "accepted_pixels": int(mask.sum()),
+        "recommended_pixels": int(round_.recommended.sum()),
         "candidate_pixels": [int(c.sum()) for c in round_.candidates],
         "outputs": written,
         "preview": str(preview),
@@ -230,10 +245,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
     }
     write_json_atomic(out / f"{stem}_spa_summary.json", summary)
     print(
-        f"round {round_.index}: recommended mask {int(mask.sum())} px, {round_.n_candidates} candidate(s) "
+        f"round {round_.index}: recommended mask {int(round_.recommended.sum())} px, "
+        f"{round_.n_candidates} candidate(s) "
         f"(" + ", ".join(f"{k + 1}: {int(c.sum())} px" for k, c in enumerate(round_.candidates)) + ")"
     )
     print(f"wrote {written['recommended']} and {round_.n_candidates} candidate mask(s), preview {preview}")
+    if args.accept is not None:
+        print(f"accepted candidate {args.accept} ({int(mask.sum())} px): {written['accepted']}")
     if profile_info:
         print(f"profile {args.user}/{args.structure} updated ({profile_info['n_sessions']} session(s))")
     return 0
@@ -500,6 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accept-dice", type=float, default=0.95, help="the clinician accepts at this Dice")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--anchor",
+        default=DEFAULT_ANCHOR.value,
+        choices=ChoiceAnchor.words(),
+        help=f"how the round after a choice follows the chosen candidate (default {DEFAULT_ANCHOR})",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("segment", help="segment one image (PNG/JPEG/NIfTI/NRRD/DICOM)")
@@ -508,6 +532,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--point", help="X,Y pixel inside the structure")
     p.add_argument("--box", help="X0,Y0,X1,Y1 pixel box around the structure")
     p.add_argument("--choose", help="candidates picked in successive rounds, e.g. 2,1 (numbered 1-4)")
+    p.add_argument(
+        "--accept",
+        type=int,
+        metavar="K",
+        help="accept candidate K (1-4) of the last round as it is, instead of the recommended mask",
+    )
+    p.add_argument(
+        "--anchor",
+        default=DEFAULT_ANCHOR.value,
+        choices=ChoiceAnchor.words(),
+        help=f"how the round after a choice follows the chosen candidate (default {DEFAULT_ANCHOR})",
+    )
     p.add_argument("--slice", type=int, help="slice index of a 3-D volume")
     p.add_argument("--window", help="LOW,HIGH intensity window (e.g. -160,240 for CT soft tissue)")
     p.add_argument("--user", help="user whose preference profile to use and update")

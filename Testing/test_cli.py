@@ -52,6 +52,10 @@ def test_segment_writes_masks_in_the_input_geometry_and_updates_the_profile(tmp_
         "120,90",
         "--choose",
         "1,2",
+        "--accept",
+        "1",
+        "--anchor",
+        "minimal",
         "--user",
         "alice",
         "--structure",
@@ -71,6 +75,10 @@ def test_segment_writes_masks_in_the_input_geometry_and_updates_the_profile(tmp_
     assert mask.shape == (180, 240) and mask[90, 120] and not mask[5, 5]
     summary = json.loads((tmp_path / "out" / "ct_spa_summary.json").read_text())
     assert summary["rounds"] == 3 and summary["choices"] == [1, 2] and summary["profile"]["n_sessions"] == 1
+    accepted = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "ct_spa_accepted.nrrd"))) > 0
+    candidate = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "ct_spa_candidate1.nrrd"))) > 0
+    assert np.array_equal(accepted, candidate) and summary["accepted"] == "candidate 1"
+    assert summary["session_state"]["accepted_candidate"] == 0 and summary["session_state"]["anchor"] == "minimal"
     assert (tmp_path / "out" / summary["preview"].split("/")[-1]).is_file()
     listed = spa("profile", "list", cwd=tmp_path)
     assert listed.returncode == 0 and "alice\tlesion\t1 session(s)" in listed.stdout
@@ -127,6 +135,7 @@ def test_a_corrupt_profile_is_reported_and_kept(tmp_path, nrrd_image):
         (["segment", "{img}"], "--point"),
         (["segment", "{img}", "--point", "120,90", "--choose", "9"], "does not exist"),
         (["segment", "{img}", "--point", "120,90", "--choose", "x"], "--choose"),
+        (["segment", "{img}", "--point", "120,90", "--accept", "7"], "--accept 7"),
         (["segment", "{img}", "--point", "120,90", "--user", "a"], "--structure"),
         (["segment", "{img}", "--point", "120,90", "--model", "nope.pt"], "nope.pt"),
         (["segment", "{img}", "--point", "120,90", "--model", "{corrupt}"], "corrupt"),
