@@ -278,7 +278,12 @@ class SPASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.boxButton.connect("clicked(bool)", lambda checked: self.onFirstPrompt("box"))
         for index, button in enumerate(self.candidateButtons):
             button.connect("clicked(bool)", lambda checked, k=index: self.onChoose(k))
-        self.ui.acceptButton.connect("clicked(bool)", self.onAccept)
+        self.ui.acceptButton.connect("clicked(bool)", lambda checked: self.onAccept())
+        self._acceptCandidateMenu = qt.QMenu(self.ui.acceptCandidateButton)
+        for index in range(len(self.candidateButtons)):
+            action = self._acceptCandidateMenu.addAction(f"Candidate {index + 1} (Shift+{index + 1})")
+            action.connect("triggered()", lambda k=index: self.onAccept(k))
+        self.ui.acceptCandidateButton.setMenu(self._acceptCandidateMenu)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.undoButton.connect("clicked(bool)", self.onUndo)
         self.ui.propagateButton.connect("clicked(bool)", self.onPropagate)
@@ -438,6 +443,9 @@ class SPASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for index, button in enumerate(self.candidateButtons):
             button.enabled = not busy and index < nCandidates
         self.ui.acceptButton.enabled = not busy and round_ is not None
+        self.ui.acceptCandidateButton.enabled = not busy and round_ is not None
+        for index, action in enumerate(self._acceptCandidateMenu.actions()):
+            action.enabled = index < nCandidates
         self.ui.cancelButton.enabled = not busy and round_ is not None
         self.ui.undoButton.enabled = not busy and (self.logic.canUndoRound() or self.logic.canUndoAccepted())
         self.ui.propagateButton.enabled = not busy and session is not None and self.logic.lastAccepted is not None
@@ -465,6 +473,7 @@ class SPASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if mainWindow is None:
             return
         bindings = [(str(k + 1), (lambda k=k: self.onChoose(k))) for k in range(4)]
+        bindings += [(f"Shift+{k + 1}", (lambda k=k: self.onAccept(k))) for k in range(4)]
         bindings += [
             ("Return", self.onAccept),
             ("Enter", self.onAccept),
@@ -794,12 +803,16 @@ class SPASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.sceneSession.compute_choose, (k,), self._showRound, f"Re-aligning to candidate {k + 1}"
         )
 
-    def onAccept(self) -> None:
-        """Commit the recommended mask into the segment (undoable) and update the user's profile."""
-        if self.logic.currentRound() is None or self._pendingFuture is not None:
+    def onAccept(self, candidate: Optional[int] = None) -> None:
+        """Commit the recommended mask, or candidate ``candidate`` (0-based) as shown, into the segment (undoable)
+        and update the user's profile."""
+        round_ = self.logic.currentRound()
+        if round_ is None or self._pendingFuture is not None:
+            return
+        if candidate is not None and candidate >= round_.n_candidates:
             return
         with slicer.util.tryWithErrorDisplay("Could not accept the result.", waitCursor=True):
-            self.logic.accept()
+            self.logic.accept(candidate)
             self._refreshUsers()
             self._status("Accepted into the segment. Ctrl+Z undoes; Propagate continues through the slices.")
         self._updateButtons()
@@ -1219,9 +1232,10 @@ class SPASegmentationLogic(ScriptedLoadableModuleLogic):
             self.lastAccepted = None
         return undone
 
-    def accept(self) -> None:
-        """Commit the recommended mask (undoable), tag it, update the profile."""
-        self.sceneSession.accept()
+    def accept(self, candidate: Optional[int] = None) -> None:
+        """Commit the recommended mask, or candidate ``candidate`` (0-based) as shown (undoable), tag it, update
+        the profile."""
+        self.sceneSession.accept(candidate)
         self.lastAccepted = time.time()
 
     def cancelRound(self) -> None:

@@ -506,6 +506,18 @@ def test_scene_session_rounds_accept_and_undo(scene_setup):
     session.close()
 
 
+def test_scene_session_accepts_a_candidate_as_shown(scene_setup):
+    s = scene_setup
+    session = make_session(s)
+    round1 = session.start("axial", point_ras=voxel_ras(s["volume"], (3, 48, 44)), box_ras=BOX_RAS(s["volume"]))
+    k = round1.n_candidates - 1
+    session.accept(k)
+    expected = s["kept"].copy()
+    session.plane.insert(expected, round1.candidates[k])
+    assert np.array_equal(read_segment(s["seg"], s["target"], s["volume"]), expected)
+    assert np.array_equal(session.accepted_mask, round1.candidates[k])
+
+
 def test_scene_session_cancel_and_roi_start(scene_setup):
     s = scene_setup
     from SPASegmentationLib.embeddings import EmbeddingCache

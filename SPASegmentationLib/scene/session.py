@@ -181,12 +181,12 @@ class SceneSession:
         self.show(round_)
         return round_
 
-    def accept(self) -> None:
-        """Commit the recommended mask into the segment (one undo step), tag it, update the profile and
-        clear the preview."""
+    def accept(self, candidate: int | None = None) -> None:
+        """Commit the recommended mask, or candidate ``candidate`` (0-based) as shown, into the segment (one undo
+        step), tag it, update the profile and clear the preview."""
         session = self._require_session()
         round_ = session.current
-        mask = session.accept()
+        mask = session.accept(candidate)
         self.undo.save()
         commit_mask(self.segmentation_node, self.segment_id, self.volume_node, self.plane, mask)
         tag_spa_segment(self.segmentation_node, self.segment_id, self.structure)
