@@ -212,3 +212,28 @@ def test_generate_train_evaluate_end_to_end(tmp_path):
     assert len(per_case) == 1 and all(len(r["dice"]) == 3 for r in per_case.values())
     assert results["data"]["fingerprint"] and results["model"]["spa_token"]["fingerprint"]
     assert "NoI@0.8" in evaluated.stdout and (tmp_path / "eval" / "dice_vs_round.png").is_file()
+
+
+def test_evaluate_reads_the_real_lidc_crops_and_compares_anchors(tmp_path):
+    """Real CT with empty rater masks, in the layout it ships in; two loop designs side by side."""
+    crops = Path(__file__).resolve().parent / "data" / "lidc-cimd"
+    evaluated = spa(
+        "evaluate", str(crops), "--split", "test", "--max-cases", "2", "--rounds", "3", "--samples", "8",
+        "--first-prompt", "box", "--anchor", "none,minimal", "--no-baseline", "--targets", "0.6,0.7",
+        "--out", "eval", "--cache", "cache", cwd=tmp_path,
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["data"]["layout"] == "lidc-crops" and results["data"]["cases"] == ["testing/12", "testing/23"]
+    assert results["data"]["raters"] == {
+        "cases": 2, "single_rater": 0, "with_empty_rater": 1, "empty_rater_masks": 3, "all_raters_empty": 0,
+    }  # fmt: skip
+    assert {results["model"][m]["anchor"] for m in ("spa_token_anchor_none", "spa_token_anchor_minimal")} == {
+        "none",
+        "minimal",
+    }
+    anchored = results["methods"]["spa_token_anchor_minimal"]["per_case"]
+    assert all(after >= before for rec in anchored.values() for before, after in rec["dice_to_choice"])
+    assert all(rec["size"] == "small" for rec in anchored.values())
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "1 with at least one empty rater mask" in report and "moved away from the choice" in report

@@ -413,11 +413,27 @@ def test_write_report_produces_all_files(tmp_path: Path):
         assert len(np.unique(rgb.reshape(-1, 3), axis=0)) > 20
 
 
-def test_markdown_summary_table_has_both_tables():
+def test_markdown_summary_table_has_the_three_tables():
     results = make_results()
     text = markdown_summary_table(results)
-    assert text.count("| Method |") == 2
+    assert text.count("| Method |") == 3  # Dice per round; NoI and failures; where it breaks
     assert "SPA (full)" in text and "Click refinement" in text
-    assert "NoI@0.9" in text and "Round 1" in text
+    assert "NoI@0.9" in text and "Round 1" in text and "moved away from the choice" in text
     with pytest.raises(InputError):
         markdown_summary_table({"kind": "other"})
+
+
+def test_summary_breaks_results_down_by_size_and_choice():
+    results = make_results()
+    spa = results["methods"]["spa"]["per_case"]
+    spa["c1"].update(size="small", dice_to_choice=[[0.5, 0.6], [0.6, 0.55]])  # the second choice moved away
+    spa["c2"].update(size="small", dice_to_choice=[[0.7, 0.7]])
+    spa["c3"].update(size="large", dice_to_choice=[])
+    summary = summarise(results["methods"]["spa"], [0.8], 3)
+    assert summary["moved_away"] == {"choices": 3, "rate": pytest.approx(1 / 3)}
+    assert list(summary["by_size"]) == ["small", "large"]  # small, medium, large order; medium absent
+    assert summary["by_size"]["small"]["n_cases"] == 2
+    assert summary["by_size"]["small"]["dice_per_round"] == pytest.approx([0.8, 0.885, 0.94])
+    assert summary["largest_drop"] == 0.0
+    falling = summarise({"per_case": {"a": {"dice": [0.9, 0.7, 0.75]}}}, [0.8], 3)
+    assert falling["largest_drop"] == pytest.approx(0.2) and "moved_away" not in falling
