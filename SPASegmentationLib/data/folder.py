@@ -24,26 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..io.images import IMAGE_SUFFIXES
 from .dataset import ALL_SPLIT, MAX_RATERS, MIN_RATERS, MultiRaterCase, in_test_by_hash, read_case_image
 
 IMAGE_STEM = "image"
 RATER_PREFIX = "rater_"
 SPLITS_FILE = "splits.json"
-IMAGE_SUFFIXES = (
-    ".nii.gz",
-    ".nii",
-    ".nrrd",
-    ".nhdr",
-    ".mha",
-    ".mhd",
-    ".png",
-    ".jpg",
-    ".jpeg",
-    ".dcm",
-    ".tif",
-    ".tiff",
-    ".bmp",
-)
 
 
 @dataclass

@@ -38,7 +38,7 @@ _FORMAT_BY_IO = {
 }
 
 # File name endings we recognise, longest first so ".nii.gz" wins over ".gz".
-_KNOWN_SUFFIXES = (
+IMAGE_SUFFIXES = (
     ".nii.gz",
     ".nii",
     ".nrrd",
@@ -97,7 +97,7 @@ class LoadedImage:
 def _suffix(path: Path) -> str:
     """The recognised image ending of ``path`` in lower case, or "" when there is none."""
     name = path.name.lower()
-    for suffix in _KNOWN_SUFFIXES:
+    for suffix in IMAGE_SUFFIXES:
         if name.endswith(suffix):
             return suffix
     return ""
