@@ -15,6 +15,8 @@ from scipy import stats
 from .errors import InputError
 
 NOI_FAIL_VALUE = 10
+SIZE_BINS = ((0.0, 0.01, "small"), (0.01, 0.10, "medium"), (0.10, 1.01, "large"))  # share of the image
+SIZE_NAMES = tuple(name for _, _, name in SIZE_BINS)
 
 
 def _as_mask_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -137,3 +139,9 @@ def candidate_diversity(candidates: Sequence[np.ndarray]) -> float:
         for j in range(i + 1, len(candidates)):
             values.append(dice(candidates[i], candidates[j]))
     return float(np.mean(values))
+
+
+def size_bin(mask: np.ndarray) -> str:
+    """small (< 1 % of the image), medium (< 10 %) or large: the share of the image a structure covers."""
+    share = float(np.count_nonzero(mask)) / mask.size
+    return next(name for low, high, name in SIZE_BINS if low <= share < high)

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from .data.dataset import RaterStatistics
 from .data.detect import open_dataset
 from .embeddings import EmbeddingCache
-from .engine import feedback_prompt, sample_round, start_prompt, summarise_round
+from .engine import feedback_prompt, sample_round, start_prompt, summarise_round, valid_probabilities
 from .errors import DataError
 from .io.atomic import write_bytes_atomic, write_json_atomic
 from .metrics import dice
@@ -211,7 +211,6 @@ def training_step(
             totals["dice_last"] = round_dice
             if round_index == config.rounds - 1:
                 break
-            probs = torch.sigmoid(logits).cpu().numpy()
             next_prompts = []
             for i, case in enumerate(cases):
                 rows, cols = case.geometry.valid_shape_at(side)
@@ -219,7 +218,7 @@ def training_step(
                     model,
                     prompts[i],
                     mixture.select(i),
-                    probs[i, :, :rows, :cols],
+                    valid_probabilities(model, logits[i], case.geometry),
                     config.n_candidates,
                     seed=int(rng.integers(2**31)),
                 )

@@ -58,6 +58,16 @@ def in_test_by_hash(key: str) -> bool:
     return int(hashlib.sha256(key.encode()).hexdigest(), 16) % DEFAULT_TEST_SHARE == 0
 
 
+def files_fingerprint(cases: Iterable[tuple[str, Iterable[Path]]]) -> str:
+    """16-hex sha256 over each case's files (in the order given): their names under the case id and bytes."""
+    digest = hashlib.sha256()
+    for case_id, paths in cases:
+        for path in paths:
+            digest.update(f"{case_id}/{path.name}".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def read_case_image(case_id: str, path: Path) -> np.ndarray:
     """One 2-D image or mask file of a case as an array, with read problems turned into DataErrors."""
     try:

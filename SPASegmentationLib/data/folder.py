@@ -16,7 +16,6 @@ and the fix. Other layouts (the LIDC crops) are in :mod:`.lidc`; :func:`.dataset
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,15 @@ import numpy as np
 
 from ..errors import DataError
 from ..io.images import IMAGE_SUFFIXES
-from .dataset import ALL_SPLIT, MAX_RATERS, MIN_RATERS, MultiRaterCase, in_test_by_hash, read_case_image
+from .dataset import (
+    ALL_SPLIT,
+    MAX_RATERS,
+    MIN_RATERS,
+    MultiRaterCase,
+    files_fingerprint,
+    in_test_by_hash,
+    read_case_image,
+)
 
 IMAGE_STEM = "image"
 RATER_PREFIX = "rater_"
@@ -38,6 +45,10 @@ class _CaseFiles:
 
     image: Path
     raters: dict[str, Path]
+
+    def all_paths(self) -> list[Path]:
+        """The image and the rater masks, sorted."""
+        return sorted([self.image, *self.raters.values()])
 
 
 def _stem(path: Path) -> str:
@@ -189,10 +200,5 @@ class MultiRaterFolder:
 
     def fingerprint(self, case_ids: list[str] | None = None) -> str:
         """16-hex sha256 over the relative paths and bytes of the given cases' image and mask files."""
-        digest = hashlib.sha256()
-        for case_id in case_ids if case_ids is not None else self.case_ids:
-            files = self._files_of(case_id)
-            for path in sorted([files.image, *files.raters.values()]):
-                digest.update(f"{case_id}/{path.name}".encode())
-                digest.update(path.read_bytes())
-        return digest.hexdigest()[:16]
+        ids = case_ids if case_ids is not None else self.case_ids
+        return files_fingerprint((case_id, self._files_of(case_id).all_paths()) for case_id in ids)

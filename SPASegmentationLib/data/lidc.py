@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
-from .dataset import ALL_SPLIT, MAX_RATERS, MultiRaterCase, in_test_by_hash, read_case_image
+from .dataset import ALL_SPLIT, MAX_RATERS, MultiRaterCase, files_fingerprint, in_test_by_hash, read_case_image
 
 SPLIT_FOLDERS = {"train": ("training", "train"), "test": ("testing", "test"), "val": ("validation", "val")}
 JPEG_MASK_THRESHOLD = 127  # the masks are JPEG: compression leaves values around 0 and 255
@@ -115,13 +115,10 @@ class LidcCropsFolder:
 
     def fingerprint(self, case_ids: list[str] | None = None) -> str:
         """16-hex sha256 over the cases' relative paths and file bytes."""
-        digest = hashlib.sha256()
-        for case_id in case_ids if case_ids is not None else list(self._cases):
-            image_path, labels = self._cases[case_id]
-            for path in [image_path, *labels.values()]:
-                digest.update(f"{case_id}/{path.name}".encode())
-                digest.update(path.read_bytes())
-        return digest.hexdigest()[:16]
+        ids = case_ids if case_ids is not None else list(self._cases)
+        return files_fingerprint(
+            (case_id, [self._cases[case_id][0], *self._cases[case_id][1].values()]) for case_id in ids
+        )
 
 
 class _ArraysOnly(pickle.Unpickler):

@@ -27,6 +27,7 @@ from scipy import ndimage
 
 from ..errors import DataError
 from ..io.atomic import write_json_atomic
+from .synthetic import smooth_noise
 
 CASE_KIND = "lidc-nodules"
 GENERATOR_VERSION = 1
@@ -159,11 +160,6 @@ def _cluster(readings: list[Reading], spacing: float) -> list[list[Reading]]:
     return list(groups.values())
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
-    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
-    return field / (field.std() + 1e-9)
-
-
 def _vessel_tree(
     rng: np.random.Generator,
     shape: tuple[int, int],
@@ -230,7 +226,7 @@ def _chest_wall(image: np.ndarray, agreement: np.ndarray, rng: np.random.Generat
         + curvature * (along - touch_along) ** 2
     )
     wall = np.clip(depth / 1.2 + 0.5, 0.0, 1.0)
-    tissue = np.where(depth < rng.uniform(8, 20), SOFT_TISSUE_HU, FAT_HU) + 15.0 * _smooth_noise(rng, image.shape, 2.0)
+    tissue = np.where(depth < rng.uniform(8, 20), SOFT_TISSUE_HU, FAT_HU) + 15.0 * smooth_noise(rng, image.shape, 2.0)
     if rng.random() < 0.4:
         centre_along = rng.uniform(along.min(), along.max())
         rib = ((along - centre_along) / rng.uniform(6, 12)) ** 2 + (
@@ -265,7 +261,7 @@ def render_case(nodule: Nodule, rng: np.random.Generator, crop: int = CROP) -> t
     agreement = np.mean([m.astype(float) for m in raters.values()], axis=0)
 
     shape = (crop, crop)
-    image = LUNG_HU + 35.0 * _smooth_noise(rng, shape, 3.0) + 12.0 * _smooth_noise(rng, shape, 1.0)
+    image = LUNG_HU + 35.0 * smooth_noise(rng, shape, 3.0) + 12.0 * smooth_noise(rng, shape, 1.0)
     inside_rows, inside_cols = np.nonzero(agreement)
     centre = (float(inside_cols.mean()), float(inside_rows.mean()))
     vessels = _vessels(rng, shape, int(rng.integers(2, 7)), centre if rng.random() < 0.3 else None)
@@ -275,7 +271,7 @@ def render_case(nodule: Nodule, rng: np.random.Generator, crop: int = CROP) -> t
     texture = float(np.median([r.texture for r in nodule.readings]))  # 1 ground glass … 5 solid
     core = -650.0 + (texture - 1.0) / 4.0 * (SOFT_TISSUE_HU + 650.0) + rng.normal(0, 25)
     density = ndimage.gaussian_filter(agreement, rng.uniform(0.5, 1.0)) ** rng.uniform(0.6, 1.4)  # partial volume
-    image = image * (1.0 - density) + (core + 25.0 * _smooth_noise(rng, shape, 1.5)) * density
+    image = image * (1.0 - density) + (core + 25.0 * smooth_noise(rng, shape, 1.5)) * density
     image = image + NOISE_HU * rng.standard_normal(shape)
     return np.clip(np.rint(image), -1024, 3071).astype(np.int16), raters
 

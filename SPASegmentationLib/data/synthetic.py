@@ -57,7 +57,7 @@ class SyntheticCase:
     spacing: tuple[float, float]
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
+def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
     """Gaussian noise smoothed at scale ``sigma``, rescaled to unit standard deviation."""
     noise = ndimage.gaussian_filter(rng.normal(size=shape), sigma)
     return noise / (noise.std() + 1e-8)
@@ -108,8 +108,8 @@ def generate_case(
 
     core = 1.0 / (1.0 + np.exp(distance / 0.9))
     rim = 1.0 / (1.0 + np.exp((distance - rim_width) / 1.2)) - core
-    texture = _smooth_noise(rng, (height, width), 2.5)
-    background = _smooth_noise(rng, (height, width), 25.0) + np.linspace(-1, 1, width)[None] * rng.uniform(-1, 1)
+    texture = smooth_noise(rng, (height, width), 2.5)
+    background = smooth_noise(rng, (height, width), 25.0) + np.linspace(-1, 1, width)[None] * rng.uniform(-1, 1)
     distractors = np.zeros((height, width))
     for _ in range(int(rng.integers(1, 4))):
         for _attempt in range(20):
@@ -128,7 +128,7 @@ def generate_case(
         image = np.clip(hu, -1024, 3071).astype(np.int16)
         spacing = (float(rng.uniform(0.6, 0.9)),) * 2
     elif modality == "mr":
-        bias = np.exp(0.25 * _smooth_noise(rng, (height, width), 60.0))
+        bias = np.exp(0.25 * smooth_noise(rng, (height, width), 60.0))
         noise = rng.normal(0, 1, (height, width)) * rng.uniform(0.05, 0.1)
         image = (400 + 700 * (signal + noise) * bias).clip(0, None).astype(np.float32)
         spacing = (float(rng.uniform(0.8, 1.2)),) * 2

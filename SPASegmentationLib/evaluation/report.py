@@ -45,10 +45,9 @@ from matplotlib.figure import Figure
 
 from ..errors import InputError
 from ..io.atomic import write_bytes_atomic, write_json_atomic
-from ..metrics import NOI_FAIL_VALUE, failure_rate, mean_ci, rounds_to_reach
+from ..metrics import NOI_FAIL_VALUE, SIZE_NAMES, failure_rate, mean_ci, rounds_to_reach
 
 RESULTS_KIND = "spa-evaluation"
-SIZE_ORDER = ("small", "medium", "large")  # evaluation.runner.SIZE_BINS
 MOVED_AWAY_TOLERANCE = 1e-9  # a recommendation "moved away" when its Dice to the chosen candidate fell
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -153,7 +152,7 @@ def summarise(method: Mapping[str, Any], targets: Sequence[float], max_rounds: i
             by_size.setdefault(per_case[case_id]["size"], []).append(values)
     summary["by_size"] = {
         size: {"n_cases": len(rows), "dice_per_round": np.asarray(rows).mean(axis=0).tolist()}
-        for size, rows in sorted(by_size.items(), key=lambda item: SIZE_ORDER.index(item[0]))
+        for size, rows in sorted(by_size.items(), key=lambda item: SIZE_NAMES.index(item[0]))
     }
     return summary
 
@@ -242,7 +241,7 @@ def _breakdown(results: Mapping[str, Any], summaries: Mapping[str, Mapping[str, 
     ]
     for name, summary in summaries.items():
         cells = [_label(results, name)]
-        for size in SIZE_ORDER:
+        for size in SIZE_NAMES:
             entry = summary.get("by_size", {}).get(size)
             if entry is None:
                 cells.append("–")

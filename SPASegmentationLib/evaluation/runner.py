@@ -29,7 +29,7 @@ from ..data.detect import open_dataset
 from ..embeddings import EmbeddingCache
 from ..engine import DEFAULT_SAMPLES, start_prompt
 from ..errors import DataError
-from ..metrics import candidate_diversity, dice
+from ..metrics import candidate_diversity, dice, size_bin
 from ..model.spa import SPAModel
 from ..session import ChoiceAnchor, Session
 from ..simulation.choices import largest_error_click, nearest_candidate
@@ -37,7 +37,6 @@ from ..simulation.preferences import consensus, fixed_preferences
 from ..simulation.prompts import FirstPrompt, evaluation_first_prompt
 
 DEFAULT_TARGETS = (0.8, 0.9)
-SIZE_BINS = ((0.0, 0.01, "small"), (0.01, 0.10, "medium"), (0.10, 1.01, "large"))  # share of the image
 
 
 @dataclass
@@ -47,12 +46,6 @@ class SpaMethod:
     label: str
     model: SPAModel
     anchor: ChoiceAnchor = ChoiceAnchor.NONE
-
-
-def size_bin(target: np.ndarray) -> str:
-    """small (< 1 % of the image), medium (< 10 %) or large."""
-    share = float(np.count_nonzero(target)) / target.size
-    return next(name for low, high, name in SIZE_BINS if low <= share < high)
 
 
 def accepted_curve(dice_all_rounds: list[float], accept_at: float) -> list[float]:
