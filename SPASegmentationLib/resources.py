@@ -25,9 +25,13 @@ def default_model_path() -> Path:
     return resources_dir() / "models" / "spa_litemedsam.pt"
 
 
-def sample_case_dir() -> Path:
-    """The bundled multi-rater sample case used by ``spa demo``."""
-    return resources_dir() / "samples" / "demo_case"
+SAMPLE_CASES = {"lidc": "lidc_nodule", "synthetic": "demo_case"}  # spa demo --sample word → folder
+DEFAULT_SAMPLE = "lidc"  # a real LIDC-IDRI nodule crop with four radiologists' masks
+
+
+def sample_case_dir(sample: str = DEFAULT_SAMPLE) -> Path:
+    """A bundled multi-rater sample case for ``spa demo``: the real LIDC crop, or the procedural CT."""
+    return resources_dir() / "samples" / SAMPLE_CASES[sample]
 
 
 def spa_home() -> Path:

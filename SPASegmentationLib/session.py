@@ -25,6 +25,7 @@ from .candidates import N_CANDIDATES, signed_differences
 from .engine import (
     DEFAULT_SAMPLES,
     ModelRound,
+    box_from_point,
     feedback_prompt,
     feedback_seed,
     pull_towards,
@@ -111,6 +112,7 @@ class SessionState:
     window: tuple[float, float] | None
     initial_weights: tuple[float, ...]
     anchor: ChoiceAnchor = ChoiceAnchor.NONE
+    box_search: bool = False  # a lone click became a box (engine.box_from_point); states before it had none
     start: SessionStart | None = None
     choices: list[int] = field(default_factory=list)
     accepted: bool = False
@@ -131,6 +133,7 @@ class SessionState:
             "window": None if self.window is None else list(self.window),
             "initial_weights": [float(v) for v in self.initial_weights],
             "anchor": self.anchor.value,
+            "box_search": self.box_search,
             "start": None if self.start is None else self.start.to_dict(),
             "choices": list(self.choices),
             "accepted": self.accepted,
@@ -159,6 +162,7 @@ class SessionState:
                 window=None if not window else (float(window[0]), float(window[1])),
                 initial_weights=tuple(float(v) for v in payload["initial_weights"]),
                 anchor=ChoiceAnchor.parse(payload.get("anchor", ChoiceAnchor.NONE.value), "choice anchor"),
+                box_search=bool(payload.get("box_search", False)),
                 start=None
                 if not start
                 else SessionStart(
@@ -194,6 +198,7 @@ class Session:
         window: tuple[float, float] | None = None,
         embedding: torch.Tensor | None = None,
         anchor: ChoiceAnchor | str = DEFAULT_ANCHOR,
+        box_search: bool = True,
     ):
         if n_samples < 1:
             raise InputError(f"n_samples must be at least 1, got {n_samples}")
@@ -206,6 +211,7 @@ class Session:
         self.n_candidates = int(n_candidates)
         self.window = window
         self.anchor = ChoiceAnchor.parse(anchor, "choice anchor")
+        self.box_search = bool(box_search)
         k = model.config.n_components
         if initial_weights is None:
             self.initial_weights = uniform_weights(k)
@@ -225,6 +231,7 @@ class Session:
             self.geometry = model.geometry_of(image)
             self.embedding = embedding.to(model.device)
         self._start: SessionStart | None = None
+        self.found_box: tuple[float, float, float, float] | None = None  # image pixels, from a lone click
         self._choices: list[int] = []
         self._model_rounds: list[ModelRound] = []
         self._rounds: list[Round] = []
@@ -238,8 +245,19 @@ class Session:
         box: tuple[float, float, float, float] | None = None,
         label: bool = True,
     ) -> Round:
-        """Begin with a point inside the structure and/or a box (x0, y0, x1, y1) around it."""
+        """Begin with a point inside the structure and/or a box (x0, y0, x1, y1) around it.
+
+        With ``box_search`` (the default) a lone positive click is turned into a box around the structure
+        under it (:func:`~SPASegmentationLib.engine.box_from_point`); the box is kept in ``found_box``.
+        """
         prompt = start_prompt(self.geometry, point, box, label)
+        self.found_box = None
+        if self.box_search and point is not None and box is None and label:
+            found = box_from_point(self.model, self.embedding, self.geometry, prompt.points[0])
+            if found is not None:
+                prompt = Prompt(box=found)
+                corners = self.geometry.to_image(np.array(found).reshape(2, 2))
+                self.found_box = tuple(float(v) for v in corners.reshape(-1))
         self._start = SessionStart(
             None if point is None else tuple(float(v) for v in point),
             None if box is None else tuple(float(v) for v in box),
@@ -322,6 +340,7 @@ class Session:
             window=None if self.window is None else (float(self.window[0]), float(self.window[1])),
             initial_weights=tuple(float(v) for v in self.initial_weights.tolist()),
             anchor=self.anchor,
+            box_search=self.box_search,
             start=self._start,
             choices=list(self._choices),
             accepted=self.accepted,
@@ -358,6 +377,7 @@ class Session:
             initial_weights=np.asarray(state.initial_weights),
             window=state.window,
             anchor=state.anchor,
+            box_search=state.box_search,
             embedding=embedding,
         )
         if state.start is not None:

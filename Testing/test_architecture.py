@@ -39,6 +39,7 @@ LAYERS: list[tuple[str, ...]] = [
         "data.folder",
         "data.lidc",
         "data.lidc_contours",
+        "data.labelmap_slices",
         "data.detect",
         "data.synthetic",
     ),

@@ -75,6 +75,8 @@ def test_segment_writes_masks_in_the_input_geometry_and_updates_the_profile(tmp_
     assert mask.shape == (180, 240) and mask[90, 120] and not mask[5, 5]
     summary = json.loads((tmp_path / "out" / "ct_spa_summary.json").read_text())
     assert summary["rounds"] == 3 and summary["choices"] == [1, 2] and summary["profile"]["n_sessions"] == 1
+    x0, y0, x1, y1 = summary["found_box"]  # the lone click became a box around the disc (radius 35 at 120, 90)
+    assert x0 < 120 < x1 and y0 < 90 < y1 and summary["session_state"]["box_search"] is True
     accepted = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "ct_spa_accepted.nrrd"))) > 0
     candidate = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "ct_spa_candidate1.nrrd"))) > 0
     assert np.array_equal(accepted, candidate) and summary["accepted"] == "candidate 1"
@@ -165,8 +167,19 @@ def test_demo_writes_one_picture_per_round_and_a_summary(tmp_path):
         assert picture.is_file() and picture.stat().st_size > 20_000
         assert f"round {r['round']}: Dice {r['dice']:.3f}" in result.stdout
     assert summary["session_state"]["kind"] == "spa-session"
-    # Choosing moves the recommendation towards the clinician's style.
-    assert rounds[-1]["dice"] >= rounds[0]["dice"]
+    # The default sample is the real LIDC nodule crop; the click became a box around the nodule.
+    assert summary["sample"] == "lidc_nodule" and "lidc_nodule (128×128)" in result.stdout
+    x0, y0, x1, y1 = summary["found_box"]
+    assert x0 < summary["first_point"][0] < x1 and y0 < summary["first_point"][1] < y1 and x1 - x0 < 40
+    # Choosing never moves the recommendation away from the clinician's style.
+    assert rounds[-1]["dice"] >= rounds[0]["dice"] > 0.8
+
+
+def test_demo_runs_on_the_procedural_sample_too(tmp_path):
+    result = spa("demo", "--sample", "synthetic", "--rounds", "2", "--out", "demo", "--samples", "16", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["sample"] == "demo_case" and len(summary["rounds"]) <= 2
 
 
 def test_generate_train_evaluate_end_to_end(tmp_path):
@@ -212,6 +225,26 @@ def test_generate_train_evaluate_end_to_end(tmp_path):
     assert len(per_case) == 1 and all(len(r["dice"]) == 3 for r in per_case.values())
     assert results["data"]["fingerprint"] and results["model"]["spa_token"]["fingerprint"]
     assert "NoI@0.8" in evaluated.stdout and (tmp_path / "eval" / "dice_vs_round.png").is_file()
+
+
+def test_evaluate_compares_the_box_search_with_the_click_alone_on_real_crops(tmp_path):
+    """From a point on a real nodule, the shipped model's answer to the click alone covers the surrounding vessels;
+    the box search finds the nodule."""
+    crops = Path(__file__).resolve().parent / "data" / "lidc-cimd"
+    evaluated = spa(
+        "evaluate", str(crops), "--split", "test", "--max-cases", "2", "--rounds", "2", "--samples", "8",
+        "--first-prompt", "point", "--box-search", "on,off", "--no-baseline", "--targets", "0.6,0.7",
+        "--out", "eval", "--cache", "cache", cwd=tmp_path,
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["model"]["spa_token_box_search"]["box_search"] is True
+    assert results["model"]["spa_token_click_only"]["box_search"] is False
+    searched = results["methods"]["spa_token_box_search"]["per_case"]["testing/23"]["dice_all_rounds"]
+    alone = results["methods"]["spa_token_click_only"]["per_case"]["testing/23"]["dice_all_rounds"]
+    assert searched[0] > 0.6 > 0.3 > alone[0]
+    bad = spa("evaluate", str(crops), "--box-search", "maybe", "--out", "eval2", cwd=tmp_path)
+    assert bad.returncode == 2 and "--box-search 'maybe' must be on or off" in bad.stderr
 
 
 def test_evaluate_reads_the_real_lidc_crops_and_compares_anchors(tmp_path):

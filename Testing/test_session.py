@@ -212,3 +212,40 @@ def test_a_candidate_can_be_accepted_directly(model, ct_image):
     for bad in (9, -1, True, "1"):
         with pytest.raises(InputError, match="candidate"):
             session.accept(bad)
+
+
+def test_a_lone_click_becomes_a_box_around_the_structure_under_it(shipped_model):
+    """A click on a small bright structure: the box search finds a box that holds it and little else, and the
+    round from it covers the structure; without the search the shipped model's answer to the click is worse."""
+    image = disc_image(height=128, width=128, centre=(80, 44), radius=7.0)
+    truth = np.hypot(*np.mgrid[:128, :128][::-1] - np.array([80, 44])[:, None, None]) < 7.0
+    searched = Session(shipped_model, image, seed=0)
+    found = searched.start(point=(80, 44))
+    x0, y0, x1, y1 = searched.found_box
+    assert x0 <= 74 and y0 <= 38 and x1 >= 86 and y1 >= 50  # holds the disc (radius 7 around (80, 44))
+    assert x1 - x0 < 30 and y1 - y0 < 30  # and is sized to it, not to the image
+    clicked = Session(shipped_model, image, seed=0, box_search=False)
+    alone = clicked.start(point=(80, 44))
+    assert clicked.found_box is None
+    assert (
+        dice(found.recommended, truth) > 0.7 and dice(found.recommended, truth) > dice(alone.recommended, truth) + 0.2
+    )
+    state = searched.state()
+    assert state.box_search and SessionState.from_dict(state.to_dict()) == state
+    restored = Session.restore(shipped_model, image, json.loads(json.dumps(state.to_dict())))
+    assert restored.found_box == searched.found_box
+    assert np.array_equal(restored.current.probability, found.probability)
+    # a state written before the search existed replays the way it was made: the click alone
+    old = {k: v for k, v in state.to_dict().items() if k != "box_search"}
+    replayed = Session.restore(shipped_model, image, old)
+    assert not replayed.box_search and np.array_equal(replayed.current.probability, alone.probability)
+
+
+def test_the_box_search_leaves_boxes_and_negative_clicks_alone(model, ct_image):
+    session = Session(model, ct_image, seed=0)
+    session.start(box=(80, 50, 160, 130))
+    assert session.found_box is None
+    session.start(point=(120, 90), box=(80, 50, 160, 130))
+    assert session.found_box is None
+    session.start(point=(10, 10), label=False)
+    assert session.found_box is None

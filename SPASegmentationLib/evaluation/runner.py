@@ -46,6 +46,7 @@ class SpaMethod:
     label: str
     model: SPAModel
     anchor: ChoiceAnchor = ChoiceAnchor.NONE
+    box_search: bool = True  # a lone first click becomes a box around the structure (engine.box_from_point)
 
 
 def accepted_curve(dice_all_rounds: list[float], accept_at: float) -> list[float]:
@@ -69,7 +70,13 @@ def run_spa(
     """One simulated SPA session: Dice per round, candidate diversity, seconds per round, and after each choice
     whether the next recommendation moved away from the chosen candidate (Dice to it fell)."""
     session = Session(
-        method.model, case.image, seed=seed, n_samples=n_samples, embedding=embedding, anchor=method.anchor
+        method.model,
+        case.image,
+        seed=seed,
+        n_samples=n_samples,
+        embedding=embedding,
+        anchor=method.anchor,
+        box_search=method.box_search,
     )
     round_ = session.start(**first)
     dices, diversity, seconds = (
@@ -215,6 +222,7 @@ def evaluate(
                     "conditioning": method.model.config.conditioning.value,
                     "backbone": method.model.backbone.info.name,
                     "anchor": method.anchor.value,
+                    "box_search": method.box_search,
                     "training": method.model.training_info.get("train_config", {}),
                 }
                 for name, method in methods.items()
