@@ -400,7 +400,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 name += ("_box_search" if search else "_click_only") if len(searches) > 1 else ""
                 source = Path(path).parent.name if path else "shipped"
                 label = f"SPA ({model.config.conditioning} conditioning, {source}, anchor {anchor}"
-                label += ", box search)" if search else ", click only)"
+                if len(searches) > 1 or args.first_prompt == "point":
+                    label += ", box search" if search else ", click only"
+                label += ")"
                 methods[name] = SpaMethod(label, model, anchor, search)
     baseline = None
     if not args.no_baseline:

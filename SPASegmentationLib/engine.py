@@ -19,10 +19,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from scipy import ndimage
 
 from .candidates import N_CANDIDATES, CandidateClusters, aggregate, cluster_candidates, feedback_from_choice
 from .errors import InputError
-from .model.preprocess import ImageGeometry
+from .model.preprocess import ImageGeometry, prepare_image
 from .model.spa import Prompt, SPAModel
 from .preference import PreferenceMixture
 from .stages import stage
@@ -206,11 +208,40 @@ BOX_SEARCH_MARGIN_PX = 1.0  # image pixels added around the found structure, as 
 # of the mask lies outside the box (chosen on the validation splits; see the model card).
 BOX_SEARCH_MAX_SIDES = 1
 BOX_SEARCH_MAX_OUTSIDE = 0.10
+# ... and its edge is seen in the image: the mean intensity inside the mask and in a two-pixel ring around it
+# differ by at least this many pooled standard deviations (a mask inside a homogeneous organ has no edge).
+BOX_SEARCH_MIN_CONTRAST = 1.0
+BOX_SEARCH_RING_PX = 2
+
+
+def picture_on_mask_grid(model: SPAModel, image: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
+    """The image as the model sees it (grey, 0..1), on the valid part of the decoder's mask grid (rows, cols)."""
+    tensor, geometry = prepare_image(image, model.backbone.image_size, window=window)
+    side = model.backbone.mask_size
+    grey = tensor.mean(dim=1, keepdim=True)
+    if side != model.backbone.image_size:
+        grey = F.interpolate(grey, size=(side, side), mode="area")
+    rows, cols = geometry.valid_shape_at(side)
+    return grey[0, 0, :rows, :cols].numpy()
+
+
+def edge_contrast(picture: np.ndarray, mask: np.ndarray, ring_px: int = BOX_SEARCH_RING_PX) -> float:
+    """How clearly ``mask`` stands out of ``picture``: |mean inside − mean of the ring around it| / pooled std."""
+    ring = ndimage.binary_dilation(mask, iterations=ring_px) & ~mask
+    if not ring.any() or not mask.any():
+        return 0.0
+    inside, around = picture[mask], picture[ring]
+    pooled = np.sqrt((inside.var() + around.var()) / 2.0) + 1e-3
+    return float(abs(inside.mean() - around.mean()) / pooled)
 
 
 @torch.no_grad()
 def box_from_point(
-    model: SPAModel, embedding: torch.Tensor, geometry: ImageGeometry, point: tuple[float, float]
+    model: SPAModel,
+    embedding: torch.Tensor,
+    geometry: ImageGeometry,
+    point: tuple[float, float],
+    picture: np.ndarray | None = None,
 ) -> tuple[float, float, float, float] | None:
     """A box around the structure under a click (model frame), or None when no scale holds it.
 
@@ -218,8 +249,9 @@ def box_from_point(
     whatever region of similar tissue surrounds it (the abdomen for a point in the liver; a vessel tree
     for a nodule). So boxes of doubling size (1 % … 75 % of the model frame per half-side) are centred
     on the click, smallest first, and the backbone predicts a mask for each; the first mask that holds
-    the click, touches at most one of the box's sides (those that are not the image edge) and lies
-    almost wholly inside the box is the structure, and its extent plus a pixel becomes the box prompt.
+    the click, touches at most one of the box's sides (those that are not the image edge), lies
+    almost wholly inside the box and, given the ``picture`` (:func:`picture_on_mask_grid`), has an edge
+    the image shows (:func:`edge_contrast`) is the structure; its extent plus a pixel becomes the box prompt.
     """
     side = model.backbone.mask_size
     rows, cols = geometry.valid_shape_at(side)
@@ -250,7 +282,9 @@ def box_from_point(
             rows_in = slice(max(0, int(np.ceil(y0))), int(np.floor(y1)) + 1)
             cols_in = slice(max(0, int(np.ceil(x0))), int(np.floor(x1)) + 1)
             outside = 1.0 - mask[rows_in, cols_in].sum() / mask.sum()
-            if touched <= BOX_SEARCH_MAX_SIDES and outside <= BOX_SEARCH_MAX_OUTSIDE:
+            if touched > BOX_SEARCH_MAX_SIDES or outside > BOX_SEARCH_MAX_OUTSIDE:
+                continue
+            if picture is None or edge_contrast(picture, mask) >= BOX_SEARCH_MIN_CONTRAST:
                 extent = np.array([[mask_cols[0], mask_rows[0]], [mask_cols[-1], mask_rows[-1]]], dtype=np.float64)
                 corners = (extent + 0.5) / factor - 0.5  # mask grid → model frame
                 margin = BOX_SEARCH_MARGIN_PX * geometry.scale

@@ -28,6 +28,7 @@ from .engine import (
     box_from_point,
     feedback_prompt,
     feedback_seed,
+    picture_on_mask_grid,
     pull_towards,
     round_seed,
     sample_probabilities,
@@ -253,7 +254,8 @@ class Session:
         prompt = start_prompt(self.geometry, point, box, label)
         self.found_box = None
         if self.box_search and point is not None and box is None and label:
-            found = box_from_point(self.model, self.embedding, self.geometry, prompt.points[0])
+            picture = picture_on_mask_grid(self.model, self.image, self.window)
+            found = box_from_point(self.model, self.embedding, self.geometry, prompt.points[0], picture)
             if found is not None:
                 prompt = Prompt(box=found)
                 corners = self.geometry.to_image(np.array(found).reshape(2, 2))

