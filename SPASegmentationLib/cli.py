@@ -73,6 +73,11 @@ def _on_off(word: str, what: str) -> bool:
     return word == "on"
 
 
+def _rounded(box: tuple[float, ...] | None) -> list[float] | None:
+    """A box for a JSON summary: two decimals, or None."""
+    return None if box is None else [round(v, 2) for v in box]
+
+
 def _opt_path(args: argparse.Namespace, name: str) -> Path | None:
     value = getattr(args, name, None)
     return Path(value) if value else None
@@ -164,7 +169,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "n_samples": args.samples,
         "first_point": list(point),
-        "found_box": None if session.found_box is None else [round(v, 2) for v in session.found_box],
+        "found_box": _rounded(session.found_box),
         "rounds": rounds_summary,
         "final_dice": dice(mask, target),
         "seconds_total": time.perf_counter() - started,
@@ -253,7 +258,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         "model_fingerprint": model.fingerprint(),
         "rounds": round_.index,
         "choices": choices,
-        "found_box": None if session.found_box is None else [round(v, 2) for v in session.found_box],
+        "found_box": _rounded(session.found_box),
         "accepted": "recommended" if args.accept is None else f"candidate {args.accept}",
         "accepted_pixels": int(mask.sum()),
         "recommended_pixels": int(round_.recommended.sum()),
@@ -557,6 +562,16 @@ def cmd_export_seg(args: argparse.Namespace) -> int:
     return 0
 
 
+def _box_search_option(p: argparse.ArgumentParser, compare: bool = False) -> None:
+    """--box-search on|off (with ``compare``, also a comma list such as on,off to evaluate both)."""
+    p.add_argument(
+        "--box-search",
+        default="on",
+        help="on: a lone click first finds a box around the structure under it (default); off: the click alone"
+        + ("; on,off compares both" if compare else ""),
+    )
+
+
 # ----- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from .engine import DEFAULT_SAMPLES
@@ -598,11 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ChoiceAnchor.words(),
         help=f"how the round after a choice follows the chosen candidate (default {DEFAULT_ANCHOR})",
     )
-    p.add_argument(
-        "--box-search",
-        default="on",
-        help="on: a lone click first finds a box around the structure under it (default); off: the click alone",
-    )
+    _box_search_option(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("segment", help="segment one image (PNG/JPEG/NIfTI/NRRD/DICOM)")
@@ -623,11 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ChoiceAnchor.words(),
         help=f"how the round after a choice follows the chosen candidate (default {DEFAULT_ANCHOR})",
     )
-    p.add_argument(
-        "--box-search",
-        default="on",
-        help="on: a lone click first finds a box around the structure under it (default); off: the click alone",
-    )
+    _box_search_option(p)
     p.add_argument("--slice", type=int, help="slice index of a 3-D volume")
     p.add_argument("--window", help="LOW,HIGH intensity window (e.g. -160,240 for CT soft tissue)")
     p.add_argument("--user", help="user whose preference profile to use and update")
@@ -707,12 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how the round after a choice follows the chosen candidate: "
         f"{', '.join(ChoiceAnchor.words())}; a comma list compares them side by side (default {DEFAULT_ANCHOR})",
     )
-    p.add_argument(
-        "--box-search",
-        default="on",
-        help="on: a lone first click finds a box around the structure first (default); off: the click alone; "
-        "on,off compares both",
-    )
+    _box_search_option(p, compare=True)
     p.add_argument("--max-cases", type=int)
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--seed", type=int, default=0)

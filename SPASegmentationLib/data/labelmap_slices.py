@@ -97,7 +97,7 @@ def write_labelmap_dataset(
     """Write the organ-scale test set of ``ct`` and its label map ``labels`` as an SPA folder (test split)."""
     import SimpleITK as sitk
 
-    from ..io.images import write_image_atomic
+    from ..io.images import window_to_uint8, write_image_atomic
 
     ct, labels = Path(ct), Path(labels)
     ct_image = _read_volume(ct, "CT volume")
@@ -127,7 +127,7 @@ def write_labelmap_dataset(
         chosen = structure_slices(areas, per_structure)
         for z in chosen:
             mask = _largest_region(volume[z])
-            picture = np.rint(np.clip((hu[z] - low) / (high - low), 0.0, 1.0) * 255.0).astype(np.uint8)
+            picture = window_to_uint8(hu[z], low, high)
             case_id = f"{_safe_name(name)}_z{z:03d}"
             folder = out / case_id
             write_image_atomic(sitk.GetImageFromArray(picture), folder / "image.png")

@@ -27,6 +27,7 @@ from scipy import ndimage
 
 from ..errors import DataError
 from ..io.atomic import write_json_atomic
+from ..io.images import window_to_uint8
 from .synthetic import smooth_noise
 
 CASE_KIND = "lidc-nodules"
@@ -282,7 +283,7 @@ def lung_window_8bit(image: np.ndarray, rng: np.random.Generator | None = None) 
     if rng is not None:
         level, width = (low + high) / 2 + rng.uniform(-100, 100), (high - low) * rng.uniform(0.85, 1.2)
         low, high = level - width / 2, level + width / 2
-    return np.rint(np.clip((image.astype(float) - low) / (high - low), 0.0, 1.0) * 255.0).astype(np.uint8)
+    return window_to_uint8(image, low, high)
 
 
 def _split_of(nodule: Nodule) -> str:

@@ -283,6 +283,11 @@ def _mask_image(mask: np.ndarray, like: LoadedImage, extension: str) -> sitk.Ima
     return image
 
 
+def window_to_uint8(image: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Intensities (e.g. CT in HU) shown through the window [low, high] as 0..255, the way a viewer displays them."""
+    return np.rint(np.clip((image.astype(float) - low) / (high - low), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 def write_image_atomic(image: sitk.Image, path: Path, compress: bool = True) -> None:
     """Write a SimpleITK image through a temporary file in the same folder, then rename it."""
     with atomic_target(path, suffix=f".tmp{_suffix(path) or path.suffix}") as tmp:
