@@ -73,7 +73,11 @@ train-default: $(DATA)/splits.json
 # contours pooled with the procedural set. Not shipped yet; its first measurements are in the closing notes.
 REAL_STEPS ?= 250
 train-real: $(DATA)/splits.json $(LIDC_DATA)/splits.json
-	$(BIN)/spa train $(LIDC_DATA) $(DATA) --out $(TRAIN_OUT)/real --steps $(REAL_STEPS) --batch-size 4 --samples 24 --rounds 6 --seed 0 --threads $(THREADS)
+	$(BIN)/spa train $(LIDC_DATA) $(DATA) --out $(TRAIN_OUT)/real --steps $(REAL_STEPS) --batch-size 4 --samples 24 --rounds 6 --seed 0 --focus-crops off --threads $(THREADS)
+
+# The same corpus with each small structure also as its focus window (what a session segments it in).
+train-focus: $(DATA)/splits.json $(LIDC_DATA)/splits.json
+	$(BIN)/spa train $(LIDC_DATA) $(DATA) --out $(TRAIN_OUT)/focus --steps $(REAL_STEPS) --batch-size 4 --samples 24 --rounds 6 --seed 0 --focus-crops on --threads $(THREADS)
 
 # Side by side at the default budget: the paper's concat conditioning vs the default token one, then
 # both evaluated with the click baseline. The model card's pair ran with DEVICE=cuda (one H100);
@@ -92,4 +96,4 @@ evaluate-default: $(DATA)/splits.json
 		--threads $(THREADS) --out output/evaluation/default
 
 THREADS ?= 2
-.PHONY: data data-lidc data-organs train-default train-real train-compare evaluate-default
+.PHONY: data data-lidc data-organs train-default train-real train-focus train-compare evaluate-default

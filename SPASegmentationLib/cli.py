@@ -7,6 +7,7 @@ should reach the user as a traceback.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -119,6 +120,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         n_samples=args.samples,
         anchor=args.anchor,
         box_search=_on_off(args.box_search, "--box-search"),
+        focus=_on_off(args.focus, "--focus"),
     )
     print(
         f"SPA demo: sample {sample.name} ({case.image.shape[1]}×{case.image.shape[0]}), simulated clinician "
@@ -170,6 +172,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "n_samples": args.samples,
         "first_point": list(point),
         "found_box": _rounded(session.found_box),
+        "focus_window": None if session.focus_window is None else session.focus_window.to_dict(),
         "rounds": rounds_summary,
         "final_dice": dice(mask, target),
         "seconds_total": time.perf_counter() - started,
@@ -214,6 +217,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         window=window,
         anchor=args.anchor,
         box_search=_on_off(args.box_search, "--box-search"),
+        focus=_on_off(args.focus, "--focus"),
     )
     round_ = session.start(point=point, box=box)
     for number in choices:
@@ -259,6 +263,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         "rounds": round_.index,
         "choices": choices,
         "found_box": _rounded(session.found_box),
+        "focus_window": None if session.focus_window is None else session.focus_window.to_dict(),
         "accepted": "recommended" if args.accept is None else f"candidate {args.accept}",
         "accepted_pixels": int(mask.sum()),
         "recommended_pixels": int(round_.recommended.sum()),
@@ -350,10 +355,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         best_of_n_weight=args.best_of_n_weight,
         deep_first_round_probability=args.deep_first_round_probability,
+        focus_crops=_on_off(args.focus_crops, "--focus-crops"),
     )
     cases, sources = [], []
     for root in args.data:
-        root_cases, statistics = load_training_cases(Path(root), args.split, model, Path(args.cache))
+        root_cases, statistics = load_training_cases(
+            Path(root), args.split, model, Path(args.cache), focus_crops=train_config.focus_crops
+        )
         dataset = open_dataset(Path(root))
         cases += root_cases
         sources.append(
@@ -362,8 +370,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "layout": dataset.layout,
                 "split": args.split,
                 "n_cases": len(root_cases),
+                "n_focus_crops": sum(c.focus is not None for c in root_cases),
                 "raters": statistics.to_dict(),
-                "fingerprint": dataset.fingerprint([c.case_id for c in root_cases]),
+                "fingerprint": dataset.fingerprint(list(dict.fromkeys(c.case_id for c in root_cases))),
             }
         )
     description = sources[0] if len(sources) == 1 else {"n_cases": len(cases), "sources": sources}
@@ -391,24 +400,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     anchors = [ChoiceAnchor.parse(word.strip(), "--anchor") for word in args.anchor.split(",")]
     if len(set(anchors)) != len(anchors):
         raise InputError(f"--anchor {args.anchor!r} names a design twice; list each once, e.g. none,minimal")
-    searches = [_on_off(word.strip(), "--box-search") for word in args.box_search.split(",")]
-    if len(set(searches)) != len(searches):
-        raise InputError(f"--box-search {args.box_search!r} names a setting twice; use on, off or on,off")
+    searches = _on_off_list(args.box_search, "--box-search")
+    focuses = _on_off_list(args.focus, "--focus")
     methods = {}
     paths = args.model or [None]
     for index, path in enumerate(paths):
         model = default_model(device) if path is None else load_model(Path(path), _opt_path(args, "checkpoint"), device)
-        for anchor in anchors:
-            for search in searches:
-                name = f"spa_{model.config.conditioning}" + (f"_{index + 1}" if len(paths) > 1 else "")
-                name += f"_anchor_{anchor}" if len(anchors) > 1 else ""
-                name += ("_box_search" if search else "_click_only") if len(searches) > 1 else ""
-                source = Path(path).parent.name if path else "shipped"
-                label = f"SPA ({model.config.conditioning} conditioning, {source}, anchor {anchor}"
-                if len(searches) > 1 or args.first_prompt == "point":
-                    label += ", box search" if search else ", click only"
-                label += ")"
-                methods[name] = SpaMethod(label, model, anchor, search)
+        for anchor, search, focus in itertools.product(anchors, searches, focuses):
+            name = f"spa_{model.config.conditioning}" + (f"_{index + 1}" if len(paths) > 1 else "")
+            name += f"_anchor_{anchor}" if len(anchors) > 1 else ""
+            name += ("_box_search" if search else "_click_only") if len(searches) > 1 else ""
+            name += ("_focus" if focus else "_whole_image") if len(focuses) > 1 else ""
+            source = Path(path).parent.name if path else "shipped"
+            label = f"SPA ({model.config.conditioning} conditioning, {source}, anchor {anchor}"
+            if len(searches) > 1 or args.first_prompt == "point":
+                label += ", box search" if search else ", click only"
+            label += ", focus" if focus else ", whole image"
+            label += ")"
+            methods[name] = SpaMethod(label, model, anchor, search, focus)
     baseline = None
     if not args.no_baseline:
         baseline = (
@@ -563,13 +572,29 @@ def cmd_export_seg(args: argparse.Namespace) -> int:
 
 
 def _box_search_option(p: argparse.ArgumentParser, compare: bool = False) -> None:
-    """--box-search on|off (with ``compare``, also a comma list such as on,off to evaluate both)."""
+    """--box-search on|off and --focus on|off (with ``compare``, also on,off to evaluate both)."""
+    both = "; on,off compares both" if compare else ""
     p.add_argument(
         "--box-search",
         default="on",
-        help="on: a lone click first finds a box around the structure under it (default); off: the click alone"
-        + ("; on,off compares both" if compare else ""),
+        help="on: a lone click first finds a box around the structure under it (default); off: the click alone" + both,
     )
+    p.add_argument(
+        "--focus",
+        default="on",
+        help="on: a small structure is segmented in a magnified window around its box (default); off: always the "
+        "whole image" + both,
+    )
+
+
+def _on_off_list(text: str, flag: str) -> list[bool]:
+    """A comma list of on/off (e.g. on,off) for comparing settings side by side."""
+    from .errors import InputError
+
+    values = [_on_off(word.strip(), flag) for word in text.split(",")]
+    if len(set(values)) != len(values):
+        raise InputError(f"{flag} {text!r} names a setting twice; use on, off or on,off")
+    return values
 
 
 # ----- parser -------------------------------------------------------------------------------------
@@ -688,6 +713,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight of the best-sample loss (sample diversity)",
     )
     p.add_argument("--first-prompt", default=TrainConfig.first_prompt.value, choices=FirstPrompt.words())
+    p.add_argument(
+        "--focus-crops",
+        default="on",
+        help="on: small structures are also learned in the magnified window a session uses for them (default); "
+        "off: whole images only",
+    )
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="CPU threads for torch")

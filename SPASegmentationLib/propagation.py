@@ -290,7 +290,6 @@ def _segment_slice(
     box_margin: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One slice: (its recommendation kept where it touches the previous mask, the mixture weights sampled)."""
-    embedding = None if embeddings is None else embeddings.get(image, window)
     session = Session(
         model,
         image,
@@ -298,7 +297,7 @@ def _segment_slice(
         n_samples=n_samples,
         initial_weights=weights,
         window=window,
-        embedding=embedding,
+        embeddings=embeddings,
     )
     point, box = prompt_from_mask(previous, margin=box_margin)
     round_ = session.start(

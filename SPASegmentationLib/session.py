@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .candidates import N_CANDIDATES, signed_differences
+from .embeddings import EmbeddingCache
 from .engine import (
     DEFAULT_SAMPLES,
     ModelRound,
@@ -39,6 +40,7 @@ from .enums import TextEnum
 from .errors import InputError
 from .fingerprints import image_fingerprint
 from .metrics import dice
+from .model.preprocess import FocusWindow, ImageGeometry, focus_window, intensity_window
 from .model.spa import Prompt, SPAModel
 from .preference import PreferenceMixture, check_weights, uniform_weights
 
@@ -114,6 +116,7 @@ class SessionState:
     initial_weights: tuple[float, ...]
     anchor: ChoiceAnchor = ChoiceAnchor.NONE
     box_search: bool = False  # a lone click became a box (engine.box_from_point); states before it had none
+    focus: bool = False  # small structures were segmented in a magnified window; states before it had none
     start: SessionStart | None = None
     choices: list[int] = field(default_factory=list)
     accepted: bool = False
@@ -135,6 +138,7 @@ class SessionState:
             "initial_weights": [float(v) for v in self.initial_weights],
             "anchor": self.anchor.value,
             "box_search": self.box_search,
+            "focus": self.focus,
             "start": None if self.start is None else self.start.to_dict(),
             "choices": list(self.choices),
             "accepted": self.accepted,
@@ -164,6 +168,7 @@ class SessionState:
                 initial_weights=tuple(float(v) for v in payload["initial_weights"]),
                 anchor=ChoiceAnchor.parse(payload.get("anchor", ChoiceAnchor.NONE.value), "choice anchor"),
                 box_search=bool(payload.get("box_search", False)),
+                focus=bool(payload.get("focus", False)),
                 start=None
                 if not start
                 else SessionStart(
@@ -200,6 +205,8 @@ class Session:
         embedding: torch.Tensor | None = None,
         anchor: ChoiceAnchor | str = DEFAULT_ANCHOR,
         box_search: bool = True,
+        focus: bool = True,
+        embeddings: EmbeddingCache | None = None,
     ):
         if n_samples < 1:
             raise InputError(f"n_samples must be at least 1, got {n_samples}")
@@ -213,6 +220,8 @@ class Session:
         self.window = window
         self.anchor = ChoiceAnchor.parse(anchor, "choice anchor")
         self.box_search = bool(box_search)
+        self.focus = bool(focus)
+        self.embeddings = embeddings  # where images (the whole one, focus windows) are encoded, if given
         k = model.config.n_components
         if initial_weights is None:
             self.initial_weights = uniform_weights(k)
@@ -226,13 +235,14 @@ class Session:
             )
             check_weights(as_float32, n_components=k, what="initial mixture weights")
             self.initial_weights = as_float32 / as_float32.sum()
-        if embedding is None:
-            self.embedding, self.geometry = model.encode(image, window)
-        else:
-            self.geometry = model.geometry_of(image)
-            self.embedding = embedding.to(model.device)
+        self.geometry = model.geometry_of(image)
+        self._embedding = None if embedding is None else embedding.to(model.device)
         self._start: SessionStart | None = None
         self.found_box: tuple[float, float, float, float] | None = None  # image pixels, from a lone click
+        # The rounds run on the whole image or, for a small structure, on a magnified window around it
+        self.focus_window: FocusWindow | None = None
+        self._view: tuple[torch.Tensor, ImageGeometry] | None = None
+        self._window_views: dict[FocusWindow, tuple[torch.Tensor, ImageGeometry]] = {}
         self._choices: list[int] = []
         self._model_rounds: list[ModelRound] = []
         self._rounds: list[Round] = []
@@ -250,9 +260,14 @@ class Session:
 
         With ``box_search`` (the default) a lone positive click is turned into a box around the structure
         under it (:func:`~SPASegmentationLib.engine.box_from_point`); the box is kept in ``found_box``.
+        With ``focus`` (the default) a small structure's box (given or found) moves the rounds into a window
+        around it, magnified to the model's input (``focus_window``; masks still come at the image's size). When
+        the box search finds nothing in the whole image, it searches again in such a window around the click (a
+        small structure beside a vessel or the pleura), and failing that the click alone is answered there.
         """
         prompt = start_prompt(self.geometry, point, box, label)
-        self.found_box = None
+        self.found_box, self.focus_window, self._view = None, None, None
+        self._window_views.clear()
         if self.box_search and point is not None and box is None and label:
             picture = picture_on_mask_grid(self.model, self.image, self.window)
             found = box_from_point(self.model, self.embedding, self.geometry, prompt.points[0], picture)
@@ -260,6 +275,12 @@ class Session:
                 prompt = Prompt(box=found)
                 corners = self.geometry.to_image(np.array(found).reshape(2, 2))
                 self.found_box = tuple(float(v) for v in corners.reshape(-1))
+            elif self.focus:
+                prompt = self._search_near_click(point) or prompt
+        if self.focus and label and self._view is None:
+            prompt = self._focus(point, box) or prompt
+        if self._view is None:
+            self._view = (self.embedding, self.geometry)
         self._start = SessionStart(
             None if point is None else tuple(float(v) for v in point),
             None if box is None else tuple(float(v) for v in box),
@@ -343,6 +364,7 @@ class Session:
             initial_weights=tuple(float(v) for v in self.initial_weights.tolist()),
             anchor=self.anchor,
             box_search=self.box_search,
+            focus=self.focus,
             start=self._start,
             choices=list(self._choices),
             accepted=self.accepted,
@@ -357,6 +379,7 @@ class Session:
         image: np.ndarray,
         state: SessionState | dict[str, Any],
         embedding: torch.Tensor | None = None,
+        embeddings: EmbeddingCache | None = None,
     ) -> Session:
         """Rebuild a session from :meth:`state` (or its JSON) by replaying its prompt and choices (deterministic)."""
         if not isinstance(state, SessionState):
@@ -380,7 +403,9 @@ class Session:
             window=state.window,
             anchor=state.anchor,
             box_search=state.box_search,
+            focus=state.focus,
             embedding=embedding,
+            embeddings=embeddings,
         )
         if state.start is not None:
             session.start(point=state.start.point, box=state.start.box, label=state.start.label)
@@ -390,7 +415,79 @@ class Session:
             session.accepted_candidate = state.accepted_candidate if state.accepted else None
         return session
 
+    @property
+    def embedding(self) -> torch.Tensor:
+        """The whole image's embedding, encoded on first use (a box start on a small structure never needs it)."""
+        if self._embedding is None:
+            self._embedding = self._encode(self.image, self.window)
+        return self._embedding
+
     # ----- internals -----------------------------------------------------------------------------
+    def _encode(self, image: np.ndarray, window: tuple[float, float] | None) -> torch.Tensor:
+        if self.embeddings is not None:
+            return self.embeddings.get(image, window).to(self.model.device)
+        return self.model.encode(image, window)[0]
+
+    def _window_view(self, window: FocusWindow) -> tuple[torch.Tensor, ImageGeometry]:
+        """The embedding and geometry of a window of the image (encoded once per start)."""
+        if window not in self._window_views:
+            crop = window.crop(self.image)
+            # the window keeps the whole image's intensity scale (its own percentiles would change the contrast)
+            embedding = self._encode(crop, intensity_window(self.image, self.window))
+            self._window_views[window] = (embedding, self.model.geometry_of(crop))
+        return self._window_views[window]
+
+    def _search_near_click(self, point: tuple[float, float]) -> Prompt | None:
+        """The box search in a magnified window around the click. Found: ``found_box`` is set and its box prompt
+        (whole image) returned, for :meth:`_focus` to move into the window sized to it. Not found: the session
+        works in this window, and the click alone there is returned. None when the image is too small for it."""
+        window = focus_window((point[0], point[1], point[0], point[1]), self.geometry.height, self.geometry.width)
+        if window is None:
+            return None
+        embedding, geometry = self._window_view(window)
+        click = start_prompt(geometry, tuple(window.to_window(np.array(point))))
+        picture = picture_on_mask_grid(self.model, window.crop(self.image), intensity_window(self.image, self.window))
+        found = box_from_point(self.model, embedding, geometry, click.points[0], picture)
+        if found is None:
+            self.focus_window, self._view = window, (embedding, geometry)
+            return click
+        corners = window.to_image(geometry.to_image(np.array(found).reshape(2, 2)))
+        self.found_box = tuple(float(v) for v in corners.reshape(-1))
+        whole = self.geometry.to_model(corners).reshape(-1)
+        return Prompt(box=tuple(float(v) for v in whole))
+
+    def _focus(self, point: tuple[float, float] | None, box: tuple[float, float, float, float] | None) -> Prompt | None:
+        """Move the session into a magnified window around a small structure; its first prompt there, or None."""
+        if self.found_box is not None:
+            point, box = None, self.found_box
+        if box is None:
+            return None
+        window = focus_window(box, self.geometry.height, self.geometry.width)
+        if window is None or (point is not None and not window.contains(np.array(point))):
+            return None
+        low, high = -0.5, np.array([window.width, window.height], dtype=np.float64) - 0.5
+        corners = np.clip(window.to_window(np.array(box, dtype=np.float64).reshape(2, 2)), low, high)
+        embedding, geometry = self._window_view(window)
+        self.focus_window, self._view = window, (embedding, geometry)
+        return start_prompt(
+            geometry,
+            None if point is None else tuple(window.to_window(np.array(point))),
+            tuple(corners.reshape(-1)),
+        )
+
+    def _maps_to_image(self, maps: np.ndarray) -> np.ndarray:
+        """Model-frame maps (n, m, m) of the view the rounds run on → image size (n, H, W)."""
+        _, geometry = self._require_view()
+        resized = geometry.maps_to_image(torch.from_numpy(maps), self.model.backbone.mask_size).numpy()
+        if self.focus_window is None:
+            return resized
+        return self.focus_window.paste(resized, (self.geometry.height, self.geometry.width))
+
+    def _require_view(self) -> tuple[torch.Tensor, ImageGeometry]:
+        if self._view is None:
+            raise InputError("the session has not started; call start(point=…) or start(box=…) first")
+        return self._view
+
     def _require_round(self) -> Round:
         if not self._rounds:
             raise InputError("the session has not started; call start(point=…) or start(box=…) first")
@@ -400,8 +497,9 @@ class Session:
         began = time.perf_counter()
         index = len(self._rounds) + 1
         seed = round_seed(self.seed, index)
+        embedding, geometry = self._require_view()
         probabilities, mixture = sample_probabilities(
-            self.model, self.embedding, self.geometry, prompt, previous_weights, self.n_samples, seed
+            self.model, embedding, geometry, prompt, previous_weights, self.n_samples, seed
         )
         weight = 0.0
         if chosen is not None and self.anchor is not ChoiceAnchor.NONE:
@@ -422,10 +520,7 @@ class Session:
         current = self._rounds[-1]
         target = current.candidates[chosen]
         closeness = dice(current.recommended, target)
-        maps = self.geometry.maps_to_image(
-            torch.from_numpy(np.stack([new_mean, choice])), self.model.backbone.mask_size
-        )
-        new_image, choice_image = maps.numpy()
+        new_image, choice_image = self._maps_to_image(np.stack([new_mean, choice]))
         threshold = self.model.config.recommend_threshold
         for weight in ANCHOR_STEPS:
             recommended = (1.0 - weight) * new_image + weight * choice_image >= threshold
@@ -434,8 +529,7 @@ class Session:
         return 1.0
 
     def _to_image(self, index: int, model_round: ModelRound, seconds: float) -> Round:
-        side = self.model.backbone.mask_size
-        maps = torch.from_numpy(
+        resized = self._maps_to_image(
             np.concatenate(
                 [
                     model_round.mean_probability[None],
@@ -444,7 +538,6 @@ class Session:
                 ]
             )
         )
-        resized = self.geometry.maps_to_image(maps, side).numpy()
         threshold = self.model.config.recommend_threshold
         probability, uncertainty, candidate_probs = resized[0], resized[1], resized[2:]
         recommended = probability >= threshold

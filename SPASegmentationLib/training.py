@@ -35,7 +35,7 @@ from .engine import feedback_prompt, sample_round, start_prompt, summarise_round
 from .errors import DataError
 from .io.atomic import write_bytes_atomic, write_json_atomic
 from .metrics import dice
-from .model.preprocess import ImageGeometry
+from .model.preprocess import FocusWindow, ImageGeometry, focus_window, intensity_window
 from .model.spa import DEEP_DECODER_PREFIXES, TRAINED_DECODER_PREFIXES, SPAModel
 from .preference import e_step_weights, uniform_weights
 from .simulation.choices import nearest_candidate
@@ -69,6 +69,9 @@ class TrainConfig:
     checkpoint_every: int = 25
     log_every: int = 5
     grad_clip: float = 1.0
+    # Small structures are also learned in the magnified window inference uses (Session's focus window): each such
+    # case is added a second time, cropped to preprocess.focus_window around all its raters' marks.
+    focus_crops: bool = False
 
     def __post_init__(self) -> None:
         self.first_prompt = FirstPrompt.parse(self.first_prompt, "first prompt")
@@ -86,13 +89,15 @@ class TrainingCase:
     embedding: torch.Tensor  # (C, e, e) float32
     geometry: ImageGeometry
     raters: dict[str, np.ndarray]  # image-size bool masks
+    focus: FocusWindow | None = None  # the case is this window of its image (the focus view), not the whole image
 
 
 def load_training_cases(
-    root: Path, split: str, model: SPAModel, cache_dir: Path, progress: bool = True
+    root: Path, split: str, model: SPAModel, cache_dir: Path, progress: bool = True, focus_crops: bool = False
 ) -> tuple[list[TrainingCase], RaterStatistics]:
     """Read a dataset's split (any layout ``open_dataset`` knows) and make sure every image's embedding is
-    cached. Cases where no rater marked anything teach nothing and are left out (counted in the statistics)."""
+    cached. Cases where no rater marked anything teach nothing and are left out (counted in the statistics).
+    With ``focus_crops`` a small structure's case is also added as its focus window (see :func:`focus_case`)."""
     from tqdm import tqdm
 
     dataset = open_dataset(root)
@@ -109,10 +114,30 @@ def load_training_cases(
             continue
         embedding = cache.get(case.image)
         cases.append(TrainingCase(case_id, embedding[0].cpu(), model.geometry_of(case.image), case.raters))
+        focused = focus_case(case_id, case.image, case.raters, model, cache) if focus_crops else None
+        if focused is not None:
+            cases.append(focused)
         cache.clear()  # training keeps its own copy; the cache is only its disk
     if not cases:
         raise DataError(f"split {split!r} of {root} has no case where a rater marked a structure; nothing to learn")
     return cases, statistics
+
+
+def focus_case(
+    case_id: str, image: np.ndarray, raters: dict[str, np.ndarray], model: SPAModel, cache: EmbeddingCache
+) -> TrainingCase | None:
+    """The case as a session sees it in its focus window around everything the raters marked (the whole image's
+    intensity scale, as :class:`~SPASegmentationLib.session.Session` crops it); None when the structure is too
+    large for a window."""
+    marked = np.logical_or.reduce([np.asarray(mask, dtype=bool) for mask in raters.values()])
+    rows, cols = np.nonzero(marked)
+    window = focus_window((cols.min(), rows.min(), cols.max(), rows.max()), image.shape[0], image.shape[1])
+    if window is None:
+        return None
+    crop = window.crop(image)
+    embedding = cache.get(crop, intensity_window(image))
+    cropped = {name: window.crop(np.asarray(mask, dtype=bool)) for name, mask in raters.items()}
+    return TrainingCase(case_id, embedding[0].cpu(), model.geometry_of(crop), cropped, focus=window)
 
 
 def _target_in_model_frame(case: TrainingCase, target: np.ndarray, side: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -247,6 +247,31 @@ def test_evaluate_compares_the_box_search_with_the_click_alone_on_real_crops(tmp
     assert bad.returncode == 2 and "--box-search 'maybe' must be on or off" in bad.stderr
 
 
+def test_evaluate_compares_the_focus_window_with_the_whole_image_on_real_crops(tmp_path):
+    """From a box around a small real nodule, the focus window is recorded per case and --focus off keeps the
+    whole image."""
+    crops = Path(__file__).resolve().parent / "data" / "lidc-cimd"
+    evaluated = spa(
+        "evaluate", str(crops), "--split", "test", "--max-cases", "2", "--rounds", "2", "--samples", "8",
+        "--first-prompt", "box", "--focus", "on,off", "--no-baseline", "--targets", "0.6,0.7",
+        "--out", "eval", "--cache", "cache", cwd=tmp_path,
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["model"]["spa_token_focus"]["focus"] is True
+    assert results["model"]["spa_token_whole_image"]["focus"] is False
+    focused = results["methods"]["spa_token_focus"]["per_case"]["testing/23"]
+    whole = results["methods"]["spa_token_whole_image"]["per_case"]["testing/23"]
+    window = focused["focus_window"]
+    assert whole["focus_window"] is None and window["width"] == window["height"] < 96
+    assert (
+        focused["dice_all_rounds"][0] > 0.6
+        and "focus" in evaluated.stdout + (tmp_path / "eval" / "report.md").read_text()
+    )
+    bad = spa("evaluate", str(crops), "--focus", "both", "--out", "eval2", cwd=tmp_path)
+    assert bad.returncode == 2 and "--focus 'both' must be on or off" in bad.stderr
+
+
 def test_evaluate_reads_the_real_lidc_crops_and_compares_anchors(tmp_path):
     """Real CT with empty rater masks, in the layout it ships in; two loop designs side by side."""
     crops = Path(__file__).resolve().parent / "data" / "lidc-cimd"

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from SPASegmentationLib.errors import InputError
-from SPASegmentationLib.model.preprocess import ImageGeometry, normalise_intensity, prepare_image
+from SPASegmentationLib.model.preprocess import (
+    FOCUS_MIN_SIDE_PX,
+    ImageGeometry,
+    focus_window,
+    intensity_window,
+    normalise_intensity,
+    prepare_image,
+)
 
 
 @pytest.mark.parametrize("shape", [(100, 300), (300, 100), (256, 256), (37, 511)])
@@ -77,3 +84,37 @@ def test_bad_images_are_refused_with_a_clear_message(image, message):
 def test_window_must_be_ordered():
     with pytest.raises(InputError, match="window"):
         normalise_intensity(np.arange(16).reshape(4, 4), window=(5, 5))
+
+
+def test_a_small_structure_gets_a_square_focus_window_centred_on_it_and_inside_the_image():
+    window = focus_window((60, 60, 69, 69), 128, 128)  # a 10-pixel nodule in a 128² crop
+    assert (window.width, window.height) == (FOCUS_MIN_SIDE_PX, FOCUS_MIN_SIDE_PX)
+    assert window.contains(np.array([[60, 60], [69, 69]]))
+    assert abs((window.left + window.width / 2) - 65) <= 1 and abs((window.top + window.height / 2) - 65) <= 1
+    edge = focus_window((500, 2, 510, 12), 512, 512)  # near the corner: moved inside, never cut
+    assert edge.left + edge.width == 512 and edge.top == 0 and edge.width == edge.height
+    bigger = focus_window((100, 100, 139, 119), 512, 512)  # 40 × 20 px: four times the longer side
+    assert (bigger.width, bigger.height) == (160, 160)
+    narrow = focus_window((200, 10, 209, 19), 30, 600)  # a strip: the window is cut to the image's height
+    assert (narrow.width, narrow.height) == (FOCUS_MIN_SIDE_PX, 30)
+    assert focus_window((10, 10, 60, 60), 128, 128) is None  # would span most of the image: the whole image
+
+
+def test_a_focus_window_crops_pastes_and_shifts_coordinates_consistently():
+    window = focus_window((60, 60, 69, 69), 128, 100)
+    image = np.arange(128 * 100).reshape(128, 100)
+    crop = window.crop(image)
+    assert crop.shape == (window.height, window.width) and crop[0, 0] == image[window.top, window.left]
+    pasted = window.paste(np.ones((2, window.height, window.width), np.float32), (128, 100))
+    assert pasted.shape == (2, 128, 100) and pasted.sum() == 2 * crop.size and pasted[:, window.top, window.left].all()
+    points = np.array([[61.5, 64.0], [0.0, 0.0]])
+    np.testing.assert_allclose(window.to_image(window.to_window(points)), points)
+    assert window.contains(points[0]) and not window.contains(points[1])
+
+
+def test_the_intensity_window_is_the_one_normalisation_uses():
+    ct = np.random.default_rng(0).normal(0, 100, (64, 64))
+    low, high = intensity_window(ct)
+    np.testing.assert_allclose(normalise_intensity(ct), np.clip((ct - low) / (high - low), 0, 1))
+    assert intensity_window(np.arange(256, dtype=np.uint8).reshape(16, 16)) == (0.0, 255.0)
+    assert intensity_window(ct, (-160, 240)) == (-160.0, 240.0)

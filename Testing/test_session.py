@@ -175,7 +175,8 @@ def test_the_minimal_anchor_never_moves_away_from_the_choice(shipped_model):
     choices = [0, 0, 0]
 
     def run(anchor):
-        session = Session(shipped_model, case.image, seed=0, anchor=anchor)
+        # on the whole image (the drift this test needs shows there; in the focus window it does not here)
+        session = Session(shipped_model, case.image, seed=0, anchor=anchor, focus=False)
         rounds = [session.start(box=box)]
         for k in choices:
             rounds.append(session.choose(k))
@@ -236,7 +237,7 @@ def test_a_lone_click_becomes_a_box_around_the_structure_under_it(shipped_model)
     assert restored.found_box == searched.found_box
     assert np.array_equal(restored.current.probability, found.probability)
     # a state written before the search existed replays the way it was made: the click alone
-    old = {k: v for k, v in state.to_dict().items() if k != "box_search"}
+    old = {k: v for k, v in state.to_dict().items() if k not in ("box_search", "focus")}
     replayed = Session.restore(shipped_model, image, old)
     assert not replayed.box_search and np.array_equal(replayed.current.probability, alone.probability)
 
@@ -249,3 +250,59 @@ def test_the_box_search_leaves_boxes_and_negative_clicks_alone(model, ct_image):
     assert session.found_box is None
     session.start(point=(10, 10), label=False)
     assert session.found_box is None
+
+
+def test_a_small_structure_is_segmented_in_a_magnified_window(shipped_model):
+    """A box around a real nodule: the rounds run in a window four times the box's size, magnified to the model's
+    input; every mask still comes at the image's size (nothing outside the window), the whole image is never
+    encoded, its intensity scale is kept, and the state replays it. Old states and focus=False use the whole image."""
+    from SPASegmentationLib.data.detect import open_dataset
+    from SPASegmentationLib.embeddings import EmbeddingCache
+    from SPASegmentationLib.model.preprocess import intensity_window
+    from SPASegmentationLib.simulation.preferences import consensus
+    from SPASegmentationLib.simulation.prompts import initial_box
+
+    case = open_dataset(Path(__file__).parent / "data" / "lidc-cimd").load("training/19")
+    target = consensus(case.raters, sorted(case.raters))
+    box = initial_box(target)
+    cache = EmbeddingCache(shipped_model)
+    focused = Session(shipped_model, case.image, seed=0, embeddings=cache)
+    rounds = [focused.start(box=box)]
+    rounds.append(focused.choose(0))
+    window = focused.focus_window
+    assert window is not None and window.contains(np.array(box).reshape(2, 2))
+    assert window.width == window.height < 0.75 * case.image.shape[1]
+    assert not cache.contains(case.image) and cache.contains(window.crop(case.image), intensity_window(case.image))
+    outside = np.ones(case.image.shape[:2], bool)
+    outside[window.top : window.top + window.height, window.left : window.left + window.width] = False
+    for r in rounds:
+        assert r.probability.shape == case.image.shape[:2] and r.candidates.shape[1:] == case.image.shape[:2]
+        assert r.probability[outside].max() == 0.0 and not r.candidates[:, outside].any()
+    assert dice(rounds[0].recommended, target) > 0.75
+    whole = Session(shipped_model, case.image, seed=0, focus=False)
+    whole.start(box=box)
+    assert whole.focus_window is None and whole.state().focus is False
+    state = focused.state()
+    assert state.focus and SessionState.from_dict(state.to_dict()) == state
+    restored = Session.restore(shipped_model, case.image, json.loads(json.dumps(state.to_dict())))
+    assert restored.focus_window == window and np.array_equal(restored.current.probability, rounds[-1].probability)
+    old = {k: v for k, v in state.to_dict().items() if k != "focus"}  # written before the focus window existed
+    assert Session.restore(shipped_model, case.image, old).focus_window is None
+
+
+def test_the_focus_window_keeps_a_ct_images_intensity_scale_and_leaves_large_structures_alone(model, ct_image):
+    small = disc_image(height=200, width=200, centre=(60, 140), radius=5.0)
+    session = Session(model, small, seed=0, n_samples=8)
+    session.start(point=(60, 140), box=(54, 134, 66, 146))
+    window = session.focus_window
+    assert window is not None and window.contains(np.array([60, 140]))
+    crop_embedding, _ = session._view
+    from SPASegmentationLib.model.preprocess import intensity_window
+
+    expected, _ = model.encode(window.crop(small), intensity_window(small))
+    assert torch.allclose(crop_embedding, expected)
+    # a click outside the window given with the box: the whole image, so the click stays in the picture
+    session.start(point=(150, 20), box=(54, 134, 66, 146))
+    assert session.focus_window is None
+    session.start(box=(80, 50, 160, 130))  # 80 px of 240: the window would span the image
+    assert session.focus_window is None

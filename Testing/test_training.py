@@ -88,3 +88,42 @@ def test_head_only_training_keeps_the_decoder_transformer_pretrained(tmp_path, c
     # Unchanged up to the float16 rounding every saved SPA model gets.
     assert all(torch.equal(p, before[n].half().float()) for n, p in model.named_parameters() if n in before)
     assert not any(p.requires_grad for n, p in model.named_parameters() if n in before)
+
+
+def test_a_small_structure_is_also_learned_in_its_focus_window(tmp_path):
+    """focus_crops adds each small structure's case a second time, as the window a session segments it in (the
+    same crop, intensity scale and embedding), and leaves large structures and empty cases alone."""
+    import SimpleITK as sitk
+
+    from SPASegmentationLib.embeddings import EmbeddingCache
+    from SPASegmentationLib.model.preprocess import focus_window, intensity_window
+    from SPASegmentationLib.training import load_training_cases
+
+    small = disc_image(height=200, width=200, centre=(60, 140), radius=5.0)
+    large = disc_image(height=200, width=200, centre=(100, 100), radius=45.0, seed=1)
+    yy, xx = np.mgrid[:200, :200]
+
+    def write_case(folder, image, raters):
+        folder.mkdir(parents=True)
+        sitk.WriteImage(sitk.GetImageFromArray(image), str(folder / "image.nrrd"))
+        for name, mask in raters.items():
+            sitk.WriteImage(sitk.GetImageFromArray(mask.astype(np.uint8) * 255), str(folder / f"rater_{name}.png"))
+
+    write_case(
+        tmp_path / "data" / "small", small, {"a": np.hypot(xx - 60, yy - 140) < 5, "b": np.hypot(xx - 61, yy - 140) < 7}
+    )
+    write_case(tmp_path / "data" / "large", large, {"a": np.hypot(xx - 100, yy - 100) < 45})
+    model = fresh_model()
+    plain, _ = load_training_cases(tmp_path / "data", "all", model, tmp_path / "cache", progress=False)
+    both, _ = load_training_cases(tmp_path / "data", "all", model, tmp_path / "cache", progress=False, focus_crops=True)
+    assert len(plain) == 2 and all(c.focus is None for c in plain)
+    assert [(c.case_id, c.focus is not None) for c in both] == [("large", False), ("small", False), ("small", True)]
+    crop = both[-1]
+    assert crop.focus == focus_window((55, 134, 67, 146), 200, 200)  # around everything the raters marked
+    assert (
+        crop.raters["b"].shape == (crop.focus.height, crop.focus.width)
+        and crop.raters["b"].sum() == (np.hypot(xx - 61, yy - 140) < 7).sum()
+    )
+    assert (crop.geometry.height, crop.geometry.width) == (crop.focus.height, crop.focus.width)
+    expected = EmbeddingCache(model, folder=tmp_path / "cache").get(crop.focus.crop(small), intensity_window(small))
+    assert torch.allclose(crop.embedding, expected[0].cpu())

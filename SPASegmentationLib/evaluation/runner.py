@@ -47,6 +47,7 @@ class SpaMethod:
     model: SPAModel
     anchor: ChoiceAnchor = ChoiceAnchor.NONE
     box_search: bool = True  # a lone first click becomes a box around the structure (engine.box_from_point)
+    focus: bool = True  # a small structure is segmented in a magnified window around it (Session.focus_window)
 
 
 def accepted_curve(dice_all_rounds: list[float], accept_at: float) -> list[float]:
@@ -66,6 +67,7 @@ def run_spa(
     max_rounds: int,
     seed: int,
     n_samples: int,
+    embeddings: EmbeddingCache | None = None,
 ) -> dict[str, Any]:
     """One simulated SPA session: Dice per round, candidate diversity, seconds per round, and after each choice
     whether the next recommendation moved away from the chosen candidate (Dice to it fell)."""
@@ -77,6 +79,8 @@ def run_spa(
         embedding=embedding,
         anchor=method.anchor,
         box_search=method.box_search,
+        focus=method.focus,
+        embeddings=embeddings,
     )
     round_ = session.start(**first)
     dices, diversity, seconds = (
@@ -103,6 +107,8 @@ def run_spa(
         "dice_to_choice": to_choice,  # per choice: [Dice(recommended, chosen) before, after]
         "anchor_weights": anchor_weights,
         "size": size_bin(target),
+        "found_box": None if session.found_box is None else [round(v, 2) for v in session.found_box],
+        "focus_window": None if session.focus_window is None else session.focus_window.to_dict(),
     }
 
 
@@ -186,7 +192,9 @@ def evaluate(
         embedding = cache.get(case.image)
         for name, method in methods.items():
             device = method.model.device
-            record = run_spa(method, case, target, first, embedding.to(device), max_rounds, seed, n_samples)
+            record = run_spa(
+                method, case, target, first, embedding.to(device), max_rounds, seed, n_samples, embeddings=cache
+            )
             record["dice"] = accepted_curve(record["dice_all_rounds"], max(targets))
             results["methods"][name]["per_case"][case_id] = record
         if baseline_model is not None:
@@ -223,6 +231,7 @@ def evaluate(
                     "backbone": method.model.backbone.info.name,
                     "anchor": method.anchor.value,
                     "box_search": method.box_search,
+                    "focus": method.focus,
                     "training": method.model.training_info.get("train_config", {}),
                 }
                 for name, method in methods.items()

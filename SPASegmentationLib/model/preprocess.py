@@ -100,10 +100,11 @@ def validate_image(image: np.ndarray) -> np.ndarray:
     return values
 
 
-def normalise_intensity(
+def intensity_window(
     image: np.ndarray, window: tuple[float, float] | None = None, is_8bit: bool | None = None
-) -> np.ndarray:
-    """Scale intensities to [0, 1]: 8-bit images by /255, others by a window or robust percentiles."""
+) -> tuple[float, float]:
+    """The (low, high) intensities that become 0 and 1: the window given, 0..255 for 8-bit images, else robust
+    percentiles of the image."""
     values = validate_image(image)
     if is_8bit is None:
         is_8bit = image.dtype == np.uint8
@@ -111,13 +112,21 @@ def normalise_intensity(
         low, high = float(window[0]), float(window[1])
         if not high > low:
             raise InputError(f"intensity window ({low:g}, {high:g}) is empty; give (low, high) with low < high")
-    elif is_8bit:
-        low, high = 0.0, 255.0
-    else:
-        low, high = np.percentile(values, [LOW_PERCENTILE, HIGH_PERCENTILE])
-        if high <= low:
-            low, high = float(values.min()), float(values.max())
-    return np.clip((values - low) / (high - low), 0.0, 1.0)
+        return low, high
+    if is_8bit:
+        return 0.0, 255.0
+    low, high = np.percentile(values, [LOW_PERCENTILE, HIGH_PERCENTILE])
+    if high <= low:
+        low, high = values.min(), values.max()
+    return float(low), float(high)
+
+
+def normalise_intensity(
+    image: np.ndarray, window: tuple[float, float] | None = None, is_8bit: bool | None = None
+) -> np.ndarray:
+    """Scale intensities to [0, 1]: 8-bit images by /255, others by a window or robust percentiles."""
+    low, high = intensity_window(image, window, is_8bit)
+    return np.clip((validate_image(image) - low) / (high - low), 0.0, 1.0)
 
 
 def prepare_image(
@@ -134,3 +143,65 @@ def prepare_image(
     padded = torch.zeros(1, 3, model_size, model_size)
     padded[:, :, :rows, :cols] = resized.clamp(0.0, 1.0)
     return padded, geometry
+
+
+# A small structure is segmented in a window around it, magnified to the model's input (the "zoom-in" of
+# interactive segmentation): the window's side is FOCUS_CONTEXT times the structure's longer side, at least
+# FOCUS_MIN_SIDE_PX image pixels (so a pixel is magnified at most 256 / 48 ≈ 5×), and the whole image is used
+# when the window would span FOCUS_MAX_SHARE of the image's longer side anyway. Chosen on the validation crops
+# (see the model card).
+FOCUS_CONTEXT = 4.0
+FOCUS_MIN_SIDE_PX = 48
+FOCUS_MAX_SHARE = 0.75
+
+
+@dataclass(frozen=True)
+class FocusWindow:
+    """A rectangle of image pixels (columns left..left+width-1, rows top..top+height-1) that a session works in."""
+
+    left: int
+    top: int
+    width: int
+    height: int
+
+    def crop(self, image: np.ndarray) -> np.ndarray:
+        """The window's part of an image (H, W) or (H, W, C)."""
+        return image[self.top : self.top + self.height, self.left : self.left + self.width]
+
+    def paste(self, maps: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """Window-size maps (..., height, width) → image-size maps (..., H, W), zero outside the window."""
+        out = np.zeros((*maps.shape[:-2], *shape), dtype=maps.dtype)
+        out[..., self.top : self.top + self.height, self.left : self.left + self.width] = maps
+        return out
+
+    def to_window(self, xy: np.ndarray) -> np.ndarray:
+        """Image pixel coordinates (..., 2) as (x, y) → the window's pixel coordinates."""
+        return np.asarray(xy, dtype=np.float64) - np.array([self.left, self.top], dtype=np.float64)
+
+    def to_image(self, xy: np.ndarray) -> np.ndarray:
+        """The window's pixel coordinates (..., 2) → image pixel coordinates."""
+        return np.asarray(xy, dtype=np.float64) + np.array([self.left, self.top], dtype=np.float64)
+
+    def contains(self, xy: np.ndarray) -> bool:
+        """Whether every point (..., 2) lies inside the window (pixel extents included)."""
+        x, y = self.to_window(xy).reshape(-1, 2).T
+        return bool(np.all((x >= -0.5) & (x <= self.width - 0.5) & (y >= -0.5) & (y <= self.height - 0.5)))
+
+    def to_dict(self) -> dict[str, int]:
+        return {"left": self.left, "top": self.top, "width": self.width, "height": self.height}
+
+
+def focus_window(box: tuple[float, float, float, float], height: int, width: int) -> FocusWindow | None:
+    """The window a structure in ``box`` (x0, y0, x1, y1, image pixels) is segmented in, or None for the whole image.
+
+    A square of FOCUS_CONTEXT × the box's longer side (at least FOCUS_MIN_SIDE_PX) centred on the box, moved
+    inside the image and cut to it where the image is narrower.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    side = max(FOCUS_CONTEXT * max(x1 - x0 + 1.0, y1 - y0 + 1.0), float(FOCUS_MIN_SIDE_PX))
+    if side >= FOCUS_MAX_SHARE * max(height, width):
+        return None
+    side_x, side_y = min(int(round(side)), width), min(int(round(side)), height)
+    left = int(np.clip(round((x0 + x1) / 2.0 - side_x / 2.0), 0, width - side_x))
+    top = int(np.clip(round((y0 + y1) / 2.0 - side_y / 2.0), 0, height - side_y))
+    return FocusWindow(left, top, side_x, side_y)

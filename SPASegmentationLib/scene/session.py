@@ -121,7 +121,6 @@ class SceneSession:
         elif box_ras is not None:
             box = box_from_ras(self.volume_node, plane, box_ras[0], box_ras[1])
         image = plane.extract(volume_array(self.volume_node))
-        embedding = None if self.embeddings is None else self.embeddings.get(image, window=self.window)
         session = Session(
             self.model,
             image,
@@ -129,7 +128,7 @@ class SceneSession:
             n_samples=self.n_samples,
             initial_weights=self.initial_weights(),
             window=self.window,
-            embedding=embedding,
+            embeddings=self.embeddings,
         )
         round_ = session.start(point=point, box=box)
         self.session, self.plane = session, plane
