@@ -120,7 +120,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         n_samples=args.samples,
         anchor=args.anchor,
         box_search=_on_off(args.box_search, "--box-search"),
-        focus=_on_off(args.focus, "--focus"),
+        focus=args.focus,
     )
     print(
         f"SPA demo: sample {sample.name} ({case.image.shape[1]}×{case.image.shape[0]}), simulated clinician "
@@ -217,7 +217,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         window=window,
         anchor=args.anchor,
         box_search=_on_off(args.box_search, "--box-search"),
-        focus=_on_off(args.focus, "--focus"),
+        focus=args.focus,
     )
     round_ = session.start(point=point, box=box)
     for number in choices:
@@ -392,7 +392,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation.report import markdown_summary_table, write_report
     from .evaluation.runner import SpaMethod, evaluate
     from .model.build import build_model, default_model, load_model
-    from .session import ChoiceAnchor
+    from .session import ChoiceAnchor, FocusMode
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -401,7 +401,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if len(set(anchors)) != len(anchors):
         raise InputError(f"--anchor {args.anchor!r} names a design twice; list each once, e.g. none,minimal")
     searches = _on_off_list(args.box_search, "--box-search")
-    focuses = _on_off_list(args.focus, "--focus")
+    focuses = [FocusMode.parse(word.strip(), "--focus mode") for word in args.focus.split(",")]
+    if len(set(focuses)) != len(focuses):
+        raise InputError(f"--focus {args.focus!r} names a mode twice; list each once, e.g. clicks,off")
     methods = {}
     paths = args.model or [None]
     for index, path in enumerate(paths):
@@ -410,12 +412,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             name = f"spa_{model.config.conditioning}" + (f"_{index + 1}" if len(paths) > 1 else "")
             name += f"_anchor_{anchor}" if len(anchors) > 1 else ""
             name += ("_box_search" if search else "_click_only") if len(searches) > 1 else ""
-            name += ("_focus" if focus else "_whole_image") if len(focuses) > 1 else ""
+            name += f"_focus_{focus}" if len(focuses) > 1 else ""
             source = Path(path).parent.name if path else "shipped"
             label = f"SPA ({model.config.conditioning} conditioning, {source}, anchor {anchor}"
             if len(searches) > 1 or args.first_prompt == "point":
                 label += ", box search" if search else ", click only"
-            label += ", focus" if focus else ", whole image"
+            label += f", focus {focus}"
             label += ")"
             methods[name] = SpaMethod(label, model, anchor, search, focus)
     baseline = None
@@ -581,9 +583,10 @@ def _box_search_option(p: argparse.ArgumentParser, compare: bool = False) -> Non
     )
     p.add_argument(
         "--focus",
-        default="on",
-        help="on: a small structure is segmented in a magnified window around its box (default); off: always the "
-        "whole image" + both,
+        default="clicks",
+        help="clicks: a click the whole image finds no box for is looked at closer, in a magnified window around it "
+        "(default); all: also every small structure's box; off: always the whole image"
+        + ("; a comma list such as clicks,off compares them" if compare else ""),
     )
 
 
@@ -715,9 +718,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-prompt", default=TrainConfig.first_prompt.value, choices=FirstPrompt.words())
     p.add_argument(
         "--focus-crops",
-        default="on",
-        help="on: small structures are also learned in the magnified window a session uses for them (default); "
-        "off: whole images only",
+        default="off",
+        help="on: small structures are also learned in the magnified window a session can use for them "
+        "(Session focus); off: whole images only (default)",
     )
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--device", default="auto")

@@ -297,6 +297,34 @@ def box_from_point(
     return None
 
 
+@torch.no_grad()
+def click_mask(
+    model: SPAModel, embedding: torch.Tensor, geometry: ImageGeometry, point: tuple[float, float]
+) -> np.ndarray:
+    """The backbone's plain mask for a lone click (model frame), on the valid part of the mask grid (rows, cols)."""
+    rows, cols = geometry.valid_shape_at(model.backbone.mask_size)
+    logits = model.plain_logits(embedding, [Prompt([point], [True])])
+    return (logits[0, :rows, :cols] > 0).cpu().numpy()
+
+
+# A click whose surroundings are one tissue: the pixels connected to it within this much intensity (0..1 scale) of
+# the click's own cover more than CLICK_REGION_MAX_SHARE of a window around it (the inside of a large organ).
+CLICK_REGION_TOLERANCE = 0.1
+CLICK_REGION_MAX_SHARE = 0.5
+
+
+def click_region_share(model: SPAModel, picture: np.ndarray, point: tuple[float, float]) -> float:
+    """The share of ``picture`` (:func:`picture_on_mask_grid`) taken by the region of similar intensity around
+    a click (model frame): the connected pixels within CLICK_REGION_TOLERANCE of the median around the click."""
+    rows, cols = picture.shape
+    factor = model.backbone.mask_size / model.backbone.image_size
+    row = int(np.clip(round((point[1] + 0.5) * factor - 0.5), 0, rows - 1))
+    col = int(np.clip(round((point[0] + 0.5) * factor - 0.5), 0, cols - 1))
+    value = float(np.median(picture[max(0, row - 1) : row + 2, max(0, col - 1) : col + 2]))
+    labels, _ = ndimage.label(np.abs(picture - value) <= CLICK_REGION_TOLERANCE)
+    return float((labels == labels[row, col]).mean())
+
+
 def _pair(value: Any, what: str) -> tuple[float, float]:
     try:
         x, y = (float(v) for v in value)

@@ -24,9 +24,13 @@ import torch
 from .candidates import N_CANDIDATES, signed_differences
 from .embeddings import EmbeddingCache
 from .engine import (
+    BOX_SEARCH_MAX_SIDES,
+    CLICK_REGION_MAX_SHARE,
     DEFAULT_SAMPLES,
     ModelRound,
     box_from_point,
+    click_mask,
+    click_region_share,
     feedback_prompt,
     feedback_seed,
     picture_on_mask_grid,
@@ -60,6 +64,17 @@ class ChoiceAnchor(TextEnum):
 
 
 DEFAULT_ANCHOR = ChoiceAnchor.MINIMAL
+
+
+class FocusMode(TextEnum):
+    """When a session moves into a magnified window around a small structure (``Session.focus_window``)."""
+
+    OFF = "off"  # always the whole image
+    CLICKS = "clicks"  # a click the whole image finds no box for is looked at closer, in a window around it
+    ALL = "all"  # also every small structure's box, given or found
+
+
+DEFAULT_FOCUS = FocusMode.CLICKS
 
 
 @dataclass
@@ -116,7 +131,7 @@ class SessionState:
     initial_weights: tuple[float, ...]
     anchor: ChoiceAnchor = ChoiceAnchor.NONE
     box_search: bool = False  # a lone click became a box (engine.box_from_point); states before it had none
-    focus: bool = False  # small structures were segmented in a magnified window; states before it had none
+    focus: FocusMode = FocusMode.OFF  # when a magnified window was used; states before it had none
     start: SessionStart | None = None
     choices: list[int] = field(default_factory=list)
     accepted: bool = False
@@ -138,7 +153,7 @@ class SessionState:
             "initial_weights": [float(v) for v in self.initial_weights],
             "anchor": self.anchor.value,
             "box_search": self.box_search,
-            "focus": self.focus,
+            "focus": self.focus.value,
             "start": None if self.start is None else self.start.to_dict(),
             "choices": list(self.choices),
             "accepted": self.accepted,
@@ -168,7 +183,7 @@ class SessionState:
                 initial_weights=tuple(float(v) for v in payload["initial_weights"]),
                 anchor=ChoiceAnchor.parse(payload.get("anchor", ChoiceAnchor.NONE.value), "choice anchor"),
                 box_search=bool(payload.get("box_search", False)),
-                focus=bool(payload.get("focus", False)),
+                focus=FocusMode.parse(payload.get("focus", FocusMode.OFF.value), "focus mode"),
                 start=None
                 if not start
                 else SessionStart(
@@ -205,7 +220,7 @@ class Session:
         embedding: torch.Tensor | None = None,
         anchor: ChoiceAnchor | str = DEFAULT_ANCHOR,
         box_search: bool = True,
-        focus: bool = True,
+        focus: FocusMode | str = DEFAULT_FOCUS,
         embeddings: EmbeddingCache | None = None,
     ):
         if n_samples < 1:
@@ -220,7 +235,7 @@ class Session:
         self.window = window
         self.anchor = ChoiceAnchor.parse(anchor, "choice anchor")
         self.box_search = bool(box_search)
-        self.focus = bool(focus)
+        self.focus = FocusMode.parse(focus, "focus mode")
         self.embeddings = embeddings  # where images (the whole one, focus windows) are encoded, if given
         k = model.config.n_components
         if initial_weights is None:
@@ -260,10 +275,13 @@ class Session:
 
         With ``box_search`` (the default) a lone positive click is turned into a box around the structure
         under it (:func:`~SPASegmentationLib.engine.box_from_point`); the box is kept in ``found_box``.
-        With ``focus`` (the default) a small structure's box (given or found) moves the rounds into a window
-        around it, magnified to the model's input (``focus_window``; masks still come at the image's size). When
-        the box search finds nothing in the whole image, it searches again in such a window around the click (a
-        small structure beside a vessel or the pleura), and failing that the click alone is answered there.
+        With ``focus`` ``clicks`` (the default), when the box search finds nothing in the whole image, it
+        searches again in a window around the click, magnified to the model's input (a small structure beside a
+        vessel or the pleura); a box found there moves the rounds into a window around it (``focus_window``;
+        masks still come at the image's size), and failing that the click alone is answered in the first window,
+        unless its mask runs out of it or the click's tissue fills most of it (a large structure: then the click
+        alone in the whole image). With
+        ``all``, every small structure's box (given or found) moves the rounds into such a window.
         """
         prompt = start_prompt(self.geometry, point, box, label)
         self.found_box, self.focus_window, self._view = None, None, None
@@ -275,9 +293,11 @@ class Session:
                 prompt = Prompt(box=found)
                 corners = self.geometry.to_image(np.array(found).reshape(2, 2))
                 self.found_box = tuple(float(v) for v in corners.reshape(-1))
-            elif self.focus:
+            elif self.focus is not FocusMode.OFF:
                 prompt = self._search_near_click(point) or prompt
-        if self.focus and label and self._view is None:
+                if self._view is None and self.found_box is not None:
+                    prompt = self._focus(point, box) or prompt
+        if self.focus is FocusMode.ALL and label and self._view is None:
             prompt = self._focus(point, box) or prompt
         if self._view is None:
             self._view = (self.embedding, self.geometry)
@@ -440,7 +460,10 @@ class Session:
     def _search_near_click(self, point: tuple[float, float]) -> Prompt | None:
         """The box search in a magnified window around the click. Found: ``found_box`` is set and its box prompt
         (whole image) returned, for :meth:`_focus` to move into the window sized to it. Not found: the session
-        works in this window, and the click alone there is returned. None when the image is too small for it."""
+        works in this window, and the click alone there is returned, unless the backbone's mask for it touches
+        more than one of the window's sides inside the image, or the tissue of similar intensity around the
+        click fills most of the window (a structure larger than the window: inside an organ). None then, and
+        when the image is too small for a window."""
         window = focus_window((point[0], point[1], point[0], point[1]), self.geometry.height, self.geometry.width)
         if window is None:
             return None
@@ -449,6 +472,20 @@ class Session:
         picture = picture_on_mask_grid(self.model, window.crop(self.image), intensity_window(self.image, self.window))
         found = box_from_point(self.model, embedding, geometry, click.points[0], picture)
         if found is None:
+            mask = click_mask(self.model, embedding, geometry, click.points[0])
+            inner_sides = (
+                window.left > 0,
+                window.top > 0,
+                window.left + window.width < self.geometry.width,
+                window.top + window.height < self.geometry.height,
+            )
+            edges = (mask[:, 0].any(), mask[0, :].any(), mask[:, -1].any(), mask[-1, :].any())
+            touched = sum(inner and edge for inner, edge in zip(inner_sides, edges, strict=True))
+            if (
+                touched > BOX_SEARCH_MAX_SIDES
+                or click_region_share(self.model, picture, click.points[0]) > CLICK_REGION_MAX_SHARE
+            ):
+                return None
             self.focus_window, self._view = window, (embedding, geometry)
             return click
         corners = window.to_image(geometry.to_image(np.array(found).reshape(2, 2)))

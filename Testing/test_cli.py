@@ -75,8 +75,10 @@ def test_segment_writes_masks_in_the_input_geometry_and_updates_the_profile(tmp_
     assert mask.shape == (180, 240) and mask[90, 120] and not mask[5, 5]
     summary = json.loads((tmp_path / "out" / "ct_spa_summary.json").read_text())
     assert summary["rounds"] == 3 and summary["choices"] == [1, 2] and summary["profile"]["n_sessions"] == 1
-    # The box search ran; inside this large uniform disc no small box shows an edge, so the click alone was used.
+    # The box search ran; inside this large uniform disc no small box shows an edge, so the click alone was used,
+    # on the whole image: in a window around the click its mask runs out of the window on every side.
     assert summary["session_state"]["box_search"] is True and summary["found_box"] is None
+    assert summary["session_state"]["focus"] == "clicks" and summary["focus_window"] is None
     accepted = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "ct_spa_accepted.nrrd"))) > 0
     candidate = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "ct_spa_candidate1.nrrd"))) > 0
     assert np.array_equal(accepted, candidate) and summary["accepted"] == "candidate 1"
@@ -248,20 +250,20 @@ def test_evaluate_compares_the_box_search_with_the_click_alone_on_real_crops(tmp
 
 
 def test_evaluate_compares_the_focus_window_with_the_whole_image_on_real_crops(tmp_path):
-    """From a box around a small real nodule, the focus window is recorded per case and --focus off keeps the
-    whole image."""
+    """From a box around a small real nodule, --focus all records its focus window per case; the default (clicks)
+    and off keep a given box on the whole image."""
     crops = Path(__file__).resolve().parent / "data" / "lidc-cimd"
     evaluated = spa(
         "evaluate", str(crops), "--split", "test", "--max-cases", "2", "--rounds", "2", "--samples", "8",
-        "--first-prompt", "box", "--focus", "on,off", "--no-baseline", "--targets", "0.6,0.7",
+        "--first-prompt", "box", "--focus", "all,clicks", "--no-baseline", "--targets", "0.6,0.7",
         "--out", "eval", "--cache", "cache", cwd=tmp_path,
     )  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert results["model"]["spa_token_focus"]["focus"] is True
-    assert results["model"]["spa_token_whole_image"]["focus"] is False
-    focused = results["methods"]["spa_token_focus"]["per_case"]["testing/23"]
-    whole = results["methods"]["spa_token_whole_image"]["per_case"]["testing/23"]
+    assert results["model"]["spa_token_focus_all"]["focus"] == "all"
+    assert results["model"]["spa_token_focus_clicks"]["focus"] == "clicks"
+    focused = results["methods"]["spa_token_focus_all"]["per_case"]["testing/23"]
+    whole = results["methods"]["spa_token_focus_clicks"]["per_case"]["testing/23"]
     window = focused["focus_window"]
     assert whole["focus_window"] is None and window["width"] == window["height"] < 96
     assert (
@@ -269,7 +271,7 @@ def test_evaluate_compares_the_focus_window_with_the_whole_image_on_real_crops(t
         and "focus" in evaluated.stdout + (tmp_path / "eval" / "report.md").read_text()
     )
     bad = spa("evaluate", str(crops), "--focus", "both", "--out", "eval2", cwd=tmp_path)
-    assert bad.returncode == 2 and "--focus 'both' must be on or off" in bad.stderr
+    assert bad.returncode == 2 and "unknown --focus mode 'both'" in bad.stderr
 
 
 def test_evaluate_reads_the_real_lidc_crops_and_compares_anchors(tmp_path):

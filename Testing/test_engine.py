@@ -122,6 +122,21 @@ def test_edge_contrast_sees_real_edges_only():
     assert edge_contrast(picture, np.zeros((64, 64), dtype=bool)) == 0.0
 
 
+def test_the_click_region_share_tells_an_organs_inside_from_a_nodule_among_vessels(untrained_model):
+    from SPASegmentationLib.engine import click_region_share
+
+    rng = np.random.default_rng(0)
+    side = untrained_model.backbone.mask_size
+    lung = 0.1 + 0.02 * rng.standard_normal((side, side))
+    lung[112:144, 112:144] = 0.7  # a nodule ...
+    lung[124:132, 144:] = 0.7  # ... touching a vessel that leaves the window
+    click = (127.5, 127.5)  # model frame: inside the nodule
+    share = click_region_share(untrained_model, lung, click)
+    assert share == pytest.approx((32 * 32 + 8 * (side - 144)) / side**2)
+    organ = 0.5 + 0.02 * rng.standard_normal((side, side))
+    assert click_region_share(untrained_model, organ, click) == 1.0
+
+
 def test_a_click_inside_a_large_homogeneous_structure_does_not_shrink_to_a_blob(shipped_model):
     """The backbone answers a small box inside a uniform disc with a small blob; without an edge in the image
     that blob is not taken for the structure, and the round still covers the clicked disc."""

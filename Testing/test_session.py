@@ -176,7 +176,7 @@ def test_the_minimal_anchor_never_moves_away_from_the_choice(shipped_model):
 
     def run(anchor):
         # on the whole image (the drift this test needs shows there; in the focus window it does not here)
-        session = Session(shipped_model, case.image, seed=0, anchor=anchor, focus=False)
+        session = Session(shipped_model, case.image, seed=0, anchor=anchor, focus="off")
         rounds = [session.start(box=box)]
         for k in choices:
             rounds.append(session.choose(k))
@@ -253,9 +253,10 @@ def test_the_box_search_leaves_boxes_and_negative_clicks_alone(model, ct_image):
 
 
 def test_a_small_structure_is_segmented_in_a_magnified_window(shipped_model):
-    """A box around a real nodule: the rounds run in a window four times the box's size, magnified to the model's
-    input; every mask still comes at the image's size (nothing outside the window), the whole image is never
-    encoded, its intensity scale is kept, and the state replays it. Old states and focus=False use the whole image."""
+    """focus "all": a box around a real nodule moves the rounds into a window four times the box's size, magnified
+    to the model's input; every mask still comes at the image's size (nothing outside the window), the whole image
+    is never encoded, its intensity scale is kept, and the state replays it. The default ("clicks") and "off" keep a
+    given box on the whole image; old states use the whole image."""
     from SPASegmentationLib.data.detect import open_dataset
     from SPASegmentationLib.embeddings import EmbeddingCache
     from SPASegmentationLib.model.preprocess import intensity_window
@@ -266,7 +267,7 @@ def test_a_small_structure_is_segmented_in_a_magnified_window(shipped_model):
     target = consensus(case.raters, sorted(case.raters))
     box = initial_box(target)
     cache = EmbeddingCache(shipped_model)
-    focused = Session(shipped_model, case.image, seed=0, embeddings=cache)
+    focused = Session(shipped_model, case.image, seed=0, embeddings=cache, focus="all")
     rounds = [focused.start(box=box)]
     rounds.append(focused.choose(0))
     window = focused.focus_window
@@ -279,11 +280,12 @@ def test_a_small_structure_is_segmented_in_a_magnified_window(shipped_model):
         assert r.probability.shape == case.image.shape[:2] and r.candidates.shape[1:] == case.image.shape[:2]
         assert r.probability[outside].max() == 0.0 and not r.candidates[:, outside].any()
     assert dice(rounds[0].recommended, target) > 0.75
-    whole = Session(shipped_model, case.image, seed=0, focus=False)
-    whole.start(box=box)
-    assert whole.focus_window is None and whole.state().focus is False
+    for mode in ("off", "clicks"):
+        whole = Session(shipped_model, case.image, seed=0, focus=mode)
+        whole.start(box=box)
+        assert whole.focus_window is None and whole.state().focus == mode
     state = focused.state()
-    assert state.focus and SessionState.from_dict(state.to_dict()) == state
+    assert state.focus == "all" and SessionState.from_dict(state.to_dict()) == state
     restored = Session.restore(shipped_model, case.image, json.loads(json.dumps(state.to_dict())))
     assert restored.focus_window == window and np.array_equal(restored.current.probability, rounds[-1].probability)
     old = {k: v for k, v in state.to_dict().items() if k != "focus"}  # written before the focus window existed
@@ -292,7 +294,7 @@ def test_a_small_structure_is_segmented_in_a_magnified_window(shipped_model):
 
 def test_the_focus_window_keeps_a_ct_images_intensity_scale_and_leaves_large_structures_alone(model, ct_image):
     small = disc_image(height=200, width=200, centre=(60, 140), radius=5.0)
-    session = Session(model, small, seed=0, n_samples=8)
+    session = Session(model, small, seed=0, n_samples=8, focus="all")
     session.start(point=(60, 140), box=(54, 134, 66, 146))
     window = session.focus_window
     assert window is not None and window.contains(np.array([60, 140]))
@@ -306,3 +308,28 @@ def test_the_focus_window_keeps_a_ct_images_intensity_scale_and_leaves_large_str
     assert session.focus_window is None
     session.start(box=(80, 50, 160, 130))  # 80 px of 240: the window would span the image
     assert session.focus_window is None
+    with pytest.raises(InputError, match="unknown focus mode 'on'"):
+        Session(model, small, focus="on")
+
+
+def test_a_click_the_whole_image_finds_no_box_for_is_looked_at_closer(shipped_model):
+    """A real nodule against a vessel (LIDC crop): in the whole image the box search finds nothing and the click
+    alone covers the vessels; the default focus ("clicks") answers the click in a magnified window around it."""
+    from SPASegmentationLib.data.detect import open_dataset
+    from SPASegmentationLib.simulation.preferences import consensus, fixed_preferences
+    from SPASegmentationLib.simulation.prompts import evaluation_first_prompt
+
+    case = open_dataset(Path(__file__).parent / "data" / "lidc-cimd").load("training/8")
+    target = consensus(case.raters, fixed_preferences({"training/8": case.raters}, 0)["training/8"])
+    point = evaluation_first_prompt(case.raters, target, "point")["point"]
+    closer = Session(shipped_model, case.image, seed=0)
+    near = closer.start(point=point)
+    window = closer.focus_window
+    assert closer.focus == "clicks" and closer.found_box is None
+    assert window is not None and window.contains(np.array(point)) and window.width == window.height == 48
+    whole = Session(shipped_model, case.image, seed=0, focus="off")
+    alone = whole.start(point=point)
+    assert whole.found_box is None and whole.focus_window is None
+    assert dice(near.recommended, target) > 0.45 > 0.2 > dice(alone.recommended, target)
+    restored = Session.restore(shipped_model, case.image, json.loads(json.dumps(closer.state().to_dict())))
+    assert restored.focus_window == window and np.array_equal(restored.current.probability, near.probability)

@@ -31,7 +31,7 @@ from ..engine import DEFAULT_SAMPLES, start_prompt
 from ..errors import DataError
 from ..metrics import candidate_diversity, dice, size_bin
 from ..model.spa import SPAModel
-from ..session import ChoiceAnchor, Session
+from ..session import DEFAULT_FOCUS, ChoiceAnchor, FocusMode, Session
 from ..simulation.choices import largest_error_click, nearest_candidate
 from ..simulation.preferences import consensus, fixed_preferences
 from ..simulation.prompts import FirstPrompt, evaluation_first_prompt
@@ -47,7 +47,7 @@ class SpaMethod:
     model: SPAModel
     anchor: ChoiceAnchor = ChoiceAnchor.NONE
     box_search: bool = True  # a lone first click becomes a box around the structure (engine.box_from_point)
-    focus: bool = True  # a small structure is segmented in a magnified window around it (Session.focus_window)
+    focus: FocusMode = DEFAULT_FOCUS  # when a small structure is segmented in a magnified window around it
 
 
 def accepted_curve(dice_all_rounds: list[float], accept_at: float) -> list[float]:
@@ -231,7 +231,7 @@ def evaluate(
                     "backbone": method.model.backbone.info.name,
                     "anchor": method.anchor.value,
                     "box_search": method.box_search,
-                    "focus": method.focus,
+                    "focus": method.focus.value,
                     "training": method.model.training_info.get("train_config", {}),
                 }
                 for name, method in methods.items()
