@@ -11,7 +11,7 @@ import itertools
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +72,6 @@ def _on_off(word: str, what: str) -> bool:
     if word not in ("on", "off"):
         raise InputError(f"{what} {word!r} must be on or off")
     return word == "on"
-
-
-def _rounded(box: tuple[float, ...] | None) -> list[float] | None:
-    """A box for a JSON summary: two decimals, or None."""
-    return None if box is None else [round(v, 2) for v in box]
 
 
 def _opt_path(args: argparse.Namespace, name: str) -> Path | None:
@@ -171,8 +166,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "n_samples": args.samples,
         "first_point": list(point),
-        "found_box": _rounded(session.found_box),
-        "focus_window": None if session.focus_window is None else session.focus_window.to_dict(),
+        **session.start_record(),
         "rounds": rounds_summary,
         "final_dice": dice(mask, target),
         "seconds_total": time.perf_counter() - started,
@@ -262,8 +256,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         "model_fingerprint": model.fingerprint(),
         "rounds": round_.index,
         "choices": choices,
-        "found_box": _rounded(session.found_box),
-        "focus_window": None if session.focus_window is None else session.focus_window.to_dict(),
+        **session.start_record(),
         "accepted": "recommended" if args.accept is None else f"candidate {args.accept}",
         "accepted_pixels": int(mask.sum()),
         "recommended_pixels": int(round_.recommended.sum()),
@@ -388,7 +381,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate SPA model(s) and the click baseline on held-out cases."""
     import torch
 
-    from .errors import InputError
     from .evaluation.report import markdown_summary_table, write_report
     from .evaluation.runner import SpaMethod, evaluate
     from .model.build import build_model, default_model, load_model
@@ -397,13 +389,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _device(args.device)
-    anchors = [ChoiceAnchor.parse(word.strip(), "--anchor") for word in args.anchor.split(",")]
-    if len(set(anchors)) != len(anchors):
-        raise InputError(f"--anchor {args.anchor!r} names a design twice; list each once, e.g. none,minimal")
-    searches = _on_off_list(args.box_search, "--box-search")
-    focuses = [FocusMode.parse(word.strip(), "--focus mode") for word in args.focus.split(",")]
-    if len(set(focuses)) != len(focuses):
-        raise InputError(f"--focus {args.focus!r} names a mode twice; list each once, e.g. clicks,off")
+    anchors = _distinct_list(args.anchor, "--anchor", lambda w: ChoiceAnchor.parse(w, "--anchor"), "none,minimal")
+    searches = _distinct_list(args.box_search, "--box-search", lambda w: _on_off(w, "--box-search"), "on,off")
+    focuses = _distinct_list(args.focus, "--focus", lambda w: FocusMode.parse(w, "--focus mode"), "clicks,off")
     methods = {}
     paths = args.model or [None]
     for index, path in enumerate(paths):
@@ -573,8 +561,8 @@ def cmd_export_seg(args: argparse.Namespace) -> int:
     return 0
 
 
-def _box_search_option(p: argparse.ArgumentParser, compare: bool = False) -> None:
-    """--box-search on|off and --focus on|off (with ``compare``, also on,off to evaluate both)."""
+def _click_options(p: argparse.ArgumentParser, compare: bool = False) -> None:
+    """--box-search on|off and --focus off|clicks|all (with ``compare``, comma lists to evaluate them side by side)."""
     both = "; on,off compares both" if compare else ""
     p.add_argument(
         "--box-search",
@@ -590,13 +578,13 @@ def _box_search_option(p: argparse.ArgumentParser, compare: bool = False) -> Non
     )
 
 
-def _on_off_list(text: str, flag: str) -> list[bool]:
-    """A comma list of on/off (e.g. on,off) for comparing settings side by side."""
+def _distinct_list(text: str, flag: str, parse: Callable[[str], Any], example: str) -> list[Any]:
+    """A comma list of settings to compare side by side (e.g. on,off), each parsed and named once."""
     from .errors import InputError
 
-    values = [_on_off(word.strip(), flag) for word in text.split(",")]
+    values = [parse(word.strip()) for word in text.split(",")]
     if len(set(values)) != len(values):
-        raise InputError(f"{flag} {text!r} names a setting twice; use on, off or on,off")
+        raise InputError(f"{flag} {text!r} names a setting twice; list each once, e.g. {example}")
     return values
 
 
@@ -641,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ChoiceAnchor.words(),
         help=f"how the round after a choice follows the chosen candidate (default {DEFAULT_ANCHOR})",
     )
-    _box_search_option(p)
+    _click_options(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("segment", help="segment one image (PNG/JPEG/NIfTI/NRRD/DICOM)")
@@ -662,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ChoiceAnchor.words(),
         help=f"how the round after a choice follows the chosen candidate (default {DEFAULT_ANCHOR})",
     )
-    _box_search_option(p)
+    _click_options(p)
     p.add_argument("--slice", type=int, help="slice index of a 3-D volume")
     p.add_argument("--window", help="LOW,HIGH intensity window (e.g. -160,240 for CT soft tissue)")
     p.add_argument("--user", help="user whose preference profile to use and update")
@@ -748,7 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how the round after a choice follows the chosen candidate: "
         f"{', '.join(ChoiceAnchor.words())}; a comma list compares them side by side (default {DEFAULT_ANCHOR})",
     )
-    _box_search_option(p, compare=True)
+    _click_options(p, compare=True)
     p.add_argument("--max-cases", type=int)
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--seed", type=int, default=0)

@@ -258,6 +258,7 @@ class Session:
         self.focus_window: FocusWindow | None = None
         self._view: tuple[torch.Tensor, ImageGeometry] | None = None
         self._window_views: dict[FocusWindow, tuple[torch.Tensor, ImageGeometry]] = {}
+        self._scale: tuple[float, float] | None = None
         self._choices: list[int] = []
         self._model_rounds: list[ModelRound] = []
         self._rounds: list[Round] = []
@@ -435,6 +436,13 @@ class Session:
             session.accepted_candidate = state.accepted_candidate if state.accepted else None
         return session
 
+    def start_record(self) -> dict[str, Any]:
+        """How the start was answered, for JSON summaries: the box found for a click and the focus window."""
+        return {
+            "found_box": None if self.found_box is None else [round(v, 2) for v in self.found_box],
+            "focus_window": None if self.focus_window is None else self.focus_window.to_dict(),
+        }
+
     @property
     def embedding(self) -> torch.Tensor:
         """The whole image's embedding, encoded on first use (a box start on a small structure never needs it)."""
@@ -448,12 +456,18 @@ class Session:
             return self.embeddings.get(image, window).to(self.model.device)
         return self.model.encode(image, window)[0]
 
+    def _intensity_scale(self) -> tuple[float, float]:
+        """The whole image's (low, high) intensity scale, which its windows keep (their own percentiles would change
+        the contrast); computed once."""
+        if self._scale is None:
+            self._scale = intensity_window(self.image, self.window)
+        return self._scale
+
     def _window_view(self, window: FocusWindow) -> tuple[torch.Tensor, ImageGeometry]:
         """The embedding and geometry of a window of the image (encoded once per start)."""
         if window not in self._window_views:
             crop = window.crop(self.image)
-            # the window keeps the whole image's intensity scale (its own percentiles would change the contrast)
-            embedding = self._encode(crop, intensity_window(self.image, self.window))
+            embedding = self._encode(crop, self._intensity_scale())
             self._window_views[window] = (embedding, self.model.geometry_of(crop))
         return self._window_views[window]
 
@@ -469,7 +483,7 @@ class Session:
             return None
         embedding, geometry = self._window_view(window)
         click = start_prompt(geometry, tuple(window.to_window(np.array(point))))
-        picture = picture_on_mask_grid(self.model, window.crop(self.image), intensity_window(self.image, self.window))
+        picture = picture_on_mask_grid(self.model, window.crop(self.image), self._intensity_scale())
         found = box_from_point(self.model, embedding, geometry, click.points[0], picture)
         if found is None:
             mask = click_mask(self.model, embedding, geometry, click.points[0])

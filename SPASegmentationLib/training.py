@@ -40,7 +40,7 @@ from .model.spa import DEEP_DECODER_PREFIXES, TRAINED_DECODER_PREFIXES, SPAModel
 from .preference import e_step_weights, uniform_weights
 from .simulation.choices import nearest_candidate
 from .simulation.preferences import draw_preference
-from .simulation.prompts import FirstPrompt, training_first_prompt
+from .simulation.prompts import FirstPrompt, initial_box, training_first_prompt
 
 
 @dataclass
@@ -130,8 +130,7 @@ def focus_case(
     intensity scale, as :class:`~SPASegmentationLib.session.Session` crops it); None when the structure is too
     large for a window."""
     marked = np.logical_or.reduce([np.asarray(mask, dtype=bool) for mask in raters.values()])
-    rows, cols = np.nonzero(marked)
-    window = focus_window((cols.min(), rows.min(), cols.max(), rows.max()), image.shape[0], image.shape[1])
+    window = focus_window(initial_box(marked), image.shape[0], image.shape[1])
     if window is None:
         return None
     crop = window.crop(image)

@@ -272,6 +272,8 @@ def test_evaluate_compares_the_focus_window_with_the_whole_image_on_real_crops(t
     )
     bad = spa("evaluate", str(crops), "--focus", "both", "--out", "eval2", cwd=tmp_path)
     assert bad.returncode == 2 and "unknown --focus mode 'both'" in bad.stderr
+    twice = spa("evaluate", str(crops), "--focus", "clicks,off,clicks", "--out", "eval3", cwd=tmp_path)
+    assert twice.returncode == 2 and "--focus 'clicks,off,clicks' names a setting twice" in twice.stderr
 
 
 def test_evaluate_reads_the_real_lidc_crops_and_compares_anchors(tmp_path):

@@ -107,8 +107,7 @@ def run_spa(
         "dice_to_choice": to_choice,  # per choice: [Dice(recommended, chosen) before, after]
         "anchor_weights": anchor_weights,
         "size": size_bin(target),
-        "found_box": None if session.found_box is None else [round(v, 2) for v in session.found_box],
-        "focus_window": None if session.focus_window is None else session.focus_window.to_dict(),
+        **session.start_record(),
     }
 
 
