@@ -792,7 +792,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-fingerprint", help="fingerprint of the SPA model that made the mask (recorded)")
     p.add_argument("--seed", type=int, help="seed of the session that made the mask (recorded)")
     p.set_defaults(func=cmd_export_seg)
+    p = sub.add_parser("serve", help="serve the model over HTTP: the Slicer module's backend, local or for a team")
+    model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0 picks a free one)")
+    p.add_argument(
+        "--token",
+        help="the one shared token clients must send (default: $SPA_SERVE_TOKEN, else a random one on loopback, "
+        "printed in the ready line)",
+    )
+    p.add_argument("--users", help="team mode: a file of 'user token' lines; each token acts only as its user")
+    p.add_argument(
+        "--profiles-db",
+        help="SQLite file of the team's preference profiles (default $SPA_HOME/serve/profiles.sqlite3)",
+    )
+    p.add_argument("--max-request-mb", type=int, default=1024, help="largest request body in MiB (default 1024)")
+    p.add_argument("--image-cache-mb", type=int, default=4096, help="MiB of uploaded images kept (default 4096)")
+    p.add_argument("--rate", type=int, default=6000, help="requests per minute per user (default 6000)")
+    p.add_argument("--sessions-per-user", type=int, default=16, help="open sessions per user (default 16)")
+    p.set_defaults(func=cmd_serve)
+
     return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the model over HTTP for the Slicer module (local or remote) and scripts."""
+    from .service.app import ServiceLimits
+    from .service.server import serve
+
+    limits = ServiceLimits(
+        max_request_bytes=_positive(args.max_request_mb, "--max-request-mb") << 20,
+        image_cache_bytes=_positive(args.image_cache_mb, "--image-cache-mb") << 20,
+        requests_per_minute=_positive(args.rate, "--rate"),
+        sessions_per_user=_positive(args.sessions_per_user, "--sessions-per-user"),
+    )
+    serve(
+        None if not args.model else Path(args.model),
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        users_file=_opt_path(args, "users"),
+        profiles_db=_opt_path(args, "profiles_db"),
+        device=_device(args.device),
+        checkpoint=_opt_path(args, "checkpoint"),
+        limits=limits,
+    )
+    return 0
+
+
+def _positive(value: int, flag: str) -> int:
+    from .errors import InputError
+
+    if value < 1:
+        raise InputError(f"{flag} must be at least 1, got {value}")
+    return int(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

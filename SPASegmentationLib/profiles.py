@@ -185,6 +185,64 @@ class Profile:
         )
 
 
+def fold_session(
+    existing: Profile | None,
+    user: str,
+    structure: str,
+    model_fingerprint: str,
+    mixture: PreferenceMixture,
+    rounds: int | None,
+    *,
+    where: str,
+) -> Profile:
+    """The profile after one more accepted session: ``existing`` (None: a new profile) with ``mixture`` folded in.
+
+    The weights become a running mean over at most the last 20 sessions:
+    ``w <- w + (w_new - w) / min(n_sessions, 20)``, renormalised. ``where`` names the profile in messages.
+    Every profile store updates through this one function.
+    """
+    validate_name(user, "user")
+    validate_name(structure, "structure")
+    if rounds is not None:
+        _check_int(rounds, "rounds", 0)
+    if mixture.weights.dim() != 1:
+        raise ProfileError("update needs the mixture of one image; select it from the batch with mixture.select(i)")
+    new_payload = mixture.to_dict()
+    PreferenceMixture.from_dict(new_payload)  # validates: finite, on the simplex, stds > 0
+    new_mixture = _mixture_from_payload(new_payload)
+    new_weights = [float(w) for w in new_payload["weights"]]
+    now = _now_iso()
+    entry = {"time": now, "rounds": rounds}
+    if existing is None:
+        total = sum(new_weights)
+        return Profile(
+            user=user,
+            structure=structure,
+            model_fingerprint=model_fingerprint,
+            n_sessions=1,
+            weights=[w / total for w in new_weights],
+            last_mixture=new_mixture,
+            created=now,
+            updated=now,
+            history=[entry],
+        )
+    if len(existing.weights) != len(new_weights):
+        raise ProfileError(
+            f"preference profile {where} has {len(existing.weights)} mixture components but the "
+            f"session's mixture has {len(new_weights)}; delete the profile to start a new one"
+        )
+    n_sessions = existing.n_sessions + 1
+    step = min(n_sessions, RUNNING_MEAN_WINDOW)
+    moved = [w + (w_new - w) / step for w, w_new in zip(existing.weights, new_weights, strict=True)]
+    total = sum(moved)
+    existing.weights = [w / total for w in moved]
+    existing.n_sessions = n_sessions
+    existing.last_mixture = new_mixture
+    existing.updated = now
+    existing.history = (existing.history + [entry])[-HISTORY_LENGTH:]
+    return existing
+
+
 @dataclass
 class ProfileSummary:
     """One line of :meth:`ProfileStore.list_profiles`; ``error`` is set when the profile cannot be used."""
@@ -311,54 +369,14 @@ class ProfileStore:
     # ----- writing -----
 
     def update(self, user: str, structure: str, mixture: PreferenceMixture, rounds: int | None = None) -> Profile:
-        """Fold the final mixture of an accepted session into the profile (creating it if absent).
-
-        The weights become a running mean over at most the last 20 sessions:
-        ``w <- w + (w_new - w) / min(n_sessions, 20)``, renormalised.
-        """
+        """Fold the final mixture of an accepted session into the profile (creating it if absent; see
+        :func:`fold_session`)."""
         path = self.path_for(user, structure)
-        if rounds is not None:
-            _check_int(rounds, "rounds", 0)
-        if mixture.weights.dim() != 1:
-            raise ProfileError("update needs the mixture of one image; select it from the batch with mixture.select(i)")
-        new_payload = mixture.to_dict()
-        PreferenceMixture.from_dict(new_payload)  # validates: finite, on the simplex, stds > 0
-        new_mixture = _mixture_from_payload(new_payload)
-        new_weights = [float(w) for w in new_payload["weights"]]
         lock = self._lock(path)
         self._acquire(lock, path)
         try:
-            now = _now_iso()
-            entry = {"time": now, "rounds": rounds}
-            if path.exists():
-                profile = self._read_stored(user, structure, path)
-                if len(profile.weights) != len(new_weights):
-                    raise ProfileError(
-                        f"preference profile {path} has {len(profile.weights)} mixture components but the "
-                        f"session's mixture has {len(new_weights)}; delete the profile to start a new one"
-                    )
-                n_sessions = profile.n_sessions + 1
-                step = min(n_sessions, RUNNING_MEAN_WINDOW)
-                moved = [w + (w_new - w) / step for w, w_new in zip(profile.weights, new_weights, strict=True)]
-                total = sum(moved)
-                profile.weights = [w / total for w in moved]
-                profile.n_sessions = n_sessions
-                profile.last_mixture = new_mixture
-                profile.updated = now
-                profile.history = (profile.history + [entry])[-HISTORY_LENGTH:]
-            else:
-                total = sum(new_weights)
-                profile = Profile(
-                    user=user,
-                    structure=structure,
-                    model_fingerprint=self.model_fingerprint,
-                    n_sessions=1,
-                    weights=[w / total for w in new_weights],
-                    last_mixture=new_mixture,
-                    created=now,
-                    updated=now,
-                    history=[entry],
-                )
+            existing = self._read_stored(user, structure, path) if path.exists() else None
+            profile = fold_session(existing, user, structure, self.model_fingerprint, mixture, rounds, where=str(path))
             self._write(path, profile)
             return profile
         finally:

@@ -47,6 +47,7 @@ from .metrics import dice
 from .model.preprocess import FocusWindow, ImageGeometry, focus_window, intensity_window
 from .model.spa import Prompt, SPAModel
 from .preference import PreferenceMixture, check_weights, uniform_weights
+from .rounds import Round
 
 STATE_KIND = "spa-session"
 STATE_VERSION = 1
@@ -75,26 +76,6 @@ class FocusMode(TextEnum):
 
 
 DEFAULT_FOCUS = FocusMode.CLICKS
-
-
-@dataclass
-class Round:
-    """What the user sees in one round, at the image's size (the model-frame round is ``engine.ModelRound``)."""
-
-    index: int  # 1-based round number
-    probability: np.ndarray  # (H, W) float32 mean probability of the N samples
-    recommended: np.ndarray  # (H, W) bool
-    uncertainty: np.ndarray  # (H, W) float32 std of the N sample probabilities
-    candidates: np.ndarray  # (K, H, W) bool, K ≤ 4, smallest first
-    differences: np.ndarray  # (K, H, W) int8: +1 added vs recommended, −1 removed
-    candidate_shares: np.ndarray  # (K,) share of the N samples behind each candidate
-    mixture_weights: np.ndarray  # (K_g,) the mixture weights this round sampled from
-    seconds: float  # compute time of the round
-    anchor_weight: float = 0.0  # how far the samples were moved towards the previous round's choice (0..1)
-
-    @property
-    def n_candidates(self) -> int:
-        return int(self.candidates.shape[0])
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,10 @@ LAYERS: list[tuple[str, ...]] = [
         "io.atomic",
         "io.terminology",
         "worker",
+        "rounds",
+        "service",
     ),
-    ("io.images", "io.dicom_seg", "model.preprocess"),
+    ("io.images", "io.dicom_seg", "model.preprocess", "service.protocol", "service.client"),
     ("preference", "candidates"),
     ("model.backbone", "model.conditioning", "model.generator", "model.spa", "model.build"),
     ("engine",),
@@ -43,8 +45,9 @@ LAYERS: list[tuple[str, ...]] = [
         "data.detect",
         "data.synthetic",
     ),
-    ("profiles", "propagation", "figures", "training", "bench", "evaluation.runner", "evaluation.report"),
+    ("profiles", "propagation", "figures", "training", "bench", "evaluation.runner", "evaluation.report", "profile_db"),
     ("scene.geometry", "scene.segments", "scene.overlay", "scene.session"),
+    ("service.app", "service.server"),
     ("cli",),
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
