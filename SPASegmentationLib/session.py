@@ -296,7 +296,7 @@ class Session:
         """The user picked candidate ``k`` (0-based) of the current round: compute the next round."""
         current = self._require_round()
         if self.accepted:
-            raise InputError("this session is already accepted; undo() first to keep refining")
+            raise InputError("this session is already accepted; undo the accept first to keep refining")
         if not isinstance(k, (int, np.integer)) or not 0 <= k < current.n_candidates:
             raise InputError(
                 f"candidate {k} does not exist; round {current.index} has candidates 0..{current.n_candidates - 1}"

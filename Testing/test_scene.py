@@ -691,3 +691,286 @@ def test_scene_session_candidate_at_ras(mrml_scene):
         assert session.candidate_at_ras(pixel_to_ras(volume, session.plane.at(0), (x, y))) is None
     session.close()
     assert mrml_scene.GetFirstNodeByName("SPA preview") is None
+
+
+# ----- Slicer 5.8 and 5.10+ terminology --------------------------------------------------------------
+def parses_like_slicer_58(serialized: str) -> bool:
+    """The checks Slicer 5.8.1's vtkSlicerTerminologiesModuleLogic::DeserializeTerminologyEntry makes: seven
+    "~" fields, a context name, a non-empty category and a type that are "scheme^value^meaning" triples."""
+    fields = serialized.split("~")
+    if len(fields) != 7 or not fields[0] or fields[1] == "^^":
+        return False
+    return all(len(fields[i].split("^")) == 3 for i in (1, 2, 3, 5, 6))
+
+
+def test_terminology_with_slicer_510_api(mrml_scene):
+    """Slicer 5.10+ (slicer-core here): vtkSegment.SetTerminology/HasTerminology and the Region* entry names."""
+    import slicer
+
+    from SPASegmentationLib.scene.segments import (
+        REGION_CONTEXT,
+        segment_has_terminology,
+        set_entry_region,
+        set_segment_terminology,
+        terminology_string,
+    )
+
+    volume, seg, target, *_ = _two_segments(mrml_scene)
+    segment = seg.GetSegmentation().GetSegment(target)
+    assert hasattr(segment, "SetTerminology") and hasattr(slicer.vtkSlicerTerminologyEntry(), "GetRegionObject")
+    serialized = terminology_string("liver tumour")
+    assert parses_like_slicer_58(serialized)
+    set_segment_terminology(segment, serialized)
+    assert segment.GetTerminology() == serialized and segment_has_terminology(segment)
+    set_segment_terminology(segment, "")
+    assert not segment_has_terminology(segment)
+    entry = slicer.vtkSlicerTerminologyEntry()
+    set_entry_region(entry, REGION_CONTEXT, None)
+    assert entry.GetRegionContextName() == REGION_CONTEXT
+
+
+def test_terminology_with_slicer_58_api(mrml_scene):
+    """The Slicer 5.8 branch (the "TerminologyEntry" tag, Anatomic* entry names), called directly on real objects
+    (slicer-core still has the 5.8 names, deprecated): it writes the same string, in the format 5.8 parses."""
+    import slicer
+    import vtk
+
+    from SPASegmentationLib.io.terminology import terminology_for
+    from SPASegmentationLib.scene.segments import (
+        REGION_CONTEXT,
+        TERMINOLOGY_CONTEXT,
+        segment_has_terminology,
+        segment_has_terminology_tag,
+        set_entry_region_anatomic,
+        set_segment_terminology_tag,
+        terminology_string,
+    )
+
+    terms = terminology_for("liver tumour")
+    entry = slicer.vtkSlicerTerminologyEntry()
+    entry.SetTerminologyContextName(TERMINOLOGY_CONTEXT)
+    for target, code in ((entry.GetCategoryObject(), terms.category), (entry.GetTypeObject(), terms.type)):
+        target.SetCodingSchemeDesignator(code.scheme_designator)
+        target.SetCodeValue(code.value)
+        target.SetCodeMeaning(code.meaning)
+    set_entry_region_anatomic(entry, REGION_CONTEXT, terms.region)
+    serialized = slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(entry)
+    assert serialized == terminology_string("liver tumour")
+
+    volume, seg, target, *_ = _two_segments(mrml_scene)
+    segment = seg.GetSegmentation().GetSegment(target)
+    set_segment_terminology_tag(segment, serialized)
+    tag = vtk.reference("")
+    assert segment.GetTag("TerminologyEntry", tag) and str(tag) == serialized
+    assert parses_like_slicer_58(str(tag))
+    assert str(tag) == (
+        f"{TERMINOLOGY_CONTEXT}~SCT^49755003^Morphologically Abnormal Structure~SCT^108369006^Neoplasm~^^~"
+        f"{REGION_CONTEXT}~SCT^10200004^Liver~^^"
+    )
+    parsed = slicer.vtkSlicerTerminologyEntry()
+    assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(str(tag), parsed)
+    assert parsed.GetRegionObject().GetCodeMeaning() == "Liver"
+    assert segment_has_terminology_tag(segment) and segment_has_terminology(segment)
+    set_segment_terminology_tag(segment, "")
+    assert not segment_has_terminology_tag(segment) and not segment_has_terminology(segment)
+
+
+# ----- labelmaps as Slicer's DICOM SEG export reads them ---------------------------------------------
+def stored_labelmap_on_volume_grid(segmentation_node, segment_id, shape):
+    """A segment's own stored labelmap (what QuantitativeReporting's isSegmentEmpty reads, by the array name
+    "ImageScalars"), placed on the volume's grid; its geometry must be the volume's (no transforms)."""
+    import slicer
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    image = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    array = image.GetPointData().GetArray("ImageScalars")
+    assert array is not None, "no point-data array named ImageScalars: DICOM SEG export takes the segment for empty"
+    extent = image.GetExtent()
+    dims = image.GetDimensions()
+    values = vtk_to_numpy(array).reshape(dims[2], dims[1], dims[0]) == segment.GetLabelValue()
+    out = np.zeros(shape, dtype=bool)
+    out[extent[4] : extent[5] + 1, extent[2] : extent[3] + 1, extent[0] : extent[1] + 1] = values
+    return out
+
+
+def test_committed_labelmaps_have_image_scalars(mrml_scene):
+    volume, _ = labelled_volume(mrml_scene, "lps")
+    seg = add_segmentation(mrml_scene, volume)
+    first, second, third = add_segment(seg, "first"), add_segment(seg, "second"), add_segment(seg, "third")
+    plane = plane_through(volume, "axial", voxel_ras(volume, (2, 3, 4)))
+    mask = np.zeros(plane.shape, dtype=bool)
+    mask[1:4, 2:6] = True
+    commit_mask(seg, first, volume, plane, mask)
+    commit_mask(seg, second, volume, plane, mask)  # overlaps the first: Slicer moves it to its own layer
+    expected = np.zeros(SHAPE, dtype=bool)
+    plane.insert(expected, mask)
+    assert np.array_equal(stored_labelmap_on_volume_grid(seg, first, SHAPE), expected)
+    assert np.array_equal(stored_labelmap_on_volume_grid(seg, second, SHAPE), expected)
+    volume_mask = np.zeros(SHAPE, dtype=bool)
+    volume_mask[0:2, 3:5, 1:8] = True
+    commit_volume_mask(seg, third, volume, volume_mask)
+    assert np.array_equal(stored_labelmap_on_volume_grid(seg, third, SHAPE), volume_mask)
+    # The preview's labelmaps are built the same way.
+    overlay = CandidateOverlay(mrml_scene, volume)
+    round_ = synthetic_round(plane.shape, None)
+    overlay.show(round_, plane)
+    recommended = np.zeros(SHAPE, dtype=bool)
+    plane.insert(recommended, round_.recommended)
+    assert np.array_equal(stored_labelmap_on_volume_grid(overlay.node, overlay.RECOMMENDED_ID, SHAPE), recommended)
+
+
+# ----- a volume under a linear transform ---------------------------------------------------------------
+def segment_voxels_in_volume(segmentation_node, segment_id, volume):
+    """The (k, j, i) volume voxels a segment covers in world space: its stored labelmap's voxel centres taken
+    through the segmentation's own parent transform to world, then into the volume's IJK (they must land on
+    voxel centres)."""
+    import slicer
+    import vtk
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    image = slicer.vtkOrientedImageData()
+    segmentation_node.GetBinaryLabelmapRepresentation(segment_id, image)
+    extent, dims = image.GetExtent(), image.GetDimensions()
+    if extent[1] < extent[0]:
+        return set()
+    values = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0])
+    k, j, i = np.nonzero(values)
+    ijk = np.stack([i + extent[0], j + extent[2], k + extent[4], np.ones_like(i)]).astype(float)
+    image_to_node = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(image_to_node)
+    node_to_world = np.eye(4)
+    if segmentation_node.GetParentTransformNode() is not None:
+        matrix = vtk.vtkMatrix4x4()
+        segmentation_node.GetParentTransformNode().GetMatrixTransformToWorld(matrix)
+        node_to_world = _as_array(matrix)
+    world = node_to_world @ _as_array(image_to_node) @ ijk
+    volume_ijk = np.linalg.solve(ijk_to_ras_matrix(volume), world)[:3]
+    assert np.allclose(volume_ijk, np.rint(volume_ijk), atol=1e-6), "segment voxels are off the volume's voxel centres"
+    return {(int(c), int(b), int(a)) for a, b, c in np.rint(volume_ijk).T}
+
+
+def _as_array(matrix):
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def rigid_transform(scene, degrees_z, degrees_x, shift):
+    import vtk
+
+    transform = vtk.vtkTransform()
+    transform.Translate(*shift)
+    transform.RotateZ(degrees_z)
+    transform.RotateX(degrees_x)
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    node.SetMatrixTransformToParent(transform.GetMatrix())
+    return node
+
+
+def mask_voxels(plane, mask):
+    """The (k, j, i) voxels of a slice mask."""
+    ys, xs = np.nonzero(mask)
+    return {tuple(int(round(v)) for v in plane.array_index_of((x, y))) for x, y in zip(xs, ys, strict=True)}
+
+
+@pytest.mark.parametrize("segmentation_transform", ["none", "same", "other"])
+def test_transformed_volume_click_preview_and_commit(mrml_scene, segmentation_transform):
+    """A volume under a rotation + translation: a world click lands on its voxel, the preview sits under the
+    volume's transform and shows the round where the volume is, and a commit lies at the right world place
+    whatever transform the segmentation is under."""
+    volume, values = labelled_volume(mrml_scene, "lps")
+    moved = rigid_transform(mrml_scene, 20.0, 10.0, (12.0, -7.0, 30.0))
+    volume.SetAndObserveTransformNodeID(moved.GetID())
+    seg = add_segmentation(mrml_scene)
+    if segmentation_transform == "same":
+        seg.SetAndObserveTransformNodeID(moved.GetID())
+    elif segmentation_transform == "other":
+        seg.SetAndObserveTransformNodeID(rigid_transform(mrml_scene, -15.0, 5.0, (-3.0, 8.0, 2.0)).GetID())
+    target = add_segment(seg, "target")
+
+    # A click at the world position of a voxel centre picks that voxel.
+    kji = (2, 3, 4)
+    world = ijk_to_ras_matrix(volume) @ np.array([kji[2], kji[1], kji[0], 1.0])
+    local = voxel_ras(volume, kji)
+    assert not np.allclose(world[:3], local, atol=1.0)
+    plane = plane_through(volume, "axial", world[:3])
+    assert plane.index == kji[plane.slice_axis]
+    x, y = ras_to_pixel(volume, plane, world[:3])
+    assert np.allclose((x, y), plane.pixel_of(kji), atol=1e-9)
+    assert plane.extract(values)[int(round(y)), int(round(x))] == values[kji]
+    # A ROI drawn in world space around two voxels covers both on the slice.
+    corners = [ijk_to_ras_matrix(volume) @ np.array([i, j, 2, 1.0]) for i, j in ((2, 1), (6, 5))]
+    roi = add_roi(mrml_scene, (corners[0][:3] + corners[1][:3]) / 2, np.abs(corners[0][:3] - corners[1][:3]))
+    x0, y0, x1, y1 = box_from_roi(volume, plane, roi)
+    for corner in corners:
+        cx, cy = ras_to_pixel(volume, plane, corner[:3])
+        assert x0 - 1e-6 <= cx <= x1 + 1e-6 and y0 - 1e-6 <= cy <= y1 + 1e-6
+
+    # The preview is under the volume's transform and shows the round on the volume's voxels.
+    overlay = CandidateOverlay(mrml_scene, volume)
+    assert overlay.node.GetTransformNodeID() == moved.GetID()
+    round_ = synthetic_round(plane.shape, None)
+    overlay.show(round_, plane)
+    shown = segment_voxels_in_volume(overlay.node, overlay.RECOMMENDED_ID, volume)
+    assert shown == mask_voxels(plane, round_.recommended)
+
+    # A committed mask lies on those voxels in world space.
+    commit_mask(seg, target, volume, plane, round_.recommended)
+    assert segment_voxels_in_volume(seg, target, volume) == mask_voxels(plane, round_.recommended)
+    assert np.array_equal(plane.extract(read_segment(seg, target, volume)), round_.recommended)
+
+
+def test_preview_follows_a_volume_moved_under_a_transform(mrml_scene):
+    volume, _ = labelled_volume(mrml_scene, "ras")
+    overlay = CandidateOverlay(mrml_scene, volume)
+    assert overlay.node.GetTransformNodeID() is None
+    moved = rigid_transform(mrml_scene, 0.0, 0.0, (5.0, 0.0, 0.0))
+    volume.SetAndObserveTransformNodeID(moved.GetID())
+    plane = plane_through(volume, "axial", ijk_to_ras_matrix(volume)[:3, 3])
+    round_ = synthetic_round(plane.shape, None)
+    overlay.show(round_, plane)
+    assert overlay.node.GetTransformNodeID() == moved.GetID()
+    assert segment_voxels_in_volume(overlay.node, overlay.RECOMMENDED_ID, volume) == mask_voxels(
+        plane, round_.recommended
+    )
+
+
+# ----- segments reaching beyond the volume -----------------------------------------------------------
+def test_segment_partly_outside_the_volume(mrml_scene):
+    """A segment painted beyond the volume's grid reads as its part inside; commits keep the part outside."""
+    import slicer
+    import vtk
+    from vtk.util.numpy_support import numpy_to_vtk
+
+    volume, _ = labelled_volume(mrml_scene, "sagittal")
+    seg = add_segmentation(mrml_scene, volume)
+    target = add_segment(seg, "target")
+    extent = (-3, 4, 2, 9, 1, 2)  # i from -3, j up to 9: beyond the volume's 0..8 and 0..6
+    painted = np.ones((2, 8, 8), dtype=np.uint8)
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(*extent)
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    image.SetImageToWorldMatrix(matrix)
+    image.GetPointData().SetScalars(numpy_to_vtk(painted.ravel(), deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    assert logic.SetBinaryLabelmapToSegment(image, seg, target, logic.MODE_REPLACE)
+    everywhere = {(k, j, i) for k in (1, 2) for j in range(2, 10) for i in range(-3, 5)}
+    assert segment_voxels_in_volume(seg, target, volume) == everywhere
+
+    inside = np.zeros(SHAPE, dtype=bool)
+    inside[1:3, 2:7, 0:5] = True
+    assert np.array_equal(read_segment(seg, target, volume), inside)
+
+    plane = plane_through(volume, "axial", voxel_ras(volume, (2, 3, 4)))
+    mask = np.zeros(plane.shape, dtype=bool)
+    commit_mask(seg, target, volume, plane, mask)  # erase one slice inside the volume
+    erased = plane.extract(np.ones(SHAPE, dtype=bool))
+    plane.insert(inside, mask)
+    erased_voxels = mask_voxels(plane, erased)
+    assert np.array_equal(read_segment(seg, target, volume), inside)
+    assert segment_voxels_in_volume(seg, target, volume) == everywhere - erased_voxels
+
+    commit_volume_mask(seg, target, volume, np.zeros(SHAPE, dtype=bool))
+    assert not read_segment(seg, target, volume).any()
+    outside = {v for v in everywhere if not all(0 <= c < n for c, n in zip(v, SHAPE, strict=True))}
+    assert segment_voxels_in_volume(seg, target, volume) == outside

@@ -1,9 +1,10 @@
 """The candidate preview: one round drawn on one slice in its own segmentation node.
 
 The preview lives in its own segmentation node ("SPA preview", not saved with the scene, hidden
-from node selectors), holding only the shown slice. Candidate k's colour (Okabe–Ito palette) fills
-where it adds pixels; where it removes pixels only an outline in a darker shade of the same colour
-is drawn, so the image under the recommendation stays visible.
+from node selectors), holding only the shown slice. It sits under the volume's parent transform,
+so it is drawn where the volume is, on the volume's voxel grid. Candidate k's colour (Okabe–Ito
+palette) fills where it adds pixels; where it removes pixels only an outline in a darker shade of
+the same colour is drawn, so the image under the recommendation stays visible.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class CandidateOverlay:
         self.node.SetHideFromEditors(True)
         self.node.SetAttribute(PREVIEW_ATTRIBUTE, "1")
         self.node.CreateDefaultDisplayNodes()
+        self._follow_volume_transform()
         self.node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
         display = self.node.GetDisplayNode()
         display.SetVisibility3D(False)
@@ -75,6 +77,12 @@ class CandidateOverlay:
         self.set_opacity(DEFAULT_PREVIEW_OPACITY)
         self._plane: SlicePlane | None = None
         self._differences: np.ndarray | None = None
+
+    def _follow_volume_transform(self) -> None:
+        """Put the preview under the volume's parent transform (none when the volume has none)."""
+        transform_id = self.volume_node.GetTransformNodeID()
+        if self.node.GetTransformNodeID() != transform_id:
+            self.node.SetAndObserveTransformNodeID(transform_id)
 
     @staticmethod
     def adds_id(k: int) -> str:
@@ -104,7 +112,7 @@ class CandidateOverlay:
         slab = np.zeros(slab_shape, dtype=np.uint8)
         plane.at(plane.index)  # validates the index
         replace(plane, index=0, n_slices=1, volume_shape=tuple(slab_shape)).insert(slab, mask.astype(np.uint8))
-        image = oriented_labelmap(self.volume_node, slab, extent)
+        image = oriented_labelmap(self.volume_node, self.node, slab, extent)
         logic = slicer.vtkSlicerSegmentationsModuleLogic
         if not logic.SetBinaryLabelmapToSegment(image, self.node, segment_id, logic.MODE_REPLACE):
             raise RuntimeError(f"Slicer could not write preview segment '{segment_id}'")
@@ -120,6 +128,7 @@ class CandidateOverlay:
             shown = k < differences.shape[0]
             regions[self.adds_id(k)] = differences[k] > 0 if shown else None
             regions[self.removes_id(k)] = differences[k] < 0 if shown else None
+        self._follow_volume_transform()  # the volume may have been moved under another transform since
         was_modifying = self.node.StartModify()
         try:
             self._write_slice(self.RECOMMENDED_ID, plane, np.asarray(round_.recommended, dtype=bool))

@@ -1,10 +1,20 @@
 """Segment voxels: read and write a segment on the volume's grid, tag it as SPA's, and undo.
 
-- Segment voxels are read and written in the volume's own frame, so a segmentation must sit under
-  the same transform as its volume (both untransformed in the usual case).
+- Segment voxels are read and written on the volume's voxel grid. The labelmaps handed to Slicer
+  are expressed in the segmentation node's own frame (through both nodes' linear parent
+  transforms), so a segmentation under another transform than its volume still gets its voxels at
+  the right place in the world.
+- Only the voxels inside the volume are SPA's: reads crop the segment to the volume's grid, and
+  commits keep whatever the segment holds outside it.
 - Commits read the segment on the volume's grid, change the requested slices and write it back
   (``vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment``, which moves overlapping
   segments to their own layer), so other slices and other segments keep their voxels.
+- Labelmaps SPA builds name their scalars "ImageScalars", as ``vtkImageData.AllocateScalars`` does:
+  Slicer's DICOM SEG export (QuantitativeReporting's ``isSegmentEmpty``) looks the array up by
+  that name and takes a segment without it for empty.
+- Terminology works with Slicer 5.10+ (``vtkSegment.SetTerminology``, ``Region*`` entry names) and
+  with Slicer 5.8 (the "TerminologyEntry" tag, ``Anatomic*`` entry names), chosen by what the
+  objects offer, never by version number.
 - :class:`SegmentUndo` is Slicer's own undo (a segmentation history, or the Segment Editor's).
 """
 
@@ -25,21 +35,44 @@ ALGORITHM_TYPE_TAG = "DICOM.SegmentAlgorithmType"
 ALGORITHM_NAME_TAG = "DICOM.SegmentAlgorithmName"
 TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 REGION_CONTEXT = "Anatomic codes - DICOM master list"
+SCALARS_NAME = "ImageScalars"  # the name vtkImageData.AllocateScalars gives; DICOM SEG export looks for it
 
 
-def _local_ijk_to_ras(volume_node: Any) -> vtk.vtkMatrix4x4:
+def ijk_to_node_matrix(volume_node: Any, node: Any) -> vtk.vtkMatrix4x4:
+    """The volume's IJK → ``node``'s local RAS matrix, through both nodes' parent transforms (linear only)."""
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
-    return matrix
+    if volume_node.GetTransformNodeID() == node.GetTransformNodeID():
+        return matrix
+    between = vtk.vtkMatrix4x4()
+    if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
+        volume_node.GetParentTransformNode(), node.GetParentTransformNode(), between
+    ):
+        raise InputError(
+            f"'{node_name(volume_node)}' and '{node_name(node)}' are related by a non-linear transform; "
+            "harden the transforms (Data module → right-click → Harden transform) and try again"
+        )
+    result = vtk.vtkMatrix4x4()
+    vtk.vtkMatrix4x4.Multiply4x4(between, matrix, result)
+    return result
 
 
-def oriented_labelmap(volume_node: Any, voxels: np.ndarray, extent: Sequence[int]) -> Any:
-    """A uint8 vtkOrientedImageData in the volume's frame holding ``voxels`` ((k, j, i) of ``extent``)."""
+def volume_extent(volume_node: Any) -> tuple[int, int, int, int, int, int]:
+    """The IJK extent (i0, i1, j0, j1, k0, k1) of the volume's voxels."""
+    shape = volume_shape(volume_node)
+    return (0, shape[2] - 1, 0, shape[1] - 1, 0, shape[0] - 1)
+
+
+def oriented_labelmap(volume_node: Any, node: Any, voxels: np.ndarray, extent: Sequence[int]) -> Any:
+    """A uint8 vtkOrientedImageData on the volume's voxel grid, in ``node``'s frame, holding ``voxels``
+    ((k, j, i) of the IJK ``extent``); its scalars are named "ImageScalars"."""
     image = slicer.vtkOrientedImageData()
     image.SetExtent(*[int(v) for v in extent])
-    image.SetImageToWorldMatrix(_local_ijk_to_ras(volume_node))
+    image.SetImageToWorldMatrix(ijk_to_node_matrix(volume_node, node))
     data = np.ascontiguousarray(voxels, dtype=np.uint8).ravel()
-    image.GetPointData().SetScalars(numpy_to_vtk(data, deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
+    scalars = numpy_to_vtk(data, deep=True, array_type=vtk.VTK_UNSIGNED_CHAR)
+    scalars.SetName(SCALARS_NAME)
+    image.GetPointData().SetScalars(scalars)
     return image
 
 
@@ -71,31 +104,74 @@ def _prepare_segmentation(segmentation_node: Any, volume_node: Any) -> None:
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
 
 
-def read_segment(segmentation_node: Any, segment_id: str, volume_node: Any) -> np.ndarray:
-    """A segment's voxels resampled onto the volume's grid, as a (k, j, i) bool array."""
-    require_segment(segmentation_node, segment_id)
-    shape = volume_shape(volume_node)
+def _is_empty_extent(extent: Sequence[int]) -> bool:
+    return extent[1] < extent[0] or extent[3] < extent[2] or extent[5] < extent[4]
+
+
+def _segment_on_volume_grid(
+    segmentation_node: Any, segment_id: str, volume_node: Any, keep_outside: bool
+) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The segment resampled (nearest neighbour) onto the volume's voxel grid: (k, j, i) bool voxels and their
+    IJK extent, which is the volume's, or with ``keep_outside`` the union of the volume's and the segment's."""
+    extent = volume_extent(volume_node)
     stored = slicer.vtkOrientedImageData()
     segmentation_node.GetBinaryLabelmapRepresentation(segment_id, stored)
+    if stored.GetPointData().GetScalars() is None or _is_empty_extent(stored.GetExtent()):
+        return np.zeros(volume_shape(volume_node), dtype=bool), extent
     reference = slicer.vtkOrientedImageData()
-    reference.SetExtent(0, shape[2] - 1, 0, shape[1] - 1, 0, shape[0] - 1)
-    reference.SetImageToWorldMatrix(_local_ijk_to_ras(volume_node))
-    extent = stored.GetExtent()
-    if stored.GetPointData().GetScalars() is None or extent[1] < extent[0]:
-        return np.zeros(shape, dtype=bool)
+    reference.SetExtent(*extent)
+    reference.SetImageToWorldMatrix(ijk_to_node_matrix(volume_node, segmentation_node))
     resampled = slicer.vtkOrientedImageData()
-    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-        stored, reference, resampled, False, True
-    )
-    out_extent = resampled.GetExtent()
-    if tuple(out_extent) != (0, shape[2] - 1, 0, shape[1] - 1, 0, shape[0] - 1):
-        raise RuntimeError(f"resampling the segment gave extent {out_extent}, expected the volume's {shape}")
-    return vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(shape) > 0
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        stored, reference, resampled, False, keep_outside
+    ):
+        raise RuntimeError(f"Slicer could not resample segment '{segment_id}' onto the volume's grid")
+    out_extent = tuple(int(v) for v in resampled.GetExtent())
+    dims = resampled.GetDimensions()
+    voxels = vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0]) > 0
+    return voxels, out_extent
 
 
-def _write_segment(segmentation_node: Any, segment_id: str, volume_node: Any, voxels: np.ndarray) -> None:
-    shape = volume_shape(volume_node)
-    image = oriented_labelmap(volume_node, voxels, (0, shape[2] - 1, 0, shape[1] - 1, 0, shape[0] - 1))
+def _starts(extent: Sequence[int]) -> tuple[int, int, int]:
+    """The (k, j, i) volume index of element [0, 0, 0] of an array with IJK ``extent``."""
+    return (int(extent[4]), int(extent[2]), int(extent[0]))
+
+
+def _volume_block(extent: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
+    """Where the volume's voxels lie in a (k, j, i) array of IJK ``extent`` (which must contain them)."""
+    starts = _starts(extent)
+    ends = (int(extent[5]) + 1, int(extent[3]) + 1, int(extent[1]) + 1)
+    if any(start > 0 or end < size for start, end, size in zip(starts, ends, shape, strict=True)):
+        raise RuntimeError(f"extent {tuple(extent)} does not contain the volume's voxels {tuple(shape)}")
+    return tuple(slice(-start, size - start) for start, size in zip(starts, shape, strict=True))
+
+
+def _crop_to_volume(voxels: np.ndarray, extent: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """The part of (k, j, i) ``voxels`` (IJK ``extent``) on the volume's grid; volume voxels it misses are False."""
+    out = np.zeros(tuple(shape), dtype=bool)
+    target, source = [], []
+    for start, n, size in zip(_starts(extent), voxels.shape, shape, strict=True):
+        low, high = max(0, start), min(size, start + n)
+        if high <= low:
+            return out
+        target.append(slice(low, high))
+        source.append(slice(low - start, high - start))
+    out[tuple(target)] = voxels[tuple(source)]
+    return out
+
+
+def read_segment(segmentation_node: Any, segment_id: str, volume_node: Any) -> np.ndarray:
+    """A segment's voxels on the volume's grid, as a (k, j, i) bool array; voxels outside the volume are left out."""
+    require_segment(segmentation_node, segment_id)
+    voxels, extent = _segment_on_volume_grid(segmentation_node, segment_id, volume_node, keep_outside=False)
+    return _crop_to_volume(voxels, extent, volume_shape(volume_node))
+
+
+def _write_segment(
+    segmentation_node: Any, segment_id: str, volume_node: Any, voxels: np.ndarray, extent: Sequence[int]
+) -> None:
+    """Replace the segment by ``voxels`` ((k, j, i) on the volume's grid, IJK ``extent``)."""
+    image = oriented_labelmap(volume_node, segmentation_node, voxels, extent)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE):
         raise RuntimeError(f"Slicer could not write segment '{segment_id}' of '{node_name(segmentation_node)}'")
@@ -111,9 +187,9 @@ def commit_mask(segmentation_node: Any, segment_id: str, volume_node: Any, plane
             f"mask of shape {mask.shape} does not fit the {plane.orientation} slice of shape {plane.shape}"
         )
     _prepare_segmentation(segmentation_node, volume_node)
-    voxels = read_segment(segmentation_node, segment_id, volume_node)
-    plane.insert(voxels, mask.astype(bool))
-    _write_segment(segmentation_node, segment_id, volume_node, voxels)
+    grid, extent = _segment_on_volume_grid(segmentation_node, segment_id, volume_node, keep_outside=True)
+    plane.insert(grid[_volume_block(extent, plane.volume_shape)], mask.astype(bool))  # a view: writes into grid
+    _write_segment(segmentation_node, segment_id, volume_node, grid, extent)
 
 
 def commit_volume_mask(
@@ -123,7 +199,8 @@ def commit_volume_mask(
     mask3d: np.ndarray,
     planes_touched: Sequence[SlicePlane] | None = None,
 ) -> None:
-    """Write a (k, j, i) mask into the segment: only the slices in ``planes_touched``, or all of it when None."""
+    """Write a (k, j, i) mask into the segment: only the slices in ``planes_touched``, or the whole volume when None
+    (the segment's voxels outside the volume stay)."""
     require_segment(segmentation_node, segment_id)
     shape = volume_shape(volume_node)
     mask3d = np.asarray(mask3d)
@@ -131,36 +208,85 @@ def commit_volume_mask(
         raise InputError(
             f"mask of shape {mask3d.shape} does not fit volume '{node_name(volume_node)}' of shape {shape}"
         )
+    for plane in planes_touched or ():
+        check_plane(volume_node, plane)
     _prepare_segmentation(segmentation_node, volume_node)
+    grid, extent = _segment_on_volume_grid(segmentation_node, segment_id, volume_node, keep_outside=True)
+    voxels = grid[_volume_block(extent, shape)]  # a view: writes go into grid
     if planes_touched is None:
-        voxels = mask3d.astype(bool)
+        voxels[...] = mask3d.astype(bool)
     else:
-        voxels = read_segment(segmentation_node, segment_id, volume_node)
         for plane in planes_touched:
-            check_plane(volume_node, plane)
             plane.insert(voxels, plane.extract(mask3d).astype(bool))
-    _write_segment(segmentation_node, segment_id, volume_node, voxels)
+    _write_segment(segmentation_node, segment_id, volume_node, grid, extent)
+
+
+# ----- terminology: Slicer 5.10+ and Slicer 5.8 ----------------------------------------------------
+def _set_code(target: Any, code: Any) -> None:
+    """Copy a pydicom Code into a vtkSlicerTerminologyType / Category (nothing when ``code`` is None)."""
+    if code is None:
+        return
+    target.SetCodingSchemeDesignator(code.scheme_designator)
+    target.SetCodeValue(code.value)
+    target.SetCodeMeaning(code.meaning)
+
+
+def set_entry_region(entry: Any, context_name: str, code: Any) -> None:
+    """Set a vtkSlicerTerminologyEntry's region context and region code, with whichever names it offers."""
+    if hasattr(entry, "SetRegionContextName") and hasattr(entry, "GetRegionObject"):
+        entry.SetRegionContextName(context_name)  # Slicer 5.10+
+        _set_code(entry.GetRegionObject(), code)
+    else:
+        set_entry_region_anatomic(entry, context_name, code)
+
+
+def set_entry_region_anatomic(entry: Any, context_name: str, code: Any) -> None:
+    """Slicer 5.8's way: the region is the entry's "anatomic" context and region object."""
+    entry.SetAnatomicContextName(context_name)
+    _set_code(entry.GetAnatomicRegionObject(), code)
 
 
 def terminology_string(structure: str | None) -> str:
-    """Slicer's TerminologyEntry tag for a free-text structure name (codes from ``io.terminology.terminology_for``)."""
+    """Slicer's TerminologyEntry tag for a free-text structure name (codes from ``io.terminology.terminology_for``).
+
+    The format (the same in Slicer 5.8 and 5.10+): seven "~"-separated fields, terminology context,
+    category, type, type modifier, region context, region, region modifier, each code "scheme^value^meaning".
+    """
     from ..io.terminology import terminology_for
 
     terms = terminology_for(structure)
     entry = slicer.vtkSlicerTerminologyEntry()
     entry.SetTerminologyContextName(TERMINOLOGY_CONTEXT)
-    entry.SetRegionContextName(REGION_CONTEXT)
-    for target, code in (
-        (entry.GetCategoryObject(), terms.category),
-        (entry.GetTypeObject(), terms.type),
-        (entry.GetRegionObject(), terms.region),
-    ):
-        if code is None:
-            continue
-        target.SetCodingSchemeDesignator(code.scheme_designator)
-        target.SetCodeValue(code.value)
-        target.SetCodeMeaning(code.meaning)
+    _set_code(entry.GetCategoryObject(), terms.category)
+    _set_code(entry.GetTypeObject(), terms.type)
+    set_entry_region(entry, REGION_CONTEXT, terms.region)
     return slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(entry)
+
+
+def segment_has_terminology(segment: Any) -> bool:
+    """True when the segment has a terminology that is not empty."""
+    if hasattr(segment, "HasTerminology"):
+        return bool(segment.HasTerminology())  # Slicer 5.10+
+    return segment_has_terminology_tag(segment)
+
+
+def segment_has_terminology_tag(segment: Any) -> bool:
+    """Slicer 5.8's way: the segment's "TerminologyEntry" tag is set and not empty."""
+    value = vtk.reference("")
+    return bool(segment.GetTag(segment.GetTerminologyEntryTagName(), value)) and bool(str(value))
+
+
+def set_segment_terminology(segment: Any, serialized: str) -> None:
+    """Set a segment's terminology (a string as :func:`terminology_string` makes)."""
+    if hasattr(segment, "SetTerminology"):
+        segment.SetTerminology(serialized)  # Slicer 5.10+
+    else:
+        set_segment_terminology_tag(segment, serialized)
+
+
+def set_segment_terminology_tag(segment: Any, serialized: str) -> None:
+    """Slicer 5.8's way: the terminology is the segment's "TerminologyEntry" tag."""
+    segment.SetTag(segment.GetTerminologyEntryTagName(), serialized)
 
 
 def tag_spa_segment(segmentation_node: Any, segment_id: str, structure: str | None) -> None:
@@ -168,8 +294,8 @@ def tag_spa_segment(segmentation_node: Any, segment_id: str, structure: str | No
     segment = require_segment(segmentation_node, segment_id)
     segment.SetTag(ALGORITHM_TYPE_TAG, "SEMIAUTOMATIC")
     segment.SetTag(ALGORITHM_NAME_TAG, "SPA")
-    if structure or not segment.HasTerminology():
-        segment.SetTerminology(terminology_string(structure))
+    if structure or not segment_has_terminology(segment):
+        set_segment_terminology(segment, terminology_string(structure))
 
 
 class SegmentUndo:
