@@ -276,15 +276,15 @@ def test_propagation_reports_progress_and_can_be_cancelled(local: LocalService) 
     session.start(box=(78, 48, 162, 132))
     mask = session.accept()
     seen: list[tuple[int, int]] = []
-    result = client.propagate(volume, plane, mask, n_samples=SAMPLES, max_slices=2).wait(
-        lambda d, t: seen.append((d, t))
+    result = client.propagate(
+        volume, plane, mask, n_samples=SAMPLES, max_slices=2, progress=lambda d, t: seen.append((d, t)) is None
     )
     assert result.status == "done" and 4 in result.masks
     assert set(result.masks) <= {2, 3, 4, 5, 6} and len(result.masks) >= 3
     assert seen[-1][0] == seen[-1][1] and seen[-1][1] > 0
     for index, slice_mask in result.masks.items():
         assert slice_mask.shape == (180, 240) and slice_mask[90, 120], index
-    job = client.propagate(volume, plane, mask, n_samples=SAMPLES)
+    job = client.start_propagation(volume, plane, mask, n_samples=SAMPLES)
     job.cancel()
     cancelled = job.wait()
     assert cancelled.status == "cancelled" and len(cancelled.masks) < 9

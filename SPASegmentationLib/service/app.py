@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,14 +29,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
+from ..backend import BackendSession, InProcessBackend
 from ..embeddings import EmbeddingCache
 from ..engine import DEFAULT_SAMPLES
 from ..errors import InputError, ProfileError, SPAError
 from ..model.spa import SPAModel
 from ..profile_db import SQLiteProfileStore
 from ..profiles import validate_name
-from ..propagation import propagate
-from ..session import Session, SessionState
 from .protocol import (
     API_VERSION,
     FRAME_MEDIA_TYPE,
@@ -111,11 +110,7 @@ class AcceptBody(_Strict):
 @dataclass
 class HostedSession:
     owner: str
-    session: Session
-    image: str
-    plane: PlaneSpec | None
-    structure: str | None
-    use_profile: bool
+    session: BackendSession
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -236,7 +231,7 @@ class Service:
         self.profiles = profiles
         self.tokens = dict(tokens)
         self.limits = limits = limits or ServiceLimits()
-        self.embeddings = EmbeddingCache(model, capacity=embedding_capacity)
+        self.backend = InProcessBackend(model, profiles, embeddings=EmbeddingCache(model, capacity=embedding_capacity))
         self.images = ImageStore(limits.image_cache_bytes)
         self.rate = RateLimiter(limits.requests_per_minute)
         self.model_lock = threading.Lock()
@@ -300,32 +295,26 @@ class Service:
             raise InputError(f"n_samples {body.n_samples} is above this server's limit of {self.limits.max_samples}")
         if (body.start is None) == (body.state is None):
             raise InputError("open a session with either a start prompt or a saved state")
-        structure = None if body.structure is None else validate_name(body.structure, "structure")
         image = self.images.get(body.image)
         plane = None if body.plane is None else PlaneSpec.from_dict(body.plane)
-        if plane is not None:
-            image = plane.extract(image)
-        elif image.ndim == 3 and image.shape[-1] not in (3, 4):
-            raise InputError(f"image {body.image[:12]}… is a volume {image.shape}; say which plane (plane)")
-        weights = None if body.initial_weights is None else np.asarray(body.initial_weights, dtype=np.float32)
-        if weights is None and body.use_profile and structure is not None:
-            loaded = self.profiles.initial_weights(user, structure)
-            weights = None if loaded is None else loaded.numpy()
-        window = None if body.window is None else (float(body.window[0]), float(body.window[1]))
+        backend = self.backend.for_user(user)
         with self.model_lock:
             if body.state is not None:
-                session = Session.restore(
-                    self.model, image, SessionState.from_dict(body.state), embeddings=self.embeddings
+                session = backend.restore(
+                    image, body.state, plane=plane, structure=body.structure, use_profile=body.use_profile
                 )
             else:
-                session = Session(
-                    self.model,
+                session = backend.session(
                     image,
+                    plane=plane,
+                    structure=body.structure,
+                    use_profile=body.use_profile,
                     seed=body.seed,
                     n_samples=body.n_samples,
-                    initial_weights=weights,
-                    window=window,
-                    embeddings=self.embeddings,
+                    window=None if body.window is None else (float(body.window[0]), float(body.window[1])),
+                    initial_weights=None
+                    if body.initial_weights is None
+                    else np.asarray(body.initial_weights, dtype=np.float32),
                 )
                 start = body.start
                 session.start(
@@ -333,26 +322,21 @@ class Service:
                     box=None if start.box is None else tuple(start.box),
                     label=start.label,
                 )
-        hosted = HostedSession(user, session, body.image, plane, structure, body.use_profile)
+        hosted = HostedSession(user, session)
         return self.add_session(hosted), hosted
 
     def round_reply(self, session_id: str, hosted: HostedSession) -> Response:
         session = hosted.session
-        meta = {"session": session_id, "state": session.state().to_dict(), "start": session.start_record()}
+        meta = {"session": session_id, "state": session.state, "start": session.start_record}
         return Response(encode_round(session.current, meta), media_type=FRAME_MEDIA_TYPE)
 
-    def accept(self, user: str, hosted: HostedSession, candidate: int | None) -> Response:
+    def accept(self, hosted: HostedSession, candidate: int | None) -> Response:
         session = hosted.session
         with self.model_lock:
-            rounds = session.current.index if session.current is not None else 0
-            mask = session.accept(candidate)
-        weights = session.mixture.weights.detach().cpu().numpy().astype(np.float32)
-        profile = None
-        if hosted.use_profile and hosted.structure is not None:
-            updated = self.profiles.update(user, hosted.structure, session.mixture, rounds=rounds)
-            profile = {"user": updated.user, "structure": updated.structure, "n_sessions": updated.n_sessions}
-        meta = {"state": session.state().to_dict(), "profile": profile}
-        return Response(encode_frame(meta, {"mask": mask, "weights": weights}), media_type=FRAME_MEDIA_TYPE)
+            mask = session.accept(candidate)  # the owner's profile for the structure takes the mixture
+        meta = {"state": session.state, "profile": session.profile}
+        arrays = {"mask": mask, "weights": session.accepted_weights}
+        return Response(encode_frame(meta, arrays), media_type=FRAME_MEDIA_TYPE)
 
     # ----- propagation -----
     def start_propagation(self, user: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
@@ -368,8 +352,8 @@ class Service:
             raise InputError("a propagation needs the accepted start mask as the array 'mask'")
         volume = self.images.get(str(meta.get("image", "")))
         plane = PlaneSpec.from_dict(meta.get("plane"))
-        start_mask = arrays["mask"]
         plane.extract(volume)  # checks the plane against the volume
+        backend = self.backend.for_user(user)
         n_samples = int(meta.get("n_samples", DEFAULT_SAMPLES))
         if not 1 <= n_samples <= self.limits.max_samples:
             raise InputError(f"n_samples must be 1..{self.limits.max_samples}, got {n_samples}")
@@ -389,19 +373,16 @@ class Service:
         def run() -> None:
             try:
                 with self.model_lock:
-                    job.result = propagate(
-                        self.model,
-                        lambda i: replace(plane, index=i).extract(volume),
-                        plane.index,
-                        start_mask,
-                        n_slices=volume.shape[plane.axis],
-                        initial_weights=weights,
+                    job.result = backend.propagate(
+                        volume,
+                        plane,
+                        arrays["mask"],
+                        weights=weights,
                         seed=int(meta.get("seed", 0)),
                         n_samples=n_samples,
                         window=None if not window else (float(window[0]), float(window[1])),
-                        embeddings=self.embeddings,
-                        progress=progress,
                         max_slices=meta.get("max_slices"),
+                        progress=progress,
                     )
                 job.status = "cancelled" if job.cancel.is_set() else "done"
             except SPAError as exc:
@@ -516,11 +497,11 @@ def build_app(service: Service) -> FastAPI:
     @app.post("/v1/sessions/{session_id}/accept")
     def accept(session_id: str, body: AcceptBody, request: Request) -> Response:
         user = service.user_of(request)
-        return service.accept(user, service.hosted(user, session_id), body.candidate)
+        return service.accept(service.hosted(user, session_id), body.candidate)
 
     @app.get("/v1/sessions/{session_id}/state")
     def state(session_id: str, request: Request) -> dict[str, Any]:
-        return service.hosted(service.user_of(request), session_id).session.state().to_dict()
+        return service.hosted(service.user_of(request), session_id).session.state
 
     @app.delete("/v1/sessions/{session_id}")
     def close(session_id: str, request: Request) -> Response:

@@ -83,9 +83,10 @@ class SPAClient:
         return self.request("GET", "/v1/info").json()
 
     # ----- images -----
-    def upload(self, image: np.ndarray, *, force: bool = False) -> str:
-        """Make sure the server holds ``image`` (a 2-D image or a (slices, H, W) volume); return its hash."""
-        digest = array_digest(image)
+    def upload(self, image: np.ndarray, *, digest: str | None = None, force: bool = False) -> str:
+        """Make sure the server holds ``image`` (a 2-D image or a (slices, H, W) volume); return its hash
+        (``digest``, when the caller already has it: :func:`~.protocol.array_digest`)."""
+        digest = digest or array_digest(image)
         if not force and digest in self._known_images:
             return digest
         try:
@@ -110,8 +111,10 @@ class SPAClient:
         n_samples: int | None = None,
         window: tuple[float, float] | None = None,
         initial_weights: Sequence[float] | None = None,
+        digest: str | None = None,
     ) -> RemoteSession:
-        """A session on ``image`` (or on ``plane`` of a volume); nothing is sent until ``start``."""
+        """A session on ``image`` (or on ``plane`` of a volume); nothing is sent until ``start``. ``digest``: the
+        image's hash when the caller already has it."""
         settings: dict[str, Any] = {"seed": int(seed), "structure": structure, "use_profile": bool(use_profile)}
         if n_samples is not None:
             settings["n_samples"] = int(n_samples)
@@ -119,10 +122,30 @@ class SPAClient:
             settings["window"] = [float(window[0]), float(window[1])]
         if initial_weights is not None:
             settings["initial_weights"] = [float(w) for w in initial_weights]
-        return RemoteSession(self, np.asarray(image), plane, settings)
+        image = np.asarray(image)
+        return RemoteSession(self, image, digest or array_digest(image), plane, settings)
 
     # ----- propagation -----
     def propagate(
+        self,
+        volume: np.ndarray,
+        plane: PlaneSpec,
+        mask: np.ndarray,
+        *,
+        progress: Callable[[int, int], bool] | None = None,
+        **settings: Any,
+    ) -> PropagatedMasks:
+        """Carry ``mask`` (on ``plane``) through ``volume`` and wait for it; ``progress(done, total)`` returning
+        False cancels (the masks made so far come back). ``settings``: those of :meth:`start_propagation`."""
+        job = self.start_propagation(volume, plane, mask, **settings)
+
+        def report(done: int, total: int) -> None:
+            if progress is not None and progress(done, total) is False:
+                job.cancel()
+
+        return job.wait(report)
+
+    def start_propagation(
         self,
         volume: np.ndarray,
         plane: PlaneSpec,
@@ -133,9 +156,14 @@ class SPAClient:
         n_samples: int | None = None,
         window: tuple[float, float] | None = None,
         max_slices: int | None = None,
+        digest: str | None = None,
     ) -> PropagationJob:
         """Start propagating ``mask`` (on ``plane``) through ``volume``; poll or wait on the returned job."""
-        meta: dict[str, Any] = {"image": self.upload(volume), "plane": plane.to_dict(), "seed": int(seed)}
+        meta: dict[str, Any] = {
+            "image": self.upload(volume, digest=digest),
+            "plane": plane.to_dict(),
+            "seed": int(seed),
+        }
         if n_samples is not None:
             meta["n_samples"] = int(n_samples)
         if window is not None:
@@ -169,9 +197,12 @@ class SPAClient:
 class RemoteSession:
     """A session on the server with :class:`~SPASegmentationLib.session.Session`'s verbs; resumes after a restart."""
 
-    def __init__(self, client: SPAClient, image: np.ndarray, plane: PlaneSpec | None, settings: dict[str, Any]):
+    def __init__(
+        self, client: SPAClient, image: np.ndarray, digest: str, plane: PlaneSpec | None, settings: dict[str, Any]
+    ) -> None:
         self.client = client
         self.image = image
+        self.digest = digest
         self.plane = plane
         self.settings = settings
         self.session_id: str | None = None
@@ -182,7 +213,7 @@ class RemoteSession:
         self.profile: dict[str, Any] | None = None  # the profile the last accept updated
 
     def _open(self, opening: dict[str, Any]) -> Round:
-        body = {"image": self.client.upload(self.image), **self.settings, **opening}
+        body = {"image": self.client.upload(self.image, digest=self.digest), **self.settings, **opening}
         if self.plane is not None:
             body["plane"] = self.plane.to_dict()
         content = self.client.request("POST", "/v1/sessions", json=body).content
@@ -199,7 +230,7 @@ class RemoteSession:
         deadline = time.monotonic() + RECONNECT_S
         while True:
             try:
-                self.client.upload(self.image, force=True)
+                self.client.upload(self.image, digest=self.digest, force=True)
                 break
             except ServiceError as exc:
                 if exc.status != 0 or time.monotonic() > deadline:
