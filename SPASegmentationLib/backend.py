@@ -17,7 +17,7 @@ import numpy as np
 
 from .embeddings import EmbeddingCache
 from .engine import DEFAULT_SAMPLES
-from .errors import InputError
+from .errors import InputError, ProfileError
 from .model.spa import SPAModel
 from .profiles import Profile, validate_name
 from .propagation import PropagationResult, propagate
@@ -56,6 +56,7 @@ class BackendSession:
         self.use_profile = use_profile
         self.accepted_weights: np.ndarray | None = None  # the mixture weights of the accepted round
         self.profile: dict[str, Any] | None = None  # what the last accept did to the profile
+        self.profile_error: str | None = None  # why the last accept could not update the profile
 
     @property
     def updates_profile(self) -> bool:
@@ -89,16 +90,21 @@ class BackendSession:
         return self.session.undo(to_round)
 
     def accept(self, candidate: int | None = None) -> np.ndarray:
-        """The recommended mask (or candidate ``candidate`` as shown); the owner's profile takes the mixture."""
+        """The recommended mask (or candidate ``candidate`` as shown); the owner's profile takes the mixture (a
+        profile that cannot be updated is reported in ``profile_error``; the accept stands)."""
         current = self.session.current
         mask = self.session.accept(candidate)
         mixture = self.session.mixture
         self.accepted_weights = mixture.weights.detach().cpu().numpy().astype(np.float32)
-        self.profile = None
+        self.profile, self.profile_error = None, None
         if self.updates_profile:
             rounds = 0 if current is None else current.index
-            updated = self.profiles.update(self.user, self.structure, mixture, rounds=rounds)
-            self.profile = {"user": updated.user, "structure": updated.structure, "n_sessions": updated.n_sessions}
+            try:
+                updated = self.profiles.update(self.user, self.structure, mixture, rounds=rounds)
+            except ProfileError as exc:
+                self.profile_error = str(exc)
+            else:
+                self.profile = {"user": updated.user, "structure": updated.structure, "n_sessions": updated.n_sessions}
         return mask
 
 
@@ -132,8 +138,10 @@ class InProcessBackend:
         n_samples: int | None = None,
         window: tuple[float, float] | None = None,
         initial_weights: np.ndarray | None = None,
+        digest: str | None = None,
     ) -> BackendSession:
-        """A session on ``image`` (or ``plane`` of a volume), started from the user's profile when there is one."""
+        """A session on ``image`` (or ``plane`` of a volume), started from the user's profile when there is one.
+        (``digest``, the image's hash, matters to the service client only.)"""
         structure = None if structure is None else validate_name(structure, "structure")
         if initial_weights is None and use_profile and self.profiles is not None and None not in (self.user, structure):
             initial_weights = self.profiles.initial_weights(self.user, structure)
@@ -174,6 +182,7 @@ class InProcessBackend:
         window: tuple[float, float] | None = None,
         max_slices: int | None = None,
         progress: Callable[[int, int], bool] | None = None,
+        digest: str | None = None,
     ) -> PropagationResult:
         """Carry ``mask`` (on ``plane``) through the volume's parallel planes; ``progress`` returning False cancels."""
         volume = np.asarray(volume)

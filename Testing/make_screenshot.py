@@ -31,6 +31,7 @@ from mrml import (  # noqa: E402
 )
 from slice_view import OffscreenSliceView  # noqa: E402
 
+from SPASegmentationLib.backend import InProcessBackend  # noqa: E402
 from SPASegmentationLib.data.folder import MultiRaterFolder  # noqa: E402
 from SPASegmentationLib.engine import DEFAULT_SAMPLES  # noqa: E402
 from SPASegmentationLib.io.atomic import write_bytes_atomic  # noqa: E402
@@ -70,7 +71,9 @@ def render_round_in_slice_view(model, rater: str | None = None, seed: int = 0, s
     display.SetWindowLevel(*CT_WINDOW)
     segmentation = add_segmentation(scene, volume, name="Segmentation")
     segment_id = add_segment(segmentation, "lesion")
-    session = SceneSession(scene, model, volume, segmentation, segment_id, seed=seed, n_samples=samples)
+    session = SceneSession(
+        scene, InProcessBackend(model), volume, segmentation, segment_id, seed=seed, n_samples=samples
+    )
     x, y = initial_point(case.raters, target)
     click = voxel_ras(volume, (0, y, x))
     shown = session.start("axial", point_ras=click)

@@ -23,6 +23,7 @@ from mrml import (  # noqa: E402
     voxel_ras,
 )
 
+from SPASegmentationLib.backend import InProcessBackend  # noqa: E402
 from SPASegmentationLib.errors import InputError  # noqa: E402
 from SPASegmentationLib.scene.geometry import (  # noqa: E402
     ORIENTATIONS,
@@ -446,10 +447,12 @@ def BOX_RAS(volume):
     return voxel_ras(volume, (3, 24, 16)), voxel_ras(volume, (3, 72, 72))
 
 
-def make_session(s, **kwargs):
-    options = dict(profiles=s["store"], user="alice", structure="liver", n_samples=8, seed=3)
+def make_session(s, user="alice", structure="liver", embeddings=None, **kwargs):
+    """A SceneSession on the in-process backend (the service's own backend; test_module_logic drives spa serve)."""
+    backend = InProcessBackend(s["model"], s["store"], user=user, embeddings=embeddings)
+    options = dict(structure=structure, n_samples=8, seed=3)
     options.update(kwargs)
-    return SceneSession(s["scene"], s["model"], s["volume"], s["seg"], s["target"], **options)
+    return SceneSession(s["scene"], backend, s["volume"], s["seg"], s["target"], **options)
 
 
 def preview_slice(session, segment_id):
@@ -459,12 +462,12 @@ def preview_slice(session, segment_id):
 def test_scene_session_rounds_accept_and_undo(scene_setup):
     s = scene_setup
     session = make_session(s)
-    assert session.initial_weights() is None  # no profile yet
     centre = voxel_ras(s["volume"], (3, 48, 44))
     round1 = session.start("axial", point_ras=centre, box_ras=BOX_RAS(s["volume"]))
     assert session.plane.orientation == "axial" and session.plane.index == 3
-    assert np.array_equal(session.session.image, session.plane.extract(s["values"]))
-    assert session.session.state().start.point == tuple(ras_to_pixel(s["volume"], session.plane, centre))
+    assert np.array_equal(session.session.session.image, session.plane.extract(s["values"]))
+    assert session.session.state["start"]["point"] == list(ras_to_pixel(s["volume"], session.plane, centre))
+    assert len(set(session.session.state["initial_weights"])) == 1  # no profile yet: uniform
     assert np.array_equal(preview_slice(session, CandidateOverlay.RECOMMENDED_ID), round1.recommended)
     assert round1.recommended.any()
     # Choosing, then undoing a round, shows round 1 again.
@@ -478,7 +481,7 @@ def test_scene_session_rounds_accept_and_undo(scene_setup):
     # Nothing has reached the user's segmentation yet.
     assert np.array_equal(read_segment(s["seg"], s["target"], s["volume"]), s["kept"])
 
-    mixture = session.session.mixture
+    mixture = session.session.session.mixture
     session.accept()
     expected = s["kept"].copy()
     session.plane.insert(expected, round1.recommended)
@@ -499,9 +502,8 @@ def test_scene_session_rounds_accept_and_undo(scene_setup):
 
     # The next session of the same user and structure starts from the profile.
     later = make_session(s)
-    assert np.allclose(later.initial_weights(), profile.weights)
-    later.compute_start("coronal", point_ras=centre)
-    assert np.allclose(later.session.initial_weights.numpy(), profile.weights, atol=1e-6)
+    later.compute_start(later.prepare_start("coronal", point_ras=centre))
+    assert np.allclose(later.session.session.initial_weights.numpy(), profile.weights, atol=1e-6)
     later.close()
     session.close()
 
@@ -523,7 +525,7 @@ def test_scene_session_cancel_and_roi_start(scene_setup):
     from SPASegmentationLib.embeddings import EmbeddingCache
 
     lookup = EmbeddingCache(s["model"])
-    session = make_session(s, profiles=None, user=None, structure=None, embeddings=lookup)
+    session = make_session(s, user=None, structure=None, embeddings=lookup)
     before_ids = s["seg"].GetSegmentation().GetNumberOfSegments()
     a, b = voxel_ras(s["volume"], (2, 26, 18)), voxel_ras(s["volume"], (2, 70, 70))
     roi = add_roi(
@@ -533,7 +535,7 @@ def test_scene_session_cancel_and_roi_start(scene_setup):
     )
     round_ = session.start("axial", roi_node=roi)
     assert session.plane.index == 2
-    x0, y0, x1, y1 = session.session.state().start.box
+    x0, y0, x1, y1 = session.session.state["start"]["box"]
     assert x0 < x1 and y0 < y1
     with pytest.raises(InputError):
         session.start("axial")
@@ -552,7 +554,7 @@ def test_scene_session_cancel_and_roi_start(scene_setup):
 
 def test_scene_session_propagation(scene_setup):
     s = scene_setup
-    session = make_session(s, profiles=None, user=None, structure=None)
+    session = make_session(s, user=None, structure=None)
     with pytest.raises(InputError, match="accept"):
         session.compute_propagate()
     session.start("axial", point_ras=voxel_ras(s["volume"], (3, 48, 44)), box_ras=BOX_RAS(s["volume"]))

@@ -25,6 +25,7 @@ import vtk
 from vtk.util.numpy_support import vtk_to_numpy
 
 from ..errors import InputError
+from ..service.protocol import PlaneSpec
 
 ORIENTATIONS = ("axial", "coronal", "sagittal")
 
@@ -126,17 +127,15 @@ class SlicePlane:
         selector[self.slice_axis] = self.index
         return tuple(selector)
 
+    def spec(self) -> PlaneSpec:
+        """The plane as the backends take it (which numpy axis and index, transposed, flipped)."""
+        # the remaining axes come in numpy order (min, max); rows from the later axis means a transpose
+        return PlaneSpec(self.slice_axis, self.index, self.row_axis > self.col_axis, self.flip_rows, self.flip_cols)
+
     def extract(self, volume: np.ndarray) -> np.ndarray:
         """The (rows, cols) image of this plane from the (k, j, i) array (a copy)."""
         self._check_volume(volume)
-        image = volume[self._selector()]
-        if self.row_axis > self.col_axis:  # remaining axes come in numpy order: (min, max)
-            image = image.T
-        if self.flip_rows:
-            image = image[::-1, :]
-        if self.flip_cols:
-            image = image[:, ::-1]
-        return np.ascontiguousarray(image)
+        return self.spec().extract(volume)
 
     def insert(self, volume: np.ndarray, image: np.ndarray) -> None:
         """Write a (rows, cols) image into this plane of the (k, j, i) array, in place."""

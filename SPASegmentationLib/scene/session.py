@@ -1,20 +1,24 @@
-"""One interactive SPA segmentation in a scene: :class:`SceneSession`, the MRML glue around ``Session``.
+"""One interactive SPA segmentation in a scene: :class:`SceneSession`, the MRML glue around a backend session.
 
-Threads: ``SceneSession.compute_*`` read the volume and run the model and may run on the model
-worker thread while the main thread leaves the volume alone; all other calls change MRML and
-belong on the main thread.
+The model runs behind a backend: ``SPAClient`` (``spa serve``, local or remote; the Slicer module's
+way) or ``InProcessBackend`` (scripts and tests). Threads: MRML is read and written only on the
+main thread. ``SceneSession`` copies the volume's voxels when it is made; ``prepare_start`` turns the
+prompt into a slice plane and pixels (MRML, main thread); the ``compute_*`` calls use only that copy
+and the backend, so they may run on a worker thread; everything else touches MRML.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ..engine import DEFAULT_SAMPLES
 from ..errors import InputError
-from ..session import Round, Session
+from ..rounds import Round
+from ..service.protocol import array_digest
 from .geometry import (
     SlicePlane,
     box_from_ras,
@@ -27,81 +31,79 @@ from .geometry import (
 from .overlay import CandidateOverlay
 from .segments import SegmentUndo, commit_mask, commit_volume_mask, require_segment, tag_spa_segment
 
-if TYPE_CHECKING:
-    from ..profiles import ProfileStore
-    from ..propagation import PropagationResult
+
+@dataclass(frozen=True)
+class StartRequest:
+    """A first prompt made ready on the main thread: the slice it is on and the pixels of the point and/or box."""
+
+    plane: SlicePlane
+    point: tuple[float, float] | None
+    box: tuple[float, float, float, float] | None
 
 
 class SceneSession:
-    """One interactive SPA segmentation in a scene: MRML glue around :class:`Session`, no Qt.
+    """One interactive SPA segmentation in a scene: MRML glue around a backend session, no Qt.
 
-    ``compute_*`` only read the volume and run the model, so they may run on the model worker
-    thread; everything else touches MRML and belongs on the main thread. ``start``/``choose`` are
-    compute + show in one call, for tests and scripts.
+    ``backend`` is an ``SPAClient`` or an ``InProcessBackend`` acting for the user; with ``structure``
+    (and ``use_profile``) the user's profile for it starts each session and takes each accepted one.
+    ``start``/``choose`` are compute + show in one call, for tests and scripts.
     """
 
     def __init__(
         self,
         scene: Any,
-        model: Any,
+        backend: Any,
         volume_node: Any,
         segmentation_node: Any,
         segment_id: str,
         *,
-        profiles: ProfileStore | None = None,
-        user: str | None = None,
         structure: str | None = None,
+        use_profile: bool = True,
         seed: int = 0,
         n_samples: int = DEFAULT_SAMPLES,
-        embeddings: Any = None,
-        undo: SegmentUndo | None = None,
+        undo: Any = None,
         window: tuple[float, float] | None = None,
     ) -> None:
         require_segment(segmentation_node, segment_id)
         volume_shape(volume_node)
-        if (user is None) != (structure is None) and profiles is not None:
-            raise InputError("a preference profile needs both a user and a structure name; give both or neither")
         self.scene = scene
-        self.model = model
+        self.backend = backend
         self.volume_node = volume_node
         self.segmentation_node = segmentation_node
         self.segment_id = segment_id
-        self.profiles = profiles
-        self.user = user
         self.structure = structure
+        self.use_profile = bool(use_profile)
         self.seed = int(seed)
         self.n_samples = int(n_samples)
-        self.embeddings = embeddings
         self.window = window
+        # The voxels the model sees: copied here (main thread), so that compute_* never read MRML.
+        self.volume = np.array(volume_array(volume_node), copy=True)
+        self._digest: str | None = None
         self.undo = undo if undo is not None else SegmentUndo(segmentation_node)
         self.overlay = CandidateOverlay(scene, volume_node)
         self.plane: SlicePlane | None = None
-        self.session: Session | None = None
+        self.session: Any = None  # the backend's session of the current interaction
         self.accepted_mask: np.ndarray | None = None  # the last accepted slice mask (start of propagation)
         self.accepted_weights: np.ndarray | None = None  # the mixture weights it was accepted with
+        self.profile_error: str | None = None  # why the last accept could not update the profile, if it could not
 
     @property
-    def uses_profile(self) -> bool:
-        """True when accepting updates a preference profile."""
-        return self.profiles is not None and self.user is not None and self.structure is not None
+    def digest(self) -> str:
+        """The content hash of the volume copy (how the service knows it; computed once, off the main thread)."""
+        if self._digest is None:
+            self._digest = array_digest(self.volume)
+        return self._digest
 
-    def initial_weights(self) -> np.ndarray | None:
-        """The user's profile weights for this structure, or None (uniform start)."""
-        if not self.uses_profile:
-            return None
-        weights = self.profiles.initial_weights(self.user, self.structure)
-        return None if weights is None else weights.numpy()
-
-    # ----- compute (worker thread) -----
-    def compute_start(
+    # ----- main thread -----
+    def prepare_start(
         self,
         orientation: str,
         point_ras: Sequence[float] | None = None,
         roi_node: Any = None,
         box_ras: tuple[Sequence[float], Sequence[float]] | None = None,
-    ) -> Round:
-        """First round on the ``orientation`` slice through the prompt: a point, a ROI node or a RAS box
-        (two corners)."""
+    ) -> StartRequest:
+        """The slice through the prompt (``orientation``) and the prompt in its pixels: a point, a ROI node or a
+        RAS box (two corners). Reads MRML: main thread."""
         if point_ras is None and roi_node is None and box_ras is None:
             raise InputError("start needs a point inside the structure or a box (ROI) around it")
         if roi_node is not None and box_ras is not None:
@@ -120,18 +122,23 @@ class SceneSession:
             box = box_from_roi(self.volume_node, plane, roi_node)
         elif box_ras is not None:
             box = box_from_ras(self.volume_node, plane, box_ras[0], box_ras[1])
-        image = plane.extract(volume_array(self.volume_node))
-        session = Session(
-            self.model,
-            image,
+        return StartRequest(plane, point, box)
+
+    # ----- compute (worker thread: the volume copy and the backend only) -----
+    def compute_start(self, request: StartRequest) -> Round:
+        """First round of a prepared start."""
+        session = self.backend.session(
+            self.volume,
+            plane=request.plane.spec(),
+            structure=self.structure,
+            use_profile=self.use_profile,
             seed=self.seed,
             n_samples=self.n_samples,
-            initial_weights=self.initial_weights(),
             window=self.window,
-            embeddings=self.embeddings,
+            digest=self.digest,
         )
-        round_ = session.start(point=point, box=box)
-        self.session, self.plane = session, plane
+        round_ = session.start(point=request.point, box=request.box)
+        self.session, self.plane = session, request.plane
         return round_
 
     def compute_choose(self, k: int) -> Round:
@@ -152,8 +159,10 @@ class SceneSession:
         roi_node: Any = None,
         box_ras: tuple[Sequence[float], Sequence[float]] | None = None,
     ) -> Round:
-        """compute_start + show."""
-        round_ = self.compute_start(orientation, point_ras=point_ras, roi_node=roi_node, box_ras=box_ras)
+        """prepare_start + compute_start + show."""
+        round_ = self.compute_start(
+            self.prepare_start(orientation, point_ras=point_ras, roi_node=roi_node, box_ras=box_ras)
+        )
         self.show(round_)
         return round_
 
@@ -180,22 +189,21 @@ class SceneSession:
         self.show(round_)
         return round_
 
-    def accept(self, candidate: int | None = None) -> None:
+    def accept(self, candidate: int | None = None) -> np.ndarray:
         """Commit the recommended mask, or candidate ``candidate`` (0-based) as shown, into the segment (one undo
-        step), tag it, update the profile and clear the preview."""
+        step), tag it and clear the preview; the backend folds the session into the user's profile (a profile it
+        cannot update is reported in ``profile_error``, the commit stands)."""
         session = self._require_session()
-        round_ = session.current
         mask = session.accept(candidate)
         self.undo.save()
         commit_mask(self.segmentation_node, self.segment_id, self.volume_node, self.plane, mask)
         tag_spa_segment(self.segmentation_node, self.segment_id, self.structure)
         self.overlay.clear()
         self.accepted_mask = mask
-        self.accepted_weights = session.mixture.weights.detach().cpu().numpy().astype(np.float64)
+        self.accepted_weights = None if session.accepted_weights is None else np.asarray(session.accepted_weights)
+        self.profile_error = getattr(session, "profile_error", None)
         self.session = None
-        # Last, so that a profile problem (reported as ProfileError) never leaves the commit half done.
-        if self.uses_profile:
-            self.profiles.update(self.user, self.structure, session.mixture, rounds=round_.index)
+        return mask
 
     def cancel(self) -> None:
         """Drop the current interaction: the preview goes, the segmentation is untouched."""
@@ -207,34 +215,29 @@ class SceneSession:
         progress: Callable[[int, int], bool] | None = None,
         max_slices: int | None = None,
         n_samples: int | None = None,
-    ) -> PropagationResult:
-        """Carry the last accepted mask through neighbouring slices (worker thread; nothing is written).
+    ) -> Any:
+        """Carry the last accepted mask through neighbouring slices (worker thread; nothing is written): a result
+        with ``masks`` (slice index -> mask in the plane's orientation).
 
         ``progress(done, total_estimate)`` returning False cancels; ``max_slices`` caps each direction;
         ``n_samples`` masks are sampled per slice (default: the session's).
         """
-        from ..propagation import propagate
-
         if self.accepted_mask is None or self.plane is None:
             raise InputError("accept a segmentation on one slice first; propagation starts from it")
-        plane = self.plane
-        volume = volume_array(self.volume_node)
-        return propagate(
-            self.model,
-            lambda index: plane.at(index).extract(volume),
-            plane.index,
+        return self.backend.propagate(
+            self.volume,
+            self.plane.spec(),
             self.accepted_mask,
-            n_slices=plane.n_slices,
-            initial_weights=self.accepted_weights,
+            weights=self.accepted_weights,
             seed=self.seed,
             n_samples=self.n_samples if n_samples is None else int(n_samples),
             window=self.window,
-            embeddings=self.embeddings,
-            progress=progress,
             max_slices=max_slices,
+            progress=progress,
+            digest=self.digest,
         )
 
-    def apply_propagation(self, result: PropagationResult) -> None:
+    def apply_propagation(self, result: Any) -> None:
         """Write a propagation's slices into the segment as one undo step (other slices unchanged)."""
         if self.plane is None:
             raise InputError("there is no slice to propagate from; start and accept a segmentation first")
@@ -256,7 +259,7 @@ class SceneSession:
         self.session = None
         self.overlay.remove()
 
-    def _require_session(self) -> Session:
+    def _require_session(self) -> Any:
         if self.session is None or self.session.current is None:
             raise InputError("no SPA segmentation in progress; click inside the structure to start one")
         return self.session

@@ -334,7 +334,7 @@ class Service:
         session = hosted.session
         with self.model_lock:
             mask = session.accept(candidate)  # the owner's profile for the structure takes the mixture
-        meta = {"state": session.state, "profile": session.profile}
+        meta = {"state": session.state, "profile": session.profile, "profile_error": session.profile_error}
         arrays = {"mask": mask, "weights": session.accepted_weights}
         return Response(encode_frame(meta, arrays), media_type=FRAME_MEDIA_TYPE)
 

@@ -211,6 +211,7 @@ class RemoteSession:
         self.current: Round | None = None
         self.accepted_weights: np.ndarray | None = None
         self.profile: dict[str, Any] | None = None  # the profile the last accept updated
+        self.profile_error: str | None = None  # why the last accept could not update the profile
 
     def _open(self, opening: dict[str, Any]) -> Round:
         body = {"image": self.client.upload(self.image, digest=self.digest), **self.settings, **opening}
@@ -273,7 +274,7 @@ class RemoteSession:
     def accept(self, candidate: int | None = None) -> np.ndarray:
         """The accepted mask; the server updates the user's profile for the session's structure."""
         meta, arrays = decode_frame(self._call("accept", {"candidate": None if candidate is None else int(candidate)}))
-        self.state, self.profile = meta["state"], meta.get("profile")
+        self.state, self.profile, self.profile_error = meta["state"], meta.get("profile"), meta.get("profile_error")
         self.accepted_weights = arrays["weights"]
         return arrays["mask"]
 
