@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test lint format bench train evaluate clean
+.PHONY: install demo test test-mrml-5.11 lint format bench train evaluate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,31 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/spa demo
 
+# The whole suite on .venv (slicer-core 5.13), then the MRML tests again on slicer-core 5.11.
 test: lint
 	$(BIN)/python -m pytest -q Testing
+	$(MAKE) test-mrml-5.11
+
+# The tests on real MRML (marker `mrml`, set in Testing/conftest.py) on slicer-core 5.11, the line the Slicer 5.10
+# release came from, in a second venv: the project as in .venv, then its slicer-core 5.13 pin replaced (hence
+# --no-warn-conflicts). 5.11.0.6 is the newest 5.11 wheel (CPython 3.10-3.13).
+SLICER511_SPEC ?= slicer-core==5.11.0.6
+VENV511  ?= .venv-slicer511
+BIN511   := $(VENV511)/bin
+STAMP511 := $(VENV511)/.installed-$(shell (cat pyproject.toml; echo '$(SLICER511_SPEC)') | cksum | cut -d' ' -f1)
+
+$(STAMP511): pyproject.toml
+	test -x $(BIN511)/python || $(PYTHON) -m venv $(VENV511)
+	$(BIN511)/python -m pip install --quiet --upgrade pip
+	$(BIN511)/python -c "import torch, torchvision" 2>/dev/null || $(BIN511)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN511)/python -m pip install --quiet -e ".[test]"
+	$(BIN511)/python -m pip install --quiet --no-warn-conflicts "$(SLICER511_SPEC)"
+	rm -f $(VENV511)/.installed-*
+	touch $(STAMP511)
+
+test-mrml-5.11: $(STAMP511)
+	$(BIN511)/python -c "import importlib.metadata as m; print('slicer-core', m.version('slicer-core'))"
+	$(BIN511)/python -m pytest -q -m mrml Testing
 
 # ruff (configured in pyproject.toml): lint and the formatting check; `make format` rewrites the files.
 lint: $(STAMP)

@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 import torch
 
 torch.set_num_threads(2)
+
+
+def _imports_mrml(module) -> bool:
+    """Whether a test module imports slicer-core at load time (``slicer`` itself or the ``mrml`` helpers)."""
+    for value in vars(module).values():
+        name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
+        if isinstance(name, str) and name.split(".")[0] in ("slicer", "mrml"):
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test on real MRML ``mrml`` (`make test-mrml-5.11` runs them on a second slicer-core)."""
+    modules: dict[str, bool] = {}
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__ not in modules:
+            modules[module.__name__] = _imports_mrml(module)
+        if "mrml_scene" in getattr(item, "fixturenames", ()) or (module is not None and modules[module.__name__]):
+            item.add_marker(pytest.mark.mrml)
 
 
 @pytest.fixture(scope="session")
