@@ -16,12 +16,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from .embeddings import EmbeddingCache
-from .engine import DEFAULT_SAMPLES
 from .errors import InputError, ProfileError
 from .model.spa import SPAModel
 from .profiles import Profile, validate_name
 from .propagation import PropagationResult, propagate
-from .rounds import Round
+from .rounds import DEFAULT_SAMPLES, Round
 from .service.protocol import PlaneSpec
 from .session import Session, SessionState
 

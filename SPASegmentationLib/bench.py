@@ -4,6 +4,10 @@ Each configuration runs in its own process, so its peak resident memory is its o
 (N samples, K candidates) the real code path is timed stage by stage: generator (prompt encoding
 and the mixture), sampling, conditioning and decoding, aggregation, k-means, and the feedback that
 turns a choice into the next prompt.
+
+The service section (``spa bench --service``) measures what a round costs through a local ``spa serve``
+(loopback HTTP, binary frames) against the same round in process: one :class:`~.session.Session` and one
+:class:`~.service.client.RemoteSession` on the same image, seed, N and prompt take turns choosing.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import platform
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,27 +95,29 @@ def bench_configuration(
     }
 
 
-def _worker(queue: Any, kwargs: dict[str, Any]) -> None:
+def _worker(queue: Any, function: Callable[..., dict[str, Any]], kwargs: dict[str, Any]) -> None:
     try:
-        queue.put(("ok", bench_configuration(**kwargs)))
+        queue.put(("ok", function(**kwargs)))
     except Exception as exc:  # reported to the parent, which prints it
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
+def _in_fresh_process(function: Callable[..., dict[str, Any]], kwargs: dict[str, Any], what: str) -> dict[str, Any]:
+    """``function(**kwargs)`` in a freshly spawned process (its own memory peak and thread settings)."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_worker, args=(queue, function, kwargs))
+    process.start()
+    status, payload = queue.get()
+    process.join()
+    if status != "ok":
+        raise RuntimeError(f"benchmark of {what} failed: {payload}")
+    return payload
+
+
 def run_bench(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Run each configuration in a fresh spawned process; return their reports."""
-    context = multiprocessing.get_context("spawn")
-    reports = []
-    for kwargs in configs:
-        queue = context.Queue()
-        process = context.Process(target=_worker, args=(queue, kwargs))
-        process.start()
-        status, payload = queue.get()
-        process.join()
-        if status != "ok":
-            raise RuntimeError(f"benchmark of {kwargs['conditioning']} failed: {payload}")
-        reports.append(payload)
-    return reports
+    return [_in_fresh_process(bench_configuration, kwargs, kwargs["conditioning"]) for kwargs in configs]
 
 
 def machine_description() -> dict[str, Any]:
@@ -149,3 +156,251 @@ def format_report(reports: list[dict[str, Any]]) -> str:
         ratio = reports[1]["round_s"] / reports[0]["round_s"]
         lines.append(f"round-time ratio {reports[1]['conditioning']}/{reports[0]['conditioning']}: {ratio:.1f}×")
     return "\n".join(lines)
+
+
+# ----- the local service: what a round trip through ``spa serve`` adds ----------------------------------------
+SERVICE_GOAL_MS = 30.0  # a round through the local service should take at most this much longer than in process
+SERVICE_IMAGE_SIZE = 512  # a CT slice's size: round frames grow with the image
+SERVICE_ROUNDS = 10
+PING_REPEATS = 10
+
+
+def service_image(size: int = SERVICE_IMAGE_SIZE) -> tuple[Any, tuple[float, float]]:
+    """The shipped LIDC sample resized to ``size`` × ``size`` (bilinear) and its first click (x, y)."""
+    import numpy as np
+    from scipy import ndimage
+
+    from .data.folder import MultiRaterFolder
+    from .resources import sample_case_dir
+    from .simulation.prompts import initial_point
+
+    sample = sample_case_dir()
+    case = MultiRaterFolder(sample.parent).load(sample.name)
+    zoom = (size / case.image.shape[0], size / case.image.shape[1])
+    image = ndimage.zoom(case.image.astype(np.float32), zoom, order=1)
+    image = np.clip(np.rint(image), np.iinfo(case.image.dtype).min, np.iinfo(case.image.dtype).max)
+    image = image.astype(case.image.dtype)
+    raters = {name: ndimage.zoom(mask.astype(np.uint8), zoom, order=0) > 0 for name, mask in case.raters.items()}
+    return image, initial_point(raters, next(iter(raters.values())))
+
+
+def bench_service(
+    n_samples: int,
+    rounds: int = SERVICE_ROUNDS,
+    size: int = SERVICE_IMAGE_SIZE,
+    device: str = "cpu",
+    weights: str | None = None,
+    threads: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Time ``rounds`` choose() rounds in process and as many through a local ``spa serve``, taking turns.
+
+    Both sessions run on the same model weights, image, seed, N and first click, so every round does the
+    same work on both sides (``max_probability_difference`` shows it). Every call is made on one
+    :class:`~.worker.ModelWorker` thread, as the Slicer module makes it. The start (the image's encoding) and
+    one warm-up round are left out; the two sides take turns going first. Per round the client's wall time
+    and the round's compute time (``Round.seconds``, measured where the round ran) are kept. Medians over
+    the rounds of the paired differences:
+
+    - ``added_ms``: remote wall − in-process wall, what the service adds to a round as the user waits for it
+      (checked against the goal, ``within_goal``);
+    - ``overhead_ms``: (remote wall − server compute) − (in-process wall − in-process compute), what
+      HTTP, the frames and the server's bookkeeping add, free of the compute's noise
+      (``overhead_within_goal``);
+    - ``compute_slowdown_ms``: server compute − in-process compute, the same round computed in the
+      server (in its request thread) rather than here.
+
+    ``ping_ms`` (a health check) and ``noop_round_trip_ms`` (an undo to the current round: a whole round
+    frame back, no model work) are the floor of a request.
+    """
+    import os
+    import sys
+    import tempfile
+
+    import numpy as np
+
+    from .embeddings import EmbeddingCache
+    from .errors import InputError
+    from .model.build import default_model, load_model
+    from .service.client import LocalService
+    from .service.protocol import decode_round, encode_round
+    from .session import Session
+    from .worker import ModelWorker
+
+    if rounds < 1:
+        raise InputError(f"the service bench needs at least one round, got {rounds}")
+    if threads:
+        torch.set_num_threads(threads)
+    image, point = service_image(size)
+    began = time.perf_counter()
+    model = load_model(Path(weights), device=device) if weights else default_model(device)
+    load_seconds = time.perf_counter() - began
+
+    with tempfile.TemporaryDirectory(prefix="spa-bench-service-") as home:
+        env = {"SPA_HOME": home}
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        began = time.perf_counter()
+        service = LocalService(
+            sys.executable,
+            model=weights,
+            profiles_db=os.path.join(home, "profiles.sqlite3"),
+            extra_args=["--device", device],
+            env=env,
+        )
+        service_start_seconds = time.perf_counter() - began
+        # every session call runs on one model worker thread, as the Slicer module makes them (in process or not)
+        worker = ModelWorker("SPA bench worker")
+
+        def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            return worker.submit(fn, *args, **kwargs).result()
+
+        try:
+            if service.model_fingerprint != model.fingerprint():
+                raise RuntimeError(
+                    f"the local service serves model {service.model_fingerprint}, this process {model.fingerprint()}"
+                )
+            client = service.client(user="bench")
+            t0 = time.perf_counter()
+            client.upload(image)
+            upload_seconds = time.perf_counter() - t0
+            remote = client.session(image, seed=seed, n_samples=n_samples, use_profile=False)
+            here = Session(model, image, seed=seed, n_samples=n_samples, embeddings=EmbeddingCache(model))
+
+            t0 = time.perf_counter()
+            call(here.start, point=point)
+            local_start_seconds = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            call(remote.start, point=point)
+            remote_start_seconds = time.perf_counter() - t0
+
+            local_wall, local_compute, remote_wall, remote_compute = [], [], [], []
+            largest_difference = 0.0
+            for index in range(rounds + 1):  # round 0 (the first choice) warms up both sides
+                k = index % min(here.current.n_candidates, remote.current.n_candidates)
+                timed: dict[str, tuple[float, Any]] = {}
+                # take turns going first, so that neither side always runs right after the other
+                order = (("here", here), ("remote", remote)) if index % 2 == 0 else (("remote", remote), ("here", here))
+                for name, session in order:
+                    t0 = time.perf_counter()
+                    round_ = call(session.choose, k)
+                    timed[name] = (time.perf_counter() - t0, round_)
+                (local_s, ours), (remote_s, theirs) = timed["here"], timed["remote"]
+                if theirs.index != ours.index or theirs.probability.shape != ours.probability.shape:
+                    raise RuntimeError(f"the remote round {theirs.index} is not the in-process round {ours.index}")
+                largest_difference = max(largest_difference, float(np.abs(theirs.probability - ours.probability).max()))
+                if index == 0:
+                    continue
+                local_wall.append(local_s)
+                local_compute.append(ours.seconds)
+                remote_wall.append(remote_s)
+                remote_compute.append(theirs.seconds)
+
+            # requests without model work: a ping, and a no-op undo (to the current round) that carries a whole
+            # round frame back, as a choice does: the floor of a round trip
+            ping_times, noop_times = [], []
+            for _ in range(PING_REPEATS):
+                t0 = time.perf_counter()
+                call(client.health)
+                ping_times.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                call(remote.undo, remote.current.index)
+                noop_times.append(time.perf_counter() - t0)
+
+            # the reply frame of the last round as the server makes it, from the round as computed (full
+            # precision: the in-process one; the client's copy went through float16): its size, and what it
+            # costs to encode (the server's share of the serialisation) and to decode (the client's)
+            meta = {"session": remote.session_id, "state": remote.state, "start": remote.start_record}
+            encode_times, decode_times = [], []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                frame = encode_round(here.current, meta)
+                t1 = time.perf_counter()
+                decode_round(frame)
+                decode_times.append(time.perf_counter() - t1)
+                encode_times.append(t1 - t0)
+            remote.close()
+        finally:
+            worker.shutdown()
+            service.stop()
+
+    def ms(values: list[float]) -> float:
+        return 1000.0 * statistics.median(values)
+
+    pairs = list(zip(remote_wall, remote_compute, local_wall, local_compute, strict=True))
+    added = [rw - lw for rw, _, lw, _ in pairs]
+    overheads = [(rw - rc) - (lw - lc) for rw, rc, lw, lc in pairs]
+    added_ms, overhead_ms = ms(added), ms(overheads)
+    return {
+        "device": str(model.device),
+        "threads": torch.get_num_threads(),
+        "n_samples": n_samples,
+        "rounds": rounds,
+        "seed": seed,
+        "image_shape": list(image.shape),
+        "image_dtype": image.dtype.name,
+        "point": [float(v) for v in point],
+        "model_fingerprint": model.fingerprint(),
+        "model_load_s": load_seconds,
+        "service_start_s": service_start_seconds,
+        "upload_s": upload_seconds,
+        "upload_bytes": int(image.nbytes),
+        "local_start_s": local_start_seconds,
+        "remote_start_s": remote_start_seconds,
+        "local_round_ms": ms(local_wall),
+        "remote_round_ms": ms(remote_wall),
+        "added_ms": added_ms,
+        "local_compute_ms": ms(local_compute),
+        "server_compute_ms": ms(remote_compute),
+        "compute_slowdown_ms": ms([rc - lc for _, rc, _, lc in pairs]),
+        "local_outside_compute_ms": ms([w - c for w, c in zip(local_wall, local_compute, strict=True)]),
+        "remote_outside_compute_ms": ms([w - c for w, c in zip(remote_wall, remote_compute, strict=True)]),
+        "overhead_ms": overhead_ms,
+        "overhead_min_ms": 1000.0 * min(overheads),
+        "overhead_max_ms": 1000.0 * max(overheads),
+        "ping_ms": ms(ping_times),
+        "noop_round_trip_ms": ms(noop_times),
+        "frame_bytes": len(frame),
+        "frame_encode_ms": ms(encode_times),
+        "frame_decode_ms": ms(decode_times),
+        "max_probability_difference": largest_difference,
+        "local_round_s": local_wall,
+        "remote_round_s": remote_wall,
+        "local_compute_s": local_compute,
+        "server_compute_s": remote_compute,
+        "goal_ms": SERVICE_GOAL_MS,
+        "within_goal": bool(added_ms <= SERVICE_GOAL_MS),
+        "overhead_within_goal": bool(overhead_ms <= SERVICE_GOAL_MS),
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def run_service_bench(**kwargs: Any) -> dict[str, Any]:
+    """:func:`bench_service` in a fresh spawned process."""
+    return _in_fresh_process(bench_service, kwargs, "the local service")
+
+
+def format_service_report(report: dict[str, Any]) -> str:
+    """The service section as plain text."""
+    shape = "×".join(str(n) for n in report["image_shape"])
+    goal = report["goal_ms"]
+
+    def verdict(ok: bool) -> str:
+        return f"within the {goal:g} ms goal" if ok else f"OVER the {goal:g} ms goal"
+
+    return "\n".join(
+        [
+            f"local service: {report['rounds']} rounds each way on a {shape} {report['image_dtype']} image, "
+            f"N={report['n_samples']}, {report['device']}, {report['threads']} threads",
+            f"  round in process  {report['local_round_ms']:8.1f} ms  (compute {report['local_compute_ms']:.1f} ms)",
+            f"  round via service {report['remote_round_ms']:8.1f} ms  "
+            f"(server compute {report['server_compute_ms']:.1f} ms)",
+            f"  added per round            {report['added_ms']:+8.1f} ms  {verdict(report['within_goal'])}",
+            f"    transport and frames     {report['overhead_ms']:+8.1f} ms  {verdict(report['overhead_within_goal'])} "
+            f"(rounds {report['overhead_min_ms']:+.1f} … {report['overhead_max_ms']:+.1f})",
+            f"    slower compute in server {report['compute_slowdown_ms']:+8.1f} ms",
+            f"  ping {report['ping_ms']:.1f} ms; no-op round trip {report['noop_round_trip_ms']:.1f} ms; "
+            f"round frame {report['frame_bytes']:,} bytes (encode {report['frame_encode_ms']:.1f} ms, "
+            f"decode {report['frame_decode_ms']:.1f} ms)",
+        ]
+    )

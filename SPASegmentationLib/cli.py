@@ -436,15 +436,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Encoding and per-round time, by stage, and peak memory, for the default and the paper's conditioning."""
-    from .bench import format_report, machine_description, run_bench
+    """Encoding and per-round time, by stage, and peak memory, for the default and the paper's conditioning;
+    with --service, what a round through a local ``spa serve`` adds to a round in process."""
+    from .bench import SERVICE_GOAL_MS, format_report, format_service_report, machine_description, run_bench
     from .io.atomic import write_json_atomic
     from .model.conditioning import Conditioning
     from .resources import default_model_path
 
     device = _device(args.device)
     configs = []
-    for conditioning in args.conditioning.split(","):
+    for conditioning in [] if args.service_only else args.conditioning.split(","):
         weights = args.model if (args.model and conditioning == Conditioning.TOKEN) else None
         if conditioning == Conditioning.TOKEN and weights is None and default_model_path().is_file():
             weights = str(default_model_path())
@@ -458,9 +459,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 "threads": args.threads,
             }
         )
+    payload: dict[str, Any] = {"kind": "spa-bench", "machine": machine_description()}
     reports = run_bench(configs)
-    print(format_report(reports))
-    payload = {"kind": "spa-bench", "machine": machine_description(), "reports": reports}
+    if reports:
+        print(format_report(reports))
+    payload["reports"] = reports
+    if args.service or args.service_only:
+        from .bench import run_service_bench
+
+        print(f"timing rounds through a local spa serve (goal: at most {SERVICE_GOAL_MS:g} ms added per round) …")
+        service = run_service_bench(
+            n_samples=args.samples,
+            rounds=args.service_rounds,
+            size=args.service_size,
+            device=device,
+            weights=args.model or None,
+            threads=args.threads,
+        )
+        print(format_service_report(service))
+        payload["service"] = service
     write_json_atomic(Path(args.out) / "bench.json", payload)
     print(f"written {Path(args.out) / 'bench.json'}")
     return 0
@@ -590,10 +607,10 @@ def _distinct_list(text: str, flag: str, parse: Callable[[str], Any], example: s
 
 # ----- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from .engine import DEFAULT_SAMPLES
     from .model.backbone import BackboneName
     from .model.conditioning import Conditioning
     from .resources import DEFAULT_SAMPLE, SAMPLE_CASES
+    from .rounds import DEFAULT_SAMPLES
     from .session import DEFAULT_ANCHOR, ChoiceAnchor
     from .simulation.prompts import FirstPrompt
     from .training import TrainConfig
@@ -753,6 +770,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(DEFAULT_OUTPUT / "bench"))
+    p.add_argument(
+        "--service",
+        action="store_true",
+        help="also time rounds through a local `spa serve` against the same rounds in process, and check the goal "
+        "of at most 30 ms added per round (about a minute more)",
+    )
+    p.add_argument("--service-only", action="store_true", help="only the --service section")
+    p.add_argument("--service-rounds", type=int, default=10, help="rounds timed each way with --service (default 10)")
+    p.add_argument(
+        "--service-size", type=int, default=512, help="side of the image with --service, in pixels (default 512)"
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("generate-data", help="write a generated multi-rater dataset (procedural, or LIDC nodules)")

@@ -29,7 +29,6 @@ from .model.spa import Prompt, SPAModel
 from .preference import PreferenceMixture
 from .stages import stage
 
-DEFAULT_SAMPLES = 48  # N masks sampled per round at inference (the paper's N)
 FEEDBACK_SEED_OFFSET = 1000  # feedback seeds are round seeds of rounds 1000 + t
 
 

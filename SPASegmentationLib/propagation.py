@@ -25,12 +25,13 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .engine import DEFAULT_SAMPLES, slice_seed
+from .engine import slice_seed
 from .enums import TextEnum
 from .errors import InputError
 from .masks import as_mask, deepest_pixel, keep_touching
 from .metrics import dice
 from .preference import check_weights
+from .rounds import DEFAULT_SAMPLES
 from .session import Session
 
 if TYPE_CHECKING:

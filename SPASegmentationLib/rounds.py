@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+DEFAULT_SAMPLES = 48  # N masks sampled per round at inference (the paper's N)
+
 
 @dataclass
 class Round:

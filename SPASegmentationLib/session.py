@@ -26,7 +26,6 @@ from .embeddings import EmbeddingCache
 from .engine import (
     BOX_SEARCH_MAX_SIDES,
     CLICK_REGION_MAX_SHARE,
-    DEFAULT_SAMPLES,
     ModelRound,
     box_from_point,
     click_mask,
@@ -47,7 +46,7 @@ from .metrics import dice
 from .model.preprocess import FocusWindow, ImageGeometry, focus_window, intensity_window
 from .model.spa import Prompt, SPAModel
 from .preference import PreferenceMixture, check_weights, uniform_weights
-from .rounds import Round
+from .rounds import DEFAULT_SAMPLES, Round
 
 STATE_KIND = "spa-session"
 STATE_VERSION = 1

@@ -33,10 +33,10 @@ from slice_view import OffscreenSliceView  # noqa: E402
 
 from SPASegmentationLib.backend import InProcessBackend  # noqa: E402
 from SPASegmentationLib.data.folder import MultiRaterFolder  # noqa: E402
-from SPASegmentationLib.engine import DEFAULT_SAMPLES  # noqa: E402
 from SPASegmentationLib.io.atomic import write_bytes_atomic  # noqa: E402
 from SPASegmentationLib.metrics import dice  # noqa: E402
 from SPASegmentationLib.resources import resources_dir, sample_case_dir  # noqa: E402
+from SPASegmentationLib.rounds import DEFAULT_SAMPLES  # noqa: E402
 from SPASegmentationLib.scene.overlay import CANDIDATE_COLOURS, RECOMMENDED_COLOUR, removes_colour  # noqa: E402
 from SPASegmentationLib.scene.session import SceneSession  # noqa: E402
 from SPASegmentationLib.simulation.choices import nearest_candidate  # noqa: E402

@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MODULE_DIR = ROOT / "SPASegmentation"
 MODULE_PY = MODULE_DIR / "SPASegmentation.py"
 MODULE_UI = MODULE_DIR / "Resources" / "UI" / "SPASegmentation.ui"
+LOGIC_PY = MODULE_DIR / "SPAModuleLib" / "logic.py"
+INSTALLER_PY = MODULE_DIR / "SPAModuleLib" / "installer.py"
 MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
 TOP_CMAKE = ROOT / "CMakeLists.txt"
 REPO_RAW_PREFIX = "https://raw.githubusercontent.com/spa-segmentation/SlicerSPA/main/"
@@ -115,17 +117,23 @@ def test_module_compiles(tmp_path):
     py_compile.compile(str(MODULE_PY), cfile=str(tmp_path / "SPASegmentation.pyc"), doraise=True)
 
 
-def test_module_has_the_four_scripted_module_classes_with_the_right_bases():
+def test_module_has_the_scripted_module_classes_and_a_qt_free_logic():
     found = classes()
     expected = {
         "SPASegmentation": ["ScriptedLoadableModule"],
         "SPASegmentationWidget": ["ScriptedLoadableModuleWidget", "VTKObservationMixin"],
-        "SPASegmentationLogic": ["ScriptedLoadableModuleLogic"],
         "SPASegmentationTest": ["ScriptedLoadableModuleTest"],
     }
     for name, bases in expected.items():
         assert name in found, f"class {name} is missing"
         assert base_names(found[name]) == bases, f"{name} has bases {base_names(found[name])}"
+    # the Logic lives in its own file, imports no Qt and no Slicer application framework (tests import it as is)
+    logic = ast.parse(LOGIC_PY.read_text(encoding="utf-8"))
+    assert any(isinstance(n, ast.ClassDef) and n.name == "SPASegmentationLogic" for n in logic.body)
+    imported = {a.name for n in ast.walk(logic) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(logic) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not imported & {"qt", "ctk", "slicer.ScriptedLoadableModule", "slicer.parameterNodeWrapper", "torch"}
+    assert "from SPAModuleLib.logic import" in MODULE_PY.read_text(encoding="utf-8")
 
 
 def test_module_metadata_is_complete():
@@ -224,7 +232,7 @@ def test_parameter_node_holds_the_workflow_state():
 
 def test_parameter_node_sample_count_default_is_the_engines():
     """The parameter node is declared before the Lib can be imported, so its default is a literal: keep it equal."""
-    from SPASegmentationLib.engine import DEFAULT_SAMPLES
+    from SPASegmentationLib.rounds import DEFAULT_SAMPLES
 
     node = classes()["SPASegmentationParameterNode"]
     defaults = {ast.unparse(item.target): item.value for item in node.body if isinstance(item, ast.AnnAssign)}
@@ -264,11 +272,12 @@ def test_keyboard_shortcuts_are_removed_in_cleanup_and_exit():
     assert "self._removeShortcuts()" in methods["cleanup"] and "self._removeShortcuts()" in methods["exit"]
 
 
-def test_model_calls_go_through_one_worker_polled_by_a_qtimer():
+def test_server_calls_go_through_one_worker_polled_by_a_qtimer():
     source = MODULE_PY.read_text(encoding="utf-8")
-    assert source.count("ModelWorker(") == 1
+    logic = LOGIC_PY.read_text(encoding="utf-8")
+    assert logic.count("ModelWorker(") == 1 and "ModelWorker(" not in source
     assert "qt.QTimer()" in source and ".submit(" in source
-    assert "prefetch_around(" in source
+    assert "self.logic.connect, (settings,)" in source  # connecting (and starting the local server) is off the GUI
 
 
 # ----- CMake, extension description, index entry ----------------------------------------------------
@@ -473,13 +482,15 @@ def test_requirements_never_replace_slicers_own_packages_or_torch():
 
 
 def test_required_imports_match_requirements_and_torch():
-    tree = module_ast()
+    source = INSTALLER_PY.read_text(encoding="utf-8")
+    tree = ast.parse(source)
     assign = next(n for n in tree.body if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "REQUIRED_IMPORTS")
     required = ast.literal_eval(assign.value)
     assert set(required.values()) - {"torch"} == set(requirement_names())
-    source = MODULE_PY.read_text(encoding="utf-8")
     assert "PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True)" in source
-    assert "slicer.packaging.pip_ensure(" in source and 'requester="SPA"' in source
+    # slicer.packaging (5.12+) is a submodule to import, not an attribute; a declined request must not raise
+    assert "import slicer.packaging as packaging" in source and "hasattr(slicer, " not in source
+    assert "packaging.pip_ensure(" in source and 'requester="SPA"' in source
     assert "slicer.util.pip_install(" in source and "confirmOkCancelDisplay(" in source
 
 

@@ -1,17 +1,15 @@
-"""The Slicer module's own Logic (SPASegmentation/SPASegmentation.py) on real MRML, headless.
+"""The Slicer module's Logic (SPASegmentation/SPAModuleLib/logic.py) on real MRML against a real ``spa serve``.
 
-slicer-core has MRML but not the Slicer application framework, so the three framework names the
-module imports at load time (``qt``, ``slicer.ScriptedLoadableModule``,
-``slicer.parameterNodeWrapper``) are given minimal stand-ins here. Everything the Logic does to the
-scene (segments, markups, previews, commits, undo, propagation, DICOM SEG) runs on slicer-core's
-real MRML and the shipped model; the widget (Qt) is not exercised.
+The Logic is Qt-free, so it is imported as it is (no stand-ins). It starts the local server the way
+the module does (a child process, loopback, random port and token) and drives it over HTTP: segments,
+prompts, previews, commits, undo, propagation and DICOM SEG all run on slicer-core's real MRML.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import json
+import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -20,47 +18,36 @@ import pytest
 import SimpleITK as sitk
 import test_dicom_seg as dicom_checks
 from dicom_series import write_ct_series
-from mrml import add_volume, segment_tag, voxel_ras
 
-MODULE_PY = Path(__file__).resolve().parents[1] / "SPASegmentation" / "SPASegmentation.py"
+pytest.importorskip("slicer")
 
+from mrml import add_volume, segment_tag, voxel_ras  # noqa: E402
 
-class _ScriptedLoadableModuleLogic:
-    def __init__(self, parent=None) -> None:
-        self.parent = parent
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "SPASegmentation"))
 
+from SPAModuleLib.logic import LOCAL, REMOTE, SPASegmentationLogic, versionProblem  # noqa: E402
 
-def _framework_stand_ins() -> dict[str, types.ModuleType]:
-    """Modules of the Slicer application that slicer-core lacks, reduced to what importing the module needs."""
-    qt = types.ModuleType("qt")
-    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleTest"):
-        setattr(scripted, name, type(name, (), {}))
-    scripted.ScriptedLoadableModuleLogic = _ScriptedLoadableModuleLogic
-    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-    wrapper.parameterNodeWrapper = lambda cls: cls
-    wrapper.Choice = lambda *args, **kwargs: None
-    wrapper.WithinRange = lambda *args, **kwargs: None
-    return {"qt": qt, "slicer.ScriptedLoadableModule": scripted, "slicer.parameterNodeWrapper": wrapper}
+SAMPLES = 16
 
 
 @pytest.fixture(scope="module")
-def module():
-    """SPASegmentation.py loaded as Slicer would load it (framework names stood in)."""
-    stand_ins = _framework_stand_ins()
-    saved = {name: sys.modules.get(name) for name in stand_ins}
-    sys.modules.update(stand_ins)
-    try:
-        spec = importlib.util.spec_from_file_location("SPASegmentation", MODULE_PY)
-        loaded = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(loaded)
-        yield loaded
-    finally:
-        for name, previous in saved.items():
-            if previous is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = previous
+def connection(tmp_path_factory):
+    """The local server as the module starts it (here with this Python instead of PythonSlicer)."""
+    folder = tmp_path_factory.mktemp("server")
+    settings = {"mode": LOCAL, "python": sys.executable, "profilesDb": folder / "profiles.sqlite3", "user": "alice"}
+    connection = SPASegmentationLogic.connect(settings)
+    yield connection
+    connection.service.stop()
+
+
+@pytest.fixture
+def logic(connection, mrml_scene):
+    """A Logic working through the shared local server (not stopped between tests)."""
+    logic = SPASegmentationLogic()
+    logic.connection, logic.backend = connection, connection.client
+    yield logic
+    logic.cancelSession()
 
 
 @pytest.fixture(scope="module")
@@ -88,15 +75,14 @@ def organ_centre_ras(volume, series) -> tuple[float, float, float]:
     return voxel_ras(volume, (round(k), j, i))
 
 
-def test_module_logic_workflow_on_real_mrml(module, mrml_scene, shipped_model, ct_series, tmp_path):
+def test_module_logic_workflow_through_the_local_server(logic, mrml_scene, ct_series, tmp_path):
     from SPASegmentationLib.scene.geometry import pixel_to_ras
     from SPASegmentationLib.scene.segments import ALGORITHM_NAME_TAG, ALGORITHM_TYPE_TAG, read_segment
 
     series, image = ct_series
     volume = volume_from_series(mrml_scene, image)
-    logic = module.SPASegmentationLogic()
-    logic.setModel(shipped_model, profileFolder=tmp_path / "profiles")
-    assert logic.deviceDescription() == "cpu"
+    assert logic.backendDescription().startswith("local server: cpu, model ")
+    assert logic.connection.info["user"] == "alice"
 
     segmentation, segment_id = logic.addSegment(None, volume, "liver")
     assert segmentation.GetSegmentation().GetSegment(segment_id).GetName() == "liver"
@@ -108,37 +94,36 @@ def test_module_logic_workflow_on_real_mrml(module, mrml_scene, shipped_model, c
     prompt = logic.newPromptNode("point")
     prompt.AddControlPoint(*centre)
 
-    session, orientation, kwargs = logic.prepareStart(
-        volume, segmentation, segment_id, prompt, user="alice", structure="liver", nSamples=16
+    session, request = logic.prepareStart(
+        volume, segmentation, segment_id, prompt, "axial", structure="liver", nSamples=SAMPLES
     )
-    assert orientation == "axial" and kwargs == {"point_ras": centre}
-    first = session.compute_start(orientation, **kwargs)
+    assert request.plane.orientation == "axial" and request.point is not None and request.box is None
+    first = session.compute_start(request)  # the worker's call: the volume copy and HTTP only
     session.show(first)
     assert logic.currentRound() is first and not logic.canUndoRound()
     assert first.recommended.shape == (64, 64) and 1 <= first.n_candidates <= 4
-    # The recommended mask covers the clicked organ on that slice.
-    plane = session.plane
-    organ = plane.extract(series.hounsfield > 100)
-    assert (first.recommended & organ).sum() > 0.5 * organ.sum()
+    organ = session.plane.extract(series.hounsfield > 100)
+    assert (first.recommended & organ).sum() > 0.5 * organ.sum()  # the mask covers the clicked organ
 
-    # A click inside a candidate's overlay finds it; choosing gives round 2; undo returns to round 1.
+    # A click inside a candidate's overlay finds it; outside the volume finds nothing (no traceback).
     k = int(np.argmax([np.count_nonzero(d) for d in first.differences]))
     rows, cols = np.nonzero(first.differences[k])
-    hit = logic.candidateAt("axial", pixel_to_ras(volume, plane, (cols[0], rows[0])))
+    hit = logic.candidateAt("axial", pixel_to_ras(volume, session.plane, (cols[0], rows[0])))
     assert hit is not None and first.differences[hit][rows[0], cols[0]] != 0
     assert logic.candidateAt("sagittal", centre) is None
+    assert logic.candidateAt("axial", (5000.0, 5000.0, centre[2])) is None
     second = session.choose(hit)
     assert second.index == 2 and logic.canUndoRound()
     assert logic.undoRound().index == 1
 
-    # Accept: the segment gets the mask on that slice only, tagged, and the profile is written.
-    logic.accept()
+    # Accept: the segment gets the mask on that slice only, tagged; the server keeps alice's profile.
+    assert logic.accept() is None
     stored = read_segment(segmentation, segment_id, volume)
-    assert np.array_equal(plane.extract(stored), first.recommended) and stored.sum() == first.recommended.sum()
+    assert np.array_equal(session.plane.extract(stored), first.recommended) and stored.sum() == first.recommended.sum()
     segment = segmentation.GetSegmentation().GetSegment(segment_id)
     values = {key: segment_tag(segment, key) for key in (ALGORITHM_TYPE_TAG, ALGORITHM_NAME_TAG)}
     assert values[ALGORITHM_TYPE_TAG] == "SEMIAUTOMATIC" and values[ALGORITHM_NAME_TAG] == "SPA"
-    assert logic.profileStore.initial_weights("alice", "liver") is not None
+    assert [(p["structure"], p["n_sessions"]) for p in logic.profiles()] == [("liver", 1)]
     assert logic.currentRound() is None and logic.canUndoAccepted()
 
     # Slicer's segmentation undo takes the accepted slice back out, redo puts it back.
@@ -147,28 +132,32 @@ def test_module_logic_workflow_on_real_mrml(module, mrml_scene, shipped_model, c
     assert logic.segmentUndo(segmentation).redo()
     assert np.array_equal(read_segment(segmentation, segment_id, volume), stored)
 
-    # Propagation with the panel's settings reaches the neighbouring slices of the organ, as one undo step.
-    options = module.SPASegmentationLogic.propagationOptions(3, 8)
-    result = session.compute_propagate(**options)
-    assert set(result.masks) and all(abs(index - plane.index) <= 3 for index in result.masks)
+    # Propagation on the server, with progress, written as one undo step.
+    calls = []
+    options = SPASegmentationLogic.propagationOptions(3, 8)
+    result = session.compute_propagate(progress=lambda done, total: calls.append((done, total)) is None, **options)
+    assert calls and session.plane.index in result.masks and len(result.masks) > 1
+    assert all(abs(index - session.plane.index) <= 3 for index in result.masks)
     session.apply_propagation(result)
     propagated = read_segment(segmentation, segment_id, volume)
-    assert plane.index in result.masks and len(result.masks) > 1  # the start slice and at least one neighbour
     filled = sorted(int(k) for k in np.flatnonzero(propagated.any(axis=(1, 2))))
     assert filled == sorted(i for i, m in result.masks.items() if m.any())
-    for index, mask in result.masks.items():
-        assert np.array_equal(plane.at(index).extract(propagated), mask)
     logic.undoAccepted()
     assert np.array_equal(read_segment(segmentation, segment_id, volume), stored)
     logic.segmentUndo(segmentation).redo()
 
-    # DICOM SEG of the accepted segment against the source series: valid, and dcmqi reads the same voxels.
+    # Profiles: export to a file, import under another structure name, delete.
+    exported = logic.exportProfile("liver", tmp_path / "alice_liver.json")
+    assert json.loads(exported.read_text())["n_sessions"] == 1
+    assert logic.importProfile(exported, structure="spleen")["structure"] == "spleen"
+    logic.deleteProfile("spleen")
+    assert [p["structure"] for p in logic.profiles()] == ["liver"]
+
+    # DICOM SEG against the source series: valid, and dcmqi reads the same voxels.
     files = logic.exportDicomSeg(segmentation, volume, tmp_path / "seg", referenceSeriesFolder=series.folder)
-    assert len(files) == 1
     seg_path = Path(files[0])
     assert dicom_checks.dciodvfy_errors(seg_path) == []
     dataset = pydicom.dcmread(seg_path)
-    assert dataset.SegmentSequence[0].SegmentAlgorithmType == "SEMIAUTOMATIC"
     assert dataset.SegmentSequence[0].SegmentLabel == "liver"
     assert dataset.ReferencedSeriesSequence[0].SeriesInstanceUID == series.series_uid
     segments = dicom_checks.dcmqi_segments(seg_path, tmp_path / "dcmqi")
@@ -178,17 +167,71 @@ def test_module_logic_workflow_on_real_mrml(module, mrml_scene, shipped_model, c
     assert mrml_scene.GetFirstNodeByName("SPA preview") is None
 
 
-def test_module_logic_refuses_to_export_nothing_or_without_a_series(
-    module, mrml_scene, shipped_model, ct_series, tmp_path
-):
+def test_a_volume_from_the_dicom_database_exports_without_the_slicer_plugin(logic, mrml_scene, ct_series, tmp_path):
+    """Slicer 5.8/5.10 without QuantitativeReporting: the series' files come from the DICOM database."""
     series, image = ct_series
     volume = volume_from_series(mrml_scene, image)
-    logic = module.SPASegmentationLogic()
-    logic.setModel(shipped_model, profileFolder=tmp_path / "profiles")
+    volume.SetAttribute("DICOM.instanceUIDs", " ".join(series.sop_instance_uids))
+    segmentation, segment_id = logic.addSegment(None, volume, "liver")
+    prompt = logic.newPromptNode("point")
+    prompt.AddControlPoint(*organ_centre_ras(volume, series))
+    session, request = logic.prepareStart(volume, segmentation, segment_id, prompt, "axial", nSamples=SAMPLES)
+    session.show(session.compute_start(request))
+    logic.accept()
+    # The database's own lookup (slicer.dicomDatabase.fileForInstance) answers from its file table.
+    table = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: str(f) for f in series.files}
+    files = logic.exportDicomSeg(segmentation, volume, tmp_path / "seg", fileForInstance=table.get)
+    assert pydicom.dcmread(files[0]).ReferencedSeriesSequence[0].SeriesInstanceUID == series.series_uid
+    with pytest.raises(ValueError, match="no longer holds every file"):
+        logic.exportDicomSeg(segmentation, volume, tmp_path / "seg2", fileForInstance=lambda uid: "")
+
+
+def test_module_logic_refuses_what_it_cannot_do(logic, mrml_scene, ct_series, tmp_path):
+    series, image = ct_series
+    volume = volume_from_series(mrml_scene, image)
     segmentation, _ = logic.addSegment(None, volume, "liver")
     with pytest.raises(ValueError, match="Reference series"):
         logic.exportDicomSeg(segmentation, volume, tmp_path / "seg")
     with pytest.raises(ValueError, match="empty"):
         logic.exportDicomSeg(segmentation, volume, tmp_path / "seg", referenceSeriesFolder=series.folder)
-    with pytest.raises(RuntimeError, match="load the model"):
-        module.SPASegmentationLogic().startSession(volume, segmentation, "x")
+    with pytest.raises(RuntimeError, match="connect to the SPA server"):
+        SPASegmentationLogic().startSession(volume, segmentation, "x")
+    with pytest.raises(ValueError, match="no round to accept"):
+        logic.accept()
+    with pytest.raises(ValueError, match="token"):
+        SPASegmentationLogic.connect({"mode": REMOTE, "url": "https://spa.example.org", "token": ""})
+    with pytest.raises(ValueError, match="must start with https://"):
+        SPASegmentationLogic.connect({"mode": REMOTE, "url": "spa.example.org", "token": "x" * 20})
+
+
+def test_the_minimum_slicer_version_is_stated() -> None:
+    assert versionProblem((5, 8)) is None and versionProblem((5, 12)) is None
+    assert "needs 3D Slicer 5.8 or newer" in versionProblem((5, 6))
+
+
+def test_remote_mode_needs_no_torch_in_slicers_python(connection, tmp_path):
+    """Slicer's Python with torch made unimportable: the Logic connects to the running server and segments."""
+    code = f"""
+import sys
+sys.modules["torch"] = None  # any import of torch now fails
+sys.path[:0] = [{str(ROOT / "Testing")!r}, {str(ROOT / "SPASegmentation")!r}]
+import numpy as np
+from mrml import add_volume, installed_scene, voxel_ras
+from SPAModuleLib.logic import REMOTE, SPASegmentationLogic
+with installed_scene() as scene:
+    k, j, i = np.mgrid[0:6, 0:64, 0:64]
+    values = np.where(((i - 32) / 14.0) ** 2 + ((j - 30) / 10.0) ** 2 <= 1.0, 200, 20).astype(np.int16)
+    volume = add_volume(scene, values, name="CT")
+    logic = SPASegmentationLogic()
+    logic.useConnection(logic.connect({{"mode": REMOTE, "url": {connection.client.url!r},
+                                        "token": {connection.service.token!r}, "user": "bob"}}))
+    segmentation, segment_id = logic.addSegment(None, volume, "blob")
+    prompt = logic.newPromptNode("box")
+    session = logic.startSession(volume, segmentation, segment_id, structure="blob", nSamples=8)
+    session.start("axial", box_ras=(voxel_ras(volume, (3, 16, 14)), voxel_ras(volume, (3, 44, 50))))
+    logic.accept()
+    print("profiles", [p["structure"] for p in logic.profiles()], "torch" in sys.modules and sys.modules["torch"])
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("profiles ['blob'] None")

@@ -27,10 +27,11 @@ from tqdm import tqdm
 from ..data.dataset import MultiRaterCase, rater_statistics
 from ..data.detect import open_dataset
 from ..embeddings import EmbeddingCache
-from ..engine import DEFAULT_SAMPLES, start_prompt
+from ..engine import start_prompt
 from ..errors import DataError
 from ..metrics import candidate_diversity, dice, size_bin
 from ..model.spa import SPAModel
+from ..rounds import DEFAULT_SAMPLES
 from ..session import DEFAULT_FOCUS, ChoiceAnchor, FocusMode, Session
 from ..simulation.choices import largest_error_click, nearest_candidate
 from ..simulation.preferences import consensus, fixed_preferences

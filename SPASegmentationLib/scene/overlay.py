@@ -18,7 +18,7 @@ import slicer
 
 from ..errors import InputError
 from ..palette import RECOMMENDED, rgb
-from ..session import Round
+from ..rounds import Round
 from .geometry import SlicePlane, check_plane
 from .segments import oriented_labelmap
 

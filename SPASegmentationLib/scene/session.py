@@ -15,9 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from ..engine import DEFAULT_SAMPLES
 from ..errors import InputError
-from ..rounds import Round
+from ..rounds import DEFAULT_SAMPLES, Round
 from ..service.protocol import array_digest
 from .geometry import (
     SlicePlane,

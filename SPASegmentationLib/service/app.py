@@ -31,11 +31,11 @@ from starlette.concurrency import run_in_threadpool
 from .. import __version__
 from ..backend import BackendSession, InProcessBackend
 from ..embeddings import EmbeddingCache
-from ..engine import DEFAULT_SAMPLES
 from ..errors import InputError, ProfileError, SPAError
 from ..model.spa import SPAModel
 from ..profile_db import SQLiteProfileStore
 from ..profiles import validate_name
+from ..rounds import DEFAULT_SAMPLES
 from .protocol import (
     API_VERSION,
     FRAME_MEDIA_TYPE,

@@ -48,12 +48,18 @@ class SPAClient:
 
     def __init__(self, url: str, token: str, user: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         self.url = url.rstrip("/")
+        self.user = user
         self.timeout = timeout
+        self._token = token
         self._http = requests.Session()
         self._http.headers["Authorization"] = f"Bearer {token}"
         if user is not None:
             self._http.headers[USER_HEADER] = user
         self._known_images: set[str] = set()
+
+    def for_user(self, user: str | None) -> SPAClient:
+        """The same server and token, acting as ``user`` (a team token refuses any user but its own)."""
+        return SPAClient(self.url, self._token, user=user, timeout=self.timeout)
 
     # ----- plumbing -----
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
