@@ -586,3 +586,15 @@ def test_cmake_configures_against_stand_in_slicer_macros(tmp_path):
     assert all((scripted / relative).is_file() for relative in library)
     for weights in (ROOT / "Resources" / "models").glob("*.pt"):
         assert (scripted / "Resources" / "models" / weights.name).is_file()
+
+
+def test_the_minimum_slicer_version_is_the_same_everywhere():
+    logic = ast.parse(LOGIC_PY.read_text(encoding="utf-8"))
+    assign = next(
+        n for n in logic.body if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "MINIMUM_SLICER_VERSION"
+    )
+    version = ".".join(str(v) for v in ast.literal_eval(assign.value))
+    assert f"set(SPA_MINIMUM_SLICER_VERSION {version})" in TOP_CMAKE.read_text(encoding="utf-8")
+    assert f"Minimum Slicer version: {version}" in (ROOT / "SPA.s4ext").read_text(encoding="utf-8")
+    assert f"Needs 3D Slicer {version} or newer" in (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"Needs 3D Slicer {version} or newer" in MODULE_PY.read_text(encoding="utf-8")
