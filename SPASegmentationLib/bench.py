@@ -308,7 +308,7 @@ def bench_service(
                 noop_times.append(time.perf_counter() - t0)
 
             # the reply frame of the last round as the server makes it, from the round as computed (full
-            # precision: the in-process one; the client's copy went through float16): its size, and what it
+            # precision: the in-process one; the client's copy was quantised on the wire): its size, and what it
             # costs to encode (the server's share of the serialisation) and to decode (the client's)
             meta = {"session": remote.session_id, "state": remote.state, "start": remote.start_record}
             encode_times, decode_times = [], []

@@ -102,13 +102,6 @@ def cluster_candidates(
     )
 
 
-def signed_differences(candidate_masks: np.ndarray, recommended: np.ndarray) -> np.ndarray:
-    """(K, h, w) candidates vs the recommended (h, w) mask → int8 maps: +1 added, −1 removed, 0 same."""
-    added = candidate_masks & ~recommended
-    removed = ~candidate_masks & recommended
-    return added.astype(np.int8) - removed.astype(np.int8)
-
-
 def feedback_from_choice(
     candidates: CandidateClusters, chosen: int, mean_probability: np.ndarray, rng: np.random.Generator
 ) -> tuple[tuple[float, float] | None, bool, np.ndarray]:

@@ -9,6 +9,13 @@ import numpy as np
 DEFAULT_SAMPLES = 48  # N masks sampled per round at inference (the paper's N)
 
 
+def signed_differences(candidate_masks: np.ndarray, recommended: np.ndarray) -> np.ndarray:
+    """(K, h, w) candidates vs the recommended (h, w) mask → int8 maps: +1 added, −1 removed, 0 same."""
+    added = candidate_masks & ~recommended
+    removed = ~candidate_masks & recommended
+    return added.astype(np.int8) - removed.astype(np.int8)
+
+
 @dataclass
 class Round:
     """What the user sees in one round, at the image's size (the model-frame round is ``engine.ModelRound``)."""

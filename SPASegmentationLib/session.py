@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .candidates import N_CANDIDATES, signed_differences
+from .candidates import N_CANDIDATES
 from .embeddings import EmbeddingCache
 from .engine import (
     BOX_SEARCH_MAX_SIDES,
@@ -46,7 +46,7 @@ from .metrics import dice
 from .model.preprocess import FocusWindow, ImageGeometry, focus_window, intensity_window
 from .model.spa import Prompt, SPAModel
 from .preference import PreferenceMixture, check_weights, uniform_weights
-from .rounds import DEFAULT_SAMPLES, Round
+from .rounds import DEFAULT_SAMPLES, Round, signed_differences
 
 STATE_KIND = "spa-session"
 STATE_VERSION = 1

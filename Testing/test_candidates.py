@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from SPASegmentationLib.candidates import aggregate, cluster_candidates, feedback_from_choice, signed_differences
+from SPASegmentationLib.candidates import aggregate, cluster_candidates, feedback_from_choice
 from SPASegmentationLib.errors import InputError
+from SPASegmentationLib.rounds import signed_differences
 from SPASegmentationLib.simulation.choices import nearest_candidate
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..rounds import Round
+from ..rounds import Round, signed_differences
 
 API_VERSION = 1
 MAGIC = b"SPA\x01"
@@ -185,8 +185,17 @@ class PlaneSpec:
         return np.ascontiguousarray(image)
 
 
+MAP_LEVELS = 65535  # probability and uncertainty maps (both within [0, 1]) travel as uint16 steps of 1/65535
+
+
+def _quantised(values: np.ndarray) -> np.ndarray:
+    # uint16 rather than float16: converting real probability maps (full of tiny values) to float16 is slow
+    return np.rint(np.clip(values, 0.0, 1.0) * MAP_LEVELS).astype(np.uint16)
+
+
 def encode_round(round_: Round, meta: dict[str, Any]) -> bytes:
-    """A round as one frame (maps as float16, masks as bits); ``meta`` travels beside it."""
+    """A round as one frame (maps in 1/65535 steps, masks as bits; the differences are rebuilt on arrival);
+    ``meta`` travels beside it."""
     return encode_frame(
         {
             **meta,
@@ -197,11 +206,10 @@ def encode_round(round_: Round, meta: dict[str, Any]) -> bytes:
             },
         },
         {
-            "probability": round_.probability.astype(np.float16),
-            "uncertainty": round_.uncertainty.astype(np.float16),
+            "probability": _quantised(round_.probability),
+            "uncertainty": _quantised(round_.uncertainty),
             "recommended": round_.recommended.astype(bool),
             "candidates": round_.candidates.astype(bool),
-            "differences": round_.differences.astype(np.int8),
             "candidate_shares": np.asarray(round_.candidate_shares, dtype=np.float32),
             "mixture_weights": np.asarray(round_.mixture_weights, dtype=np.float32),
         },
@@ -213,13 +221,14 @@ def decode_round(data: bytes) -> tuple[Round, dict[str, Any]]:
     meta, arrays = decode_frame(data)
     try:
         info = meta.pop("round")
+        recommended, candidates = arrays["recommended"], arrays["candidates"]
         round_ = Round(
             index=int(info["index"]),
-            probability=arrays["probability"].astype(np.float32),
-            recommended=arrays["recommended"],
-            uncertainty=arrays["uncertainty"].astype(np.float32),
-            candidates=arrays["candidates"],
-            differences=arrays["differences"],
+            probability=arrays["probability"].astype(np.float32) / MAP_LEVELS,
+            recommended=recommended,
+            uncertainty=arrays["uncertainty"].astype(np.float32) / MAP_LEVELS,
+            candidates=candidates,
+            differences=signed_differences(candidates, recommended),
             candidate_shares=arrays["candidate_shares"],
             mixture_weights=arrays["mixture_weights"],
             seconds=float(info["seconds"]),
