@@ -105,7 +105,9 @@ class SPASegmentationParameterNode:
         48  # SPASegmentationLib.rounds.DEFAULT_SAMPLES (a test keeps them equal)
     )
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
-    device: Annotated[str, Choice(list(DEVICE_CHOICES))] = "auto"  # local server: auto = cuda, mps, then cpu
+    # the local server's device (auto = cuda, mps, then cpu); a new name, so scenes saved by older versions (whose
+    # "device" could be empty, not a valid choice) still load
+    serverDevice: Annotated[str, Choice(list(DEVICE_CHOICES))] = "auto"
     serverMode: Annotated[str, Choice([LOCAL, REMOTE])] = LOCAL
     serverUrl: str = ""
     modelPath: pathlib.Path
@@ -681,7 +683,7 @@ class SPASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "user": p.user or self.logic.defaultUser(),
             "url": p.serverUrl,
             "token": self.ui.serverTokenLineEdit.text.strip(),
-            "device": p.device,
+            "device": p.serverDevice,
             "modelPath": pathOrNone(p.modelPath),
             "backboneCheckpoint": pathOrNone(p.backboneCheckpoint),
             "profilesDb": profileFolder / "profiles.sqlite3",

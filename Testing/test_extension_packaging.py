@@ -218,7 +218,9 @@ def test_parameter_node_holds_the_workflow_state():
         "firstPromptMode",
         "nSamples",
         "opacity",
-        "device",
+        "serverDevice",
+        "serverMode",
+        "serverUrl",
         "modelPath",
         "propagateMaxSlices",
     ):
@@ -598,3 +600,57 @@ def test_the_minimum_slicer_version_is_the_same_everywhere():
     assert f"Minimum Slicer version: {version}" in (ROOT / "SPA.s4ext").read_text(encoding="utf-8")
     assert f"Needs 3D Slicer {version} or newer" in (ROOT / "README.md").read_text(encoding="utf-8")
     assert f"Needs 3D Slicer {version} or newer" in MODULE_PY.read_text(encoding="utf-8")
+
+
+# ----- the panel's fixes that only a real Slicer can run (Qt): pinned by the source ---------------------------
+
+
+def widget_methods() -> dict[str, str]:
+    widget = classes()["SPASegmentationWidget"]
+    return {f.name: ast.unparse(f) for f in widget.body if isinstance(f, ast.FunctionDef)}
+
+
+def test_spa_commits_share_the_segment_editors_own_undo():
+    editor_undo = ast.unparse(classes()["EditorUndo"])
+    for call in ("self.editor.saveStateForUndo()", "self.editor.undo()", "self.editor.redo()", "'UndoButton'"):
+        assert call in editor_undo
+    assert "self.logic.undo = EditorUndo(self.ui.embeddedSegmentEditorWidget)" in widget_methods()["setup"]
+
+
+def test_the_embedded_editor_is_released_on_exit_cleanup_and_scene_close():
+    methods = widget_methods()
+    release = methods["_releaseEditor"]
+    for call in ("setActiveEffect(None)", "removeViewObservations()", "setSegmentationNode(None)"):
+        assert call in release
+    assert "self._releaseEditor()" in methods["exit"]
+    assert "self._releaseEditor(forget=True)" in methods["onSceneStartClose"]
+    assert "self._releaseEditor(forget=True)" in methods["cleanup"]
+
+
+def test_the_editor_gets_the_node_the_selector_signal_carries():
+    methods = widget_methods()
+    assert "self._setEditorInputs(volume=node)" in methods["onVolumeChanged"]
+    assert "self._setEditorInputs(segmentation=node)" in methods["onSegmentationChanged"]
+
+
+def test_round_keys_need_a_round_and_never_take_typed_keys():
+    methods = widget_methods()
+    assert "self._typingInto(qt.QApplication.focusWidget())" in methods["_updateShortcuts"]
+    assert "shortcut.enabled = active[when] and (not typing)" in methods["_updateShortcuts"]
+    for kind in ("QLineEdit", "QAbstractSpinBox", "QTextEdit"):
+        assert kind in methods["_typingInto"]
+    assert "focusChanged(QWidget*,QWidget*)" in methods["setup"]
+    assert "self._updateShortcuts()" in methods["_updateButtons"]
+
+
+def test_the_reference_series_field_picks_a_folder():
+    tree = ET.parse(MODULE_UI)
+    widget = next(w for w in tree.iter("widget") if w.get("name") == "referenceSeriesPathLineEdit")
+    filters = next(p for p in widget.iter("property") if p.get("name") == "filters").findtext("set")
+    assert "ctkPathLineEdit::Dirs" in filters and "ctkPathLineEdit::Files" not in filters
+
+
+def test_failed_actions_still_update_the_buttons():
+    methods = widget_methods()
+    for name in ("onAccept", "onUndo", "_startFromPrompt"):
+        assert "finally:\n" in methods[name] and "self._updateButtons()" in methods[name].split("finally:")[-1]
