@@ -853,16 +853,22 @@ class SPASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
 
     def onAccept(self, candidate: Optional[int] = None) -> None:
-        """Commit the recommended mask, or candidate ``candidate`` (0-based) as shown, into the segment (undoable);
-        the server updates the user's profile."""
+        """Accept the recommended mask, or candidate ``candidate`` (0-based) as shown: the server accepts and updates
+        the user's profile (worker), then the mask goes into the segment (here, undoable)."""
         round_ = self.logic.currentRound()
         if round_ is None or self._pendingFuture is not None:
             return
         if candidate is not None and candidate >= round_.n_candidates:
             return
+        self._runAsync(self.logic.sceneSession.compute_accept, (candidate,), self._commitAccepted, "Accepting")
+
+    def _commitAccepted(self, mask) -> None:
+        """Write the accepted mask into the segment and say whether the profile was updated."""
+        if self.logic.sceneSession is None:
+            return
         try:
-            with slicer.util.tryWithErrorDisplay("Could not accept the result.", waitCursor=True):
-                problem = self.logic.accept(candidate)
+            with slicer.util.tryWithErrorDisplay("Could not write the accepted mask.", waitCursor=True):
+                problem = self.logic.commitAccepted(mask)
                 if self._parameterNode and self._parameterNode.user:
                     self._rememberUser(self._parameterNode.user)
                 if problem:
@@ -870,7 +876,7 @@ class SPASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 else:
                     self._status("Accepted into the segment. Ctrl+Z undoes; Propagate continues through the slices.")
         except Exception:
-            logging.exception("SPA: accept failed")
+            logging.exception("SPA: writing the accepted mask failed")
         finally:
             self._updateButtons()
 
@@ -894,8 +900,7 @@ class SPASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             with slicer.util.tryWithErrorDisplay("Could not undo.", waitCursor=True):
                 if self.logic.canUndoRound():
-                    round_ = self.logic.undoRound()
-                    self._status(f"Back to round {round_.index}." if round_ is not None else "Nothing to undo.")
+                    self._runAsync(self.logic.sceneSession.compute_undo, (), self._showRound, "Going back a round")
                 elif self.logic.undoAccepted():
                     self._status("The last change of the segmentation was undone.")
         except Exception:

@@ -652,5 +652,24 @@ def test_the_reference_series_field_picks_a_folder():
 
 def test_failed_actions_still_update_the_buttons():
     methods = widget_methods()
-    for name in ("onAccept", "onUndo", "_startFromPrompt"):
+    for name in ("_commitAccepted", "onUndo", "_startFromPrompt"):
         assert "finally:\n" in methods[name] and "self._updateButtons()" in methods[name].split("finally:")[-1]
+
+
+def test_the_panel_waits_on_the_server_only_from_the_worker():
+    """Every server call of the panel (SceneSession.compute_*, logic.connect) is handed to _runAsync, never made."""
+    widget = classes()["SPASegmentationWidget"]
+    handed = set()
+    for call in ast.walk(widget):
+        if isinstance(call, ast.Call) and ast.unparse(call.func) == "self._runAsync":
+            handed.update(id(arg) for arg in ast.walk(call.args[0]))
+    server_calls = [
+        node
+        for node in ast.walk(widget)
+        if isinstance(node, ast.Attribute)
+        and (node.attr.startswith("compute_") or ast.unparse(node) == "self.logic.connect")
+    ]
+    assert len(server_calls) >= 5
+    assert all(id(node) in handed for node in server_calls), [
+        ast.unparse(n) for n in server_calls if id(n) not in handed
+    ]

@@ -386,12 +386,18 @@ class SPASegmentationLogic:
 
     def accept(self, candidate: Optional[int] = None) -> Optional[str]:
         """Commit the recommended mask, or candidate ``candidate`` (0-based) as shown (undoable), tag it; the
-        server updates the profile. Returns why the profile could not be updated, or None."""
-        import time
-
+        server updates the profile. Returns why the profile could not be updated, or None. (Synchronous: scripts
+        and tests; the panel runs ``compute_accept`` on the worker and ``commitAccepted`` here.)"""
         if self.sceneSession is None or self.currentRound() is None:
             raise ValueError("there is no round to accept; click inside a structure first")
-        self.sceneSession.accept(candidate)
+        return self.commitAccepted(self.sceneSession.compute_accept(candidate))
+
+    def commitAccepted(self, mask) -> Optional[str]:
+        """Main thread: write a mask the server accepted (``SceneSession.compute_accept`` on the worker) into the
+        segment. Returns why the profile could not be updated, or None."""
+        import time
+
+        self.sceneSession.commit(mask)
         self.lastAccepted = time.time()
         return self.sceneSession.profile_error
 

@@ -179,30 +179,46 @@ class SceneSession:
             return None
         return self.overlay.candidate_at(self.plane, ras_to_pixel(self.volume_node, self.plane, ras))
 
-    def undo_round(self) -> Round | None:
-        """Go back one round and show it; None when already at the first round (nothing changes)."""
+    def compute_undo(self) -> Round | None:
+        """The previous round (worker thread); None when already at the first round (nothing changes)."""
         session = self.session
         if session is None or session.current is None or session.current.index <= 1:
             return None
-        round_ = session.undo()
-        self.show(round_)
+        return session.undo()
+
+    def undo_round(self) -> Round | None:
+        """compute_undo + show."""
+        round_ = self.compute_undo()
+        if round_ is not None:
+            self.show(round_)
         return round_
 
+    def compute_accept(self, candidate: int | None = None) -> np.ndarray:
+        """The backend accepts the recommended mask, or candidate ``candidate`` (0-based) as shown, and folds the
+        session into the user's profile (worker thread); returns the mask for :meth:`commit`."""
+        return self._require_session().accept(candidate)
+
     def accept(self, candidate: int | None = None) -> np.ndarray:
-        """Commit the recommended mask, or candidate ``candidate`` (0-based) as shown, into the segment (one undo
-        step), tag it and clear the preview; the backend folds the session into the user's profile (a profile it
-        cannot update is reported in ``profile_error``, the commit stands)."""
+        """compute_accept + commit."""
+        mask = self.compute_accept(candidate)
+        self.commit(mask)
+        return mask
+
+    def commit(self, mask: np.ndarray) -> None:
+        """Write an accepted mask into the segment on the session's slice (one undo step), tag it and clear the
+        preview (main thread). A profile the backend could not update is reported in ``profile_error``; the
+        commit stands."""
         session = self._require_session()
-        mask = session.accept(candidate)
+        if getattr(session, "accepted_weights", None) is None:
+            raise InputError("accept the round first (compute_accept); only an accepted mask is committed")
         self.undo.save()
         commit_mask(self.segmentation_node, self.segment_id, self.volume_node, self.plane, mask)
         tag_spa_segment(self.segmentation_node, self.segment_id, self.structure)
         self.overlay.clear()
         self.accepted_mask = mask
-        self.accepted_weights = None if session.accepted_weights is None else np.asarray(session.accepted_weights)
+        self.accepted_weights = np.asarray(session.accepted_weights)
         self.profile_error = getattr(session, "profile_error", None)
         self.session = None
-        return mask
 
     def cancel(self) -> None:
         """Drop the current interaction: the preview goes, the segmentation is untouched."""
