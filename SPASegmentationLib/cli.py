@@ -283,8 +283,23 @@ def cmd_segment(args: argparse.Namespace) -> int:
 # ----- profiles -----------------------------------------------------------------------------------
 def cmd_profile(args: argparse.Namespace) -> int:
     """list | show | export | import | delete preference profiles."""
+    from .errors import InputError
     from .profiles import ProfileStore
 
+    needs = {
+        "show": ("user", "structure"),
+        "export": ("user", "structure", "file"),
+        "import": ("file",),
+        "delete": ("user", "structure"),
+    }.get(args.action, ())
+    missing = [f"--{name}" for name in needs if not getattr(args, name)]
+    if missing:
+        what = {"--file": "FILE", "--user": "NAME", "--structure": "NAME"}
+        raise InputError(
+            f"spa profile {args.action} needs {' '.join(f'{m} {what[m]}' for m in missing)}"
+            + (" (a file, or a folder ending in /, to write the profile to)" if args.action == "export" else "")
+            + (" (a profile file made by spa profile export)" if args.action == "import" else "")
+        )
     fingerprint = args.fingerprint or _load_model(args).fingerprint()
     store = ProfileStore(_opt_path(args, "profiles"), model_fingerprint=fingerprint)
     if args.action == "list":
@@ -306,7 +321,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         _print_json(profile.to_dict())
         return 0
     if args.action == "export":
-        print(store.export(args.user, args.structure, Path(args.file)))
+        print(store.export(args.user, args.structure, args.file))
         return 0
     if args.action == "import":
         profile = store.import_profile(

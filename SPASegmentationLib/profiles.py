@@ -10,6 +10,7 @@ never overwritten or removed, except by an explicit :meth:`ProfileStore.delete`.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -298,8 +299,8 @@ class ProfileStore:
     def _parse(self, path: Path, data: bytes, *, check_fingerprint: bool) -> Profile:
         """Validate the bytes of a profile file; every refusal names the file."""
         untouched = (
-            "the file was left untouched; remove it with ProfileStore.delete() or by deleting the file, "
-            "or replace it with a good copy"
+            "the file was left untouched; remove it with `spa profile delete` (ProfileStore.delete) or by deleting "
+            "the file, or replace it with a good copy"
         )
         try:
             payload = json.loads(data.decode("utf-8"))
@@ -391,7 +392,7 @@ class ProfileStore:
             if not path.exists():
                 raise ProfileError(
                     f"there is no preference profile for user {user!r} and structure {structure!r} at {path}; "
-                    "check the names with list_profiles()"
+                    "check the names with `spa profile list` (ProfileStore.list_profiles)"
                 )
             try:
                 path.unlink()
@@ -436,18 +437,20 @@ class ProfileStore:
             user, structure, profile.n_sessions, profile.updated, profile.model_fingerprint, path, error
         )
 
-    def export(self, user: str, structure: str, destination: Path) -> Path:
-        """Copy a validated profile to ``destination`` (a file, or a folder to put it in); return the file."""
+    def export(self, user: str, structure: str, destination: str | Path) -> Path:
+        """Copy a validated profile to ``destination`` (a file, or a folder to put it in: an existing one, or a
+        path ending in a separator, which is created); return the file."""
         path = self.path_for(user, structure)
         if not path.exists():
             raise ProfileError(
                 f"there is no preference profile for user {user!r} and structure {structure!r} at {path}; "
-                "check the names with list_profiles()"
+                "check the names with `spa profile list` (ProfileStore.list_profiles)"
             )
         data = path.read_bytes()
         self._parse(path, data, check_fingerprint=False)
+        folder = isinstance(destination, str) and destination.endswith(("/", os.sep))
         destination = Path(destination)
-        if destination.is_dir():
+        if folder or destination.is_dir():
             destination = destination / f"{user}__{structure}.json"
         try:
             write_bytes_atomic(destination, data)
@@ -476,7 +479,8 @@ class ProfileStore:
             if path.exists() and not overwrite:
                 raise ProfileError(
                     f"a preference profile for user {profile.user!r} and structure {profile.structure!r} "
-                    f"already exists at {path}; pass overwrite=True to replace it, or import under another name"
+                    f"already exists at {path}; import with --overwrite (overwrite=True) to replace it, or under "
+                    "another --user/--structure"
                 )
             self._write(path, profile)
         finally:

@@ -89,7 +89,13 @@ def test_segment_writes_masks_in_the_input_geometry_and_updates_the_profile(tmp_
     exported = spa("profile", "export", "--user", "alice", "--structure", "lesion", "--file", "p.json", cwd=tmp_path)
     assert exported.returncode == 0 and json.loads((tmp_path / "p.json").read_text())["user"] == "alice"
     again = spa("profile", "import", "--file", "p.json", cwd=tmp_path)
-    one_clear_line(again, "overwrite")
+    one_clear_line(again, "--overwrite")
+    # a folder, named with a trailing slash and not there yet, gets the profile inside it
+    into = spa("profile", "export", "--user", "alice", "--structure", "lesion", "--file", "shared/dir/", cwd=tmp_path)
+    assert into.returncode == 0 and (tmp_path / "shared" / "dir" / "alice__lesion.json").is_file()
+    one_clear_line(spa("profile", "export", "--user", "alice", "--structure", "lesion", cwd=tmp_path), "--file FILE")
+    one_clear_line(spa("profile", "import", cwd=tmp_path), "needs --file FILE")
+    one_clear_line(spa("profile", "delete", "--user", "alice", cwd=tmp_path), "--structure NAME")
     assert spa("profile", "delete", "--user", "alice", "--structure", "lesion", cwd=tmp_path).returncode == 0
     one_clear_line(spa("profile", "show", "--user", "alice", "--structure", "lesion", cwd=tmp_path), "no profile")
 

@@ -236,7 +236,7 @@ def test_export_import_round_trip_and_overwrite(tmp_path: Path) -> None:
     assert fresh.load("carol", "liver tumour") is not None
 
     fresh.update("alice", "liver", make_mixture(3))
-    with pytest.raises(ProfileError, match="overwrite=True"):
+    with pytest.raises(ProfileError, match="--overwrite"):
         fresh.import_profile(exported)
     after_refusal = fresh.load("alice", "liver")
     assert after_refusal is not None and after_refusal.n_sessions == 3
