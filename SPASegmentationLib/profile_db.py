@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from .errors import ProfileError
+from .limits import load_json
 from .preference import PreferenceMixture
-from .profiles import Profile, ProfileSummary, fold_session, validate_name
+from .profiles import Profile, ProfileSummary, check_profile_shape, fold_session, validate_name
 
 DEFAULT_TIMEOUT_S = 30.0
 MAX_PROFILE_BYTES = 1 << 20  # a profile is a few kilobytes; anything near this is not one
@@ -37,12 +38,20 @@ CREATE TABLE IF NOT EXISTS profiles (
 class SQLiteProfileStore:
     """Preference profiles in one SQLite file (WAL), for one model; safe for concurrent threads and processes."""
 
-    def __init__(self, path: Path, *, model_fingerprint: str, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        model_fingerprint: str,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        shape: tuple[int, int] | None = None,
+    ) -> None:
         if not isinstance(model_fingerprint, str) or not model_fingerprint:
             raise ProfileError("model_fingerprint must be a non-empty string; pass the fingerprint of the loaded model")
         self.path = Path(path)
         self.model_fingerprint = model_fingerprint
         self.timeout = timeout
+        self.shape = shape  # (mixture components, latent size) of the model; profiles of another shape are refused
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._connection() as connection:
@@ -89,15 +98,15 @@ class SQLiteProfileStore:
         """The validated profile of one row."""
         where = self._where(user, structure)
         try:
-            profile = Profile.from_dict(json.loads(body))
-        except (ValueError, ProfileError) as exc:
+            profile = Profile.from_dict(load_json(body, f"preference profile {where}", ProfileError))
+        except ProfileError as exc:
             raise ProfileError(f"preference profile {where} is invalid ({exc}); delete it to start a new one") from exc
         if check_fingerprint and profile.model_fingerprint != self.model_fingerprint:
             raise ProfileError(
                 f"preference profile {where} was made with model {profile.model_fingerprint!r} but the loaded model "
                 f"is {self.model_fingerprint!r}; serve the model it was made with, or delete the profile"
             )
-        return profile
+        return check_profile_shape(profile, self.shape, where) if check_fingerprint else profile
 
     @staticmethod
     def _row(connection: sqlite3.Connection, user: str, structure: str) -> str | None:
@@ -194,7 +203,7 @@ class SQLiteProfileStore:
     ) -> Profile:
         """Add a profile's JSON (made by ``spa profile export``) for ``user``, optionally under another structure."""
         try:
-            profile = Profile.from_dict(payload)
+            profile = check_profile_shape(Profile.from_dict(payload), self.shape, "uploaded")
         except ProfileError as exc:
             raise ProfileError(
                 f"the uploaded profile is invalid ({exc}); upload a file made by 'spa profile export'"

@@ -9,7 +9,6 @@ never overwritten or removed, except by an explicit :meth:`ProfileStore.delete`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import torch
 
 from .errors import ProfileError
 from .io.atomic import write_bytes_atomic, write_json_atomic
+from .limits import MAX_PROFILE_BYTES, MAX_PROFILE_SESSIONS, load_json
 from .preference import PreferenceMixture, check_weights
 from .resources import spa_home
 
@@ -60,11 +60,26 @@ def _check_iso_time(value: object, what: str) -> str:
     return value
 
 
-def _check_int(value: object, what: str, minimum: int) -> int:
-    """Check that ``value`` is an integer (not a bool) of at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ProfileError(f"{what} must be an integer >= {minimum}, not {value!r}")
+def _check_int(value: object, what: str, minimum: int, maximum: int = MAX_PROFILE_SESSIONS) -> int:
+    """Check that ``value`` is an integer (not a bool) from ``minimum`` to ``maximum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ProfileError(f"{what} must be an integer from {minimum} to {maximum}, not {value!r}")
     return value
+
+
+def check_profile_shape(profile: Profile, shape: tuple[int, int] | None, where: str) -> Profile:
+    """Refuse a profile whose mixture does not fit the model: ``shape`` = (components, latent size)."""
+    if shape is None:
+        return profile
+    mixture = profile.last_mixture
+    found = (len(profile.weights), mixture.latent_dim)
+    if found != tuple(shape) or mixture.n_components != shape[0]:
+        raise ProfileError(
+            f"preference profile {where} has {found[0]} components of size {found[1]} but the model's mixture has "
+            f"{shape[0]} of size {shape[1]}; it was not made with this model: delete it (`spa profile delete`) "
+            "or import a profile made with this model"
+        )
+    return profile
 
 
 def _check_weights(value: object) -> list[float]:
@@ -266,12 +281,14 @@ class ProfileStore:
         *,
         model_fingerprint: str,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S,
+        shape: tuple[int, int] | None = None,
     ) -> None:
         if not isinstance(model_fingerprint, str) or not model_fingerprint:
             raise ProfileError("model_fingerprint must be a non-empty string; pass the fingerprint of the loaded model")
         self.root = Path(root) if root is not None else spa_home() / "profiles"
         self.model_fingerprint = model_fingerprint
         self.lock_timeout = lock_timeout
+        self.shape = shape  # (mixture components, latent size) of the model; profiles of another shape are refused
 
     # ----- paths and locking -----
 
@@ -303,9 +320,9 @@ class ProfileStore:
             "the file, or replace it with a good copy"
         )
         try:
-            payload = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ProfileError(f"preference profile {path} is corrupt (not valid JSON: {exc}); {untouched}") from exc
+            payload = load_json(data, f"preference profile {path}", ProfileError)
+        except ProfileError as exc:
+            raise ProfileError(f"{exc}; {untouched}") from exc
         if isinstance(payload, dict) and payload.get("kind") == PROFILE_KIND:
             version = payload.get("schema_version")
             if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
@@ -323,11 +340,17 @@ class ProfileStore:
                 f"model is {self.model_fingerprint!r}; load the model it was made with, or delete the profile "
                 "and let a new one be created for this model"
             )
-        return profile
+        return check_profile_shape(profile, self.shape, str(path)) if check_fingerprint else profile
 
     def _read_file(self, path: Path, *, check_fingerprint: bool) -> Profile:
-        """Read and validate one profile file."""
+        """Read and validate one profile file (its size first: a huge file is refused unread)."""
         try:
+            size = path.stat().st_size
+            if size > MAX_PROFILE_BYTES:
+                raise ProfileError(
+                    f"preference profile {path} is {size:,} bytes, more than the {MAX_PROFILE_BYTES:,} a profile can "
+                    "be; it is not a profile SPA wrote (the file was left untouched)"
+                )
             data = path.read_bytes()
         except OSError as exc:
             raise ProfileError(

@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
         "io.terminology",
         "worker",
         "rounds",
+        "limits",
         "service",
     ),
     ("io.images", "io.dicom_seg", "model.preprocess", "service.protocol", "service.client"),

@@ -21,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
+from ..limits import MAX_VOLUME_VOXELS, pixels_message
 from .atomic import atomic_target
 
 SUPPORTED_FORMATS = (
@@ -130,6 +131,8 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
             "move the series you want into a folder of its own"
         )
     file_names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
+    if file_names:
+        _check_size(Path(file_names[0]), n_files=len(file_names))
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(file_names)
     try:
@@ -148,11 +151,51 @@ def read_reference(path: str | os.PathLike) -> tuple[sitk.Image, str]:
     if path.is_dir():
         return _read_dicom_series(path), "dicom"
     image_format = _format_of(path)
+    _check_size(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise InputError(_unreadable(path)) from exc
+    if image_format == "nifti":
+        _check_nifti_finite(path)
     return image, image_format
+
+
+def _check_size(path: Path, n_files: int = 1) -> None:
+    """Refuse an image beyond SPA's limits from its header alone, before any pixel is read."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(_unreadable(path)) from exc
+    size = [int(s) for s in reader.GetSize()]
+    problem = pixels_message(size[1] if len(size) > 1 else 1, size[0], str(path))
+    if problem:
+        raise InputError(problem)
+    voxels = int(np.prod(size, dtype=np.int64)) * n_files
+    if voxels > MAX_VOLUME_VOXELS:
+        raise InputError(
+            f"{path} holds {voxels:,} voxels, more than SPA's limit of {MAX_VOLUME_VOXELS:,}; crop or split the volume"
+        )
+
+
+def _check_nifti_finite(path: Path) -> None:
+    """NIfTI pixels as stored: ITK's reader turns NaN and infinity into 0, so they are looked at here (nibabel)."""
+    import nibabel
+
+    try:
+        image = nibabel.load(str(path))
+        if image.get_data_dtype().kind != "f" and image.dataobj.slope in (1, None) and image.dataobj.inter in (0, None):
+            return
+        values = np.asarray(image.dataobj)
+    except Exception as exc:  # nibabel's many error types: a file ITK read but nibabel cannot is damaged
+        raise InputError(_unreadable(path)) from exc
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise InputError(
+            f"{path} has {bad} NaN or infinite voxel(s); replace them with finite values and save it again"
+        )
 
 
 def _colour_to_uint8(array: np.ndarray) -> np.ndarray:

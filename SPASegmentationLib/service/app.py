@@ -32,6 +32,7 @@ from .. import __version__
 from ..backend import BackendSession, InProcessBackend
 from ..embeddings import EmbeddingCache
 from ..errors import InputError, ProfileError, SPAError
+from ..limits import load_json
 from ..model.spa import SPAModel
 from ..profile_db import SQLiteProfileStore
 from ..profiles import validate_name
@@ -560,12 +561,7 @@ def build_app(service: Service) -> FastAPI:
     @app.put("/v1/profiles/{structure}")
     async def put_profile(structure: str, request: Request, overwrite: bool = False) -> dict[str, Any]:
         user = service.user_of(request)
-        try:
-            payload = await request.json()
-        except ValueError as exc:
-            raise InputError(
-                f"the profile is not valid JSON ({exc}); upload a file made by 'spa profile export'"
-            ) from exc
+        payload = load_json(await request.body(), "the uploaded profile", InputError)
         profile = await run_in_threadpool(
             service.profiles.import_payload, payload, user, structure, overwrite=overwrite
         )

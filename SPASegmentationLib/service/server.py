@@ -103,7 +103,9 @@ def serve(
         tokens[token] = None
     model = default_model(device) if model_path is None else load_model(model_path, checkpoint, device)
     profiles = SQLiteProfileStore(
-        profiles_db or spa_home() / "serve" / "profiles.sqlite3", model_fingerprint=model.fingerprint()
+        profiles_db or spa_home() / "serve" / "profiles.sqlite3",
+        model_fingerprint=model.fingerprint(),
+        shape=(model.config.n_components, model.config.latent_dim),
     )
     service = Service(model, profiles, tokens, limits)
     app = BodyLimit(build_app(service), limits.max_request_bytes)

@@ -1,0 +1,110 @@
+"""The hostile-user probe of issue 10, each finding as a test: one `spa: error:` line and exit 2, never a traceback,
+never a silently wrong result; what is valid but unusual (negative window values) works."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from PIL import Image
+from test_cli import one_clear_line, spa
+from test_profiles import FINGERPRINT, make_mixture
+
+from SPASegmentationLib.profiles import ProfileStore
+
+
+@pytest.fixture(scope="module")
+def ct(tmp_path_factory) -> Path:
+    """A small CT-like NRRD with a bright square."""
+    values = np.random.default_rng(0).normal(0, 30, (64, 64)).astype(np.int16)
+    values[20:44, 20:44] += 200
+    path = tmp_path_factory.mktemp("ct") / "ct.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(path))
+    return path
+
+
+@pytest.mark.parametrize("fill", ["nan", "inf", "all-nan"])
+def test_nan_and_infinity_in_nifti_are_refused(tmp_path: Path, fill: str) -> None:
+    values = np.random.default_rng(0).random((32, 32)).astype(np.float32)
+    if fill == "all-nan":
+        values[:] = np.nan
+    else:
+        values[4:9, 4:9] = np.nan if fill == "nan" else np.inf
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(tmp_path / "x.nii.gz"))
+    one_clear_line(spa("segment", "x.nii.gz", "--point", "16,16", cwd=tmp_path), "NaN or infinite")
+
+
+def test_an_image_too_large_is_refused_before_any_work(tmp_path: Path) -> None:
+    Image.fromarray(np.zeros((4200, 4100), np.uint8)).save(tmp_path / "huge.png")
+    one_clear_line(spa("segment", "huge.png", "--point", "5,5", cwd=tmp_path), "4096×4096")
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["segment", "{ct}", "--point", "30,30", "--seed", "-1"], "--seed"),
+        (["segment", "{ct}", "--point", "30,30", "--device", "foo"], "not a device"),
+        (["segment", "{ct}", "--point", "30,30", "--samples", "100000000"], "--samples"),
+        (["segment", "{ct}", "--point", "30,30", "--samples", "1"], "outside 4..512"),
+        (["segment", "{ct}", "--point", "30,30", "--window=0,inf"], "finite"),
+        (["segment", "{ct}", "--point", "30,30", "--window", "240,-160"], "LOW must be below HIGH"),
+        (["train", "{ct}", "--batch-size", "0"], "--batch-size"),
+        (["train", "{ct}", "--steps", "-5"], "--steps"),
+        (["profile", "import", "--fingerprint", "x"], "--file"),
+        (["profile", "export", "--user", "a", "--structure", "b", "--fingerprint", "x"], "--file"),
+        (["evaluate", "{ct}", "--rounds", "0"], "--rounds"),
+        (["serve", "--port", "70000"], "--port"),
+    ],
+)
+def test_bad_arguments_get_one_line(tmp_path: Path, ct: Path, args: list[str], fragment: str) -> None:
+    one_clear_line(spa(*[str(ct) if a == "{ct}" else a for a in args], cwd=tmp_path), fragment)
+
+
+def test_negative_numbers_are_values_not_options(tmp_path: Path, ct: Path) -> None:
+    done = spa("segment", str(ct), "--box", "-1,-1,50,50", "--window", "-160,240", "--samples", "4", cwd=tmp_path)
+    one_clear_line(done, "outside the image")  # read as a box (it is partly outside), not as an unknown option
+    done = spa("segment", str(ct), "--point", "30,30", "--window", "-160,240", "--samples", "4", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(next((tmp_path / "output" / "segment").glob("*_summary.json")).read_text())
+    assert summary["session_state"]["window"] == [-160.0, 240.0]
+
+
+def profile_payload() -> dict:
+    store = ProfileStore(Path("/nonexistent"), model_fingerprint=FINGERPRINT)
+    from SPASegmentationLib.profiles import fold_session
+
+    return fold_session(None, "alice", "liver", store.model_fingerprint, make_mixture(0, 4, 8), 2, where="-").to_dict()
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("[" * 100000 + "]" * 100000, "nested deeper"),
+        ("{ATTACK}".replace("ATTACK", '"kind": "spa-preference-profile", "weights": [1' + "0" * 400 + "]"), "digits"),
+        ('{"n": ' + "9" * 5000 + "}", "digits"),
+        ('{"weights": [1e400]}', "too large to be finite"),
+        ('{"weights": [NaN]}', "finite numbers"),
+    ],
+)
+def test_profile_files_that_would_break_the_parser_are_refused(tmp_path: Path, text: str, fragment: str) -> None:
+    (tmp_path / "bad.json").write_text(text)
+    one_clear_line(spa("profile", "import", "--file", "bad.json", "--fingerprint", FINGERPRINT, cwd=tmp_path), fragment)
+
+
+def test_profiles_out_of_range_are_refused(tmp_path: Path) -> None:
+    huge_count = {**profile_payload(), "n_sessions": 10**100}
+    (tmp_path / "count.json").write_text(json.dumps(huge_count))
+    args = ("--fingerprint", FINGERPRINT)
+    one_clear_line(spa("profile", "import", "--file", "count.json", *args, cwd=tmp_path), "digits")
+    (tmp_path / "big.json").write_text(json.dumps({**profile_payload(), "padding": "x" * (50 << 20)}))
+    one_clear_line(spa("profile", "import", "--file", "big.json", *args, cwd=tmp_path), "bytes")
+
+
+def test_a_profile_of_another_shape_is_refused_at_import_naming_it(tmp_path: Path, shipped_model) -> None:
+    payload = profile_payload()  # 4 components of size 8: not the shipped model's mixture
+    payload["model_fingerprint"] = shipped_model.fingerprint()
+    (tmp_path / "other.json").write_text(json.dumps(payload))
+    one_clear_line(spa("profile", "import", "--file", "other.json", cwd=tmp_path), "other.json")
