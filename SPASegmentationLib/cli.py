@@ -80,6 +80,15 @@ def _device_name(text: str) -> str:
     return text
 
 
+def _clear_earlier_run(out: Path, patterns: list[str]) -> None:
+    """Remove what an earlier run of the same command wrote into ``out`` (its own file names only), so the folder
+    never mixes two runs (e.g. round pictures beyond this run's last round)."""
+    for pattern in patterns:
+        for path in out.glob(pattern):
+            if path.is_file():
+                path.unlink()
+
+
 def _state_defaults(parser: argparse.ArgumentParser) -> None:
     """Every option's help ends with its default when it has one and does not say it already."""
     for action in parser._actions:
@@ -208,6 +217,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model = _load_model(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    _clear_earlier_run(out, ["round_*.png", "summary.json"])
     point = initial_point(case.raters, target)
     session = Session(
         model,
@@ -335,6 +345,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     out = Path(args.out)
     stem = Path(args.image).name.split(".")[0] or "image"
     ext = mask_extension(loaded)
+    _clear_earlier_run(out, [f"{stem}_spa_*"])
     written = {"recommended": str(write_mask(out / f"{stem}_spa_recommended{ext}", round_.recommended, loaded))}
     if args.accept is not None:
         written["accepted"] = str(write_mask(out / f"{stem}_spa_accepted{ext}", mask, loaded))

@@ -66,8 +66,12 @@ def test_bad_arguments_get_one_line(tmp_path: Path, ct: Path, args: list[str], f
 def test_negative_numbers_are_values_not_options(tmp_path: Path, ct: Path) -> None:
     done = spa("segment", str(ct), "--box", "-1,-1,50,50", "--window", "-160,240", "--samples", "4", cwd=tmp_path)
     one_clear_line(done, "outside the image")  # read as a box (it is partly outside), not as an unknown option
+    stale = tmp_path / "output" / "segment" / "ct_spa_candidate9.nrrd"  # an earlier run's file: removed
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
     done = spa("segment", str(ct), "--point", "30,30", "--window", "-160,240", "--samples", "4", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
+    assert not stale.exists()
     summary = json.loads(next((tmp_path / "output" / "segment").glob("*_summary.json")).read_text())
     assert summary["session_state"]["window"] == [-160.0, 240.0]
 
@@ -108,3 +112,18 @@ def test_a_profile_of_another_shape_is_refused_at_import_naming_it(tmp_path: Pat
     payload["model_fingerprint"] = shipped_model.fingerprint()
     (tmp_path / "other.json").write_text(json.dumps(payload))
     one_clear_line(spa("profile", "import", "--file", "other.json", cwd=tmp_path), "other.json")
+
+
+def test_a_rerun_into_the_same_folder_leaves_nothing_of_the_earlier_run(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    out.mkdir()
+    for name in ("round_3.png", "round_6.png", "summary.json"):
+        (out / name).write_bytes(b"from an earlier run")
+    (out / "notes.txt").write_text("the user's own file")
+    done = spa("demo", "--out", "demo", "--samples", "8", "--rounds", "1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert (
+        sorted(p.name for p in out.glob("round_*.png")) == [r["picture"] for r in summary["rounds"]] == ["round_1.png"]
+    )
+    assert (out / "notes.txt").read_text() == "the user's own file"
