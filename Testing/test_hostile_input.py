@@ -127,3 +127,16 @@ def test_a_rerun_into_the_same_folder_leaves_nothing_of_the_earlier_run(tmp_path
         sorted(p.name for p in out.glob("round_*.png")) == [r["picture"] for r in summary["rounds"]] == ["round_1.png"]
     )
     assert (out / "notes.txt").read_text() == "the user's own file"
+
+
+def test_a_constant_image_in_evaluate_names_its_case(tmp_path: Path) -> None:
+    case = tmp_path / "data" / "case_007"
+    case.mkdir(parents=True)
+    Image.fromarray(np.full((48, 48), 90, np.uint8)).save(case / "image.png")
+    mask = np.zeros((48, 48), np.uint8)
+    mask[10:30, 10:30] = 255
+    Image.fromarray(mask).save(case / "rater_a.png")
+    done = spa("evaluate", "data", "--split", "all", "--samples", "4", "--rounds", "1", "--no-baseline", cwd=tmp_path)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("spa: error:")]  # beside the progress bar
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(errors) == 1 and "case_007" in errors[0] and done.stderr.rstrip().endswith(errors[0])

@@ -28,7 +28,7 @@ from ..data.dataset import MultiRaterCase, rater_statistics
 from ..data.detect import open_dataset
 from ..embeddings import EmbeddingCache
 from ..engine import start_prompt
-from ..errors import DataError
+from ..errors import DataError, SPAError
 from ..metrics import candidate_diversity, dice, size_bin
 from ..model.spa import SPAModel
 from ..rounds import DEFAULT_SAMPLES
@@ -189,7 +189,10 @@ def evaluate(
         case = cases[case_id]
         target = consensus(case.raters, preferences[case_id])
         first = evaluation_first_prompt(case.raters, target, first_prompt)
-        embedding = cache.get(case.image)
+        try:
+            embedding = cache.get(case.image)
+        except SPAError as exc:  # e.g. a constant image: say which case it is
+            raise type(exc)(f"case {case_id!r} of {root}: {exc}") from exc
         for name, method in methods.items():
             device = method.model.device
             record = run_spa(
