@@ -140,3 +140,13 @@ def test_a_constant_image_in_evaluate_names_its_case(tmp_path: Path) -> None:
     errors = [line for line in done.stderr.splitlines() if line.startswith("spa: error:")]  # beside the progress bar
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert len(errors) == 1 and "case_007" in errors[0] and done.stderr.rstrip().endswith(errors[0])
+
+
+def test_grey_with_alpha_and_palette_pngs_are_read(tmp_path: Path) -> None:
+    grey = np.random.default_rng(0).normal(60, 10, (64, 64)).clip(0, 255).astype(np.uint8)
+    grey[20:44, 20:44] = 200
+    Image.fromarray(np.dstack([grey, np.full_like(grey, 255)]), "LA").save(tmp_path / "la.png")
+    done = spa("segment", "la.png", "--point", "32,32", "--samples", "4", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    mask = np.asarray(Image.open(tmp_path / "output" / "segment" / "la_spa_recommended.png")) > 0
+    assert mask.shape == (64, 64) and mask[32, 32]

@@ -155,7 +155,9 @@ def read_reference(path: str | os.PathLike) -> tuple[sitk.Image, str]:
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        raise InputError(_unreadable(path)) from exc
+        if image_format not in ("png", "jpeg"):
+            raise InputError(_unreadable(path)) from exc
+        image = _read_with_pillow(path)
     if image_format == "nifti":
         _check_nifti_finite(path)
     return image, image_format
@@ -167,9 +169,11 @@ def _check_size(path: Path, n_files: int = 1) -> None:
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
+        size = [int(s) for s in reader.GetSize()]
     except RuntimeError as exc:
-        raise InputError(_unreadable(path)) from exc
-    size = [int(s) for s in reader.GetSize()]
+        size = _pillow_size(path)
+        if size is None:
+            raise InputError(_unreadable(path)) from exc
     problem = pixels_message(size[1] if len(size) > 1 else 1, size[0], str(path))
     if problem:
         raise InputError(problem)
@@ -178,6 +182,34 @@ def _check_size(path: Path, n_files: int = 1) -> None:
         raise InputError(
             f"{path} holds {voxels:,} voxels, more than SPA's limit of {MAX_VOLUME_VOXELS:,}; crop or split the volume"
         )
+
+
+def _pillow_size(path: Path) -> list[int] | None:
+    """(width, height) from a PNG/JPEG header that ITK does not understand (grey + alpha, palettes), or None."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as picture:
+            return [int(picture.size[0]), int(picture.size[1])]
+    except (OSError, UnidentifiedImageError):
+        return None
+
+
+def _read_with_pillow(path: Path) -> sitk.Image:
+    """A PNG/JPEG that ITK cannot read (grey + alpha, palette): grey or RGB pixels, alpha dropped."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as picture:
+            mode = picture.mode
+            if mode in ("LA", "La", "L", "I;16", "I;16B", "I"):
+                picture = picture.convert("L") if mode in ("LA", "La") else picture
+            elif mode not in ("RGB",):
+                picture = picture.convert("RGB")  # palettes, RGBA, CMYK …: colour without alpha
+            array = np.asarray(picture)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise InputError(_unreadable(path)) from exc
+    return sitk.GetImageFromArray(array, isVector=array.ndim == 3)
 
 
 def _check_nifti_finite(path: Path) -> None:
