@@ -32,7 +32,7 @@ from .. import __version__
 from ..backend import BackendSession, InProcessBackend
 from ..embeddings import EmbeddingCache
 from ..errors import InputError, ProfileError, SPAError
-from ..limits import load_json
+from ..limits import MAX_SAMPLES, MAX_VOLUME_VOXELS, MIN_SAMPLES, load_json, pixels_message
 from ..model.spa import SPAModel
 from ..profile_db import SQLiteProfileStore
 from ..profiles import validate_name
@@ -58,11 +58,11 @@ class ServiceLimits:
     """What one server accepts; every limit is refused with a 4xx that names it."""
 
     max_request_bytes: int = 1 << 30  # a request body (a volume upload is the largest)
-    max_image_elements: int = 1 << 28  # voxels of one uploaded image
+    max_image_elements: int = MAX_VOLUME_VOXELS  # voxels of one uploaded image
     image_cache_bytes: int = 4 << 30  # uploaded images kept (least recently used go first)
     requests_per_minute: int = 6000  # per user
     sessions_per_user: int = 16  # open sessions per user (the least recently used is closed first)
-    max_samples: int = 512  # N, samples per round
+    max_samples: int = MAX_SAMPLES  # N, samples per round
     propagations_per_user: int = 2  # running at once
 
     def to_dict(self) -> dict[str, int]:
@@ -292,8 +292,10 @@ class Service:
 
     def open_session(self, user: str, body: SessionBody) -> tuple[str, HostedSession]:
         """Build a session from the request (new, or resumed from a state) and run it up to its current round."""
-        if body.n_samples > self.limits.max_samples:
-            raise InputError(f"n_samples {body.n_samples} is above this server's limit of {self.limits.max_samples}")
+        if not MIN_SAMPLES <= body.n_samples <= self.limits.max_samples:
+            raise InputError(
+                f"n_samples {body.n_samples} is outside this server's limits {MIN_SAMPLES}..{self.limits.max_samples}"
+            )
         if (body.start is None) == (body.state is None):
             raise InputError("open a session with either a start prompt or a saved state")
         image = self.images.get(body.image)
@@ -356,8 +358,8 @@ class Service:
         plane.extract(volume)  # checks the plane against the volume
         backend = self.backend.for_user(user)
         n_samples = int(meta.get("n_samples", DEFAULT_SAMPLES))
-        if not 1 <= n_samples <= self.limits.max_samples:
-            raise InputError(f"n_samples must be 1..{self.limits.max_samples}, got {n_samples}")
+        if not MIN_SAMPLES <= n_samples <= self.limits.max_samples:
+            raise InputError(f"n_samples must be {MIN_SAMPLES}..{self.limits.max_samples}, got {n_samples}")
         window = meta.get("window")
         weights = arrays.get("weights")
         job = PropagationJob(owner=user, plane=plane)
@@ -468,6 +470,11 @@ def build_app(service: Service) -> FastAPI:
         image = arrays.get("image")
         if image is None or image.ndim not in (2, 3) or image.dtype == np.bool_:
             raise InputError("upload one numeric array named 'image' of 2 (H, W) or 3 (slices, H, W) dimensions")
+        planes = [image.shape] if image.ndim == 2 else [image.shape[1:], image.shape[::2], image.shape[:2]]
+        for rows, columns in planes:
+            problem = pixels_message(int(rows), int(columns), "a plane of the uploaded image")
+            if problem:
+                raise InputError(problem)
         if not np.isfinite(image).all():
             raise InputError("the image holds NaN or infinite values; fix or mask them before uploading")
         actual = await run_in_threadpool(array_digest, image)
