@@ -47,6 +47,10 @@ test-mrml-5.11: $(STAMP511)
 	$(BIN511)/python -c "import importlib.metadata as m; print('slicer-core', m.version('slicer-core'))"
 	$(BIN511)/python -m pytest -q -m mrml Testing
 
+# The long run of the fuzz suite: 2 500 examples for each of its 4 properties (10 000 in all; `make test` runs 12 each).
+fuzz: $(STAMP)
+	SPA_FUZZ_EXAMPLES=2500 $(BIN)/python -m pytest -q -p no:cacheprovider --hypothesis-show-statistics Testing/test_fuzz.py
+
 # ruff (configured in pyproject.toml): lint and the formatting check; `make format` rewrites the files.
 lint: $(STAMP)
 	$(BIN)/ruff check .
