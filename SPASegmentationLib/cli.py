@@ -80,6 +80,51 @@ def _device_name(text: str) -> str:
     return text
 
 
+def _dicom_source(loaded: Any) -> Any:
+    """The DICOM series of an image read from DICOM, checked for what a SEG of it needs (repairs said)."""
+    from .io.dicom_seg import load_source_series
+
+    series = load_source_series(loaded.path if loaded.path.is_dir() else [loaded.path])
+    for repair in series.repairs:
+        print(f"note: {repair}")
+    return series
+
+
+def _write_dicom_seg(
+    path: Path, masks: dict[str, Any], loaded: Any, series: Any, args: argparse.Namespace, fingerprint: str
+) -> dict[str, Any]:
+    """The masks of a DICOM image as one DICOM SEG referencing its series: one segment per mask, on its slice."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .io.dicom_seg import export_dicom_seg, ijk_to_lps_from_sitk
+
+    if loaded.reference.GetDimension() == 3:
+        volume = loaded.reference
+    else:  # one file: read as a series of one slice, for its 3-D position and orientation
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames([str(loaded.path)])
+        volume = reader.Execute()
+    shape = sitk.GetArrayViewFromImage(volume).shape[:3]
+    index = loaded.slice_index or 0
+    structure = args.structure or "SPA segmentation"
+    segments = {}
+    for name, mask in masks.items():
+        volume_mask = np.zeros(shape, dtype=bool)
+        volume_mask[index] = mask
+        segments[f"{structure} ({name})"] = volume_mask
+    export_dicom_seg(
+        segments,
+        series,
+        path,
+        structure=args.structure,
+        ijk_to_lps=ijk_to_lps_from_sitk(volume),
+        model_fingerprint=fingerprint,
+        seed=args.seed,
+    )
+    return {"dicom_seg": str(path), "segments": list(segments)}
+
+
 def _clear_earlier_run(out: Path, patterns: list[str]) -> None:
     """Remove what an earlier run of the same command wrote into ``out`` (its own file names only), so the folder
     never mixes two runs (e.g. round pictures beyond this run's last round)."""
@@ -307,6 +352,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise InputError("give the first prompt: --point X,Y inside the structure or --box X0,Y0,X1,Y1 around it")
     choices = _choices(args.choose)
     loaded = read_image(Path(args.image), slice_index=args.slice)
+    dicom_series = _dicom_source(loaded) if loaded.format == "dicom" else None  # checked before any model work
     window = _window(args.window)
     point = _numbers(args.point, 2, "--point") if args.point else None
     box = _numbers(args.box, 4, "--box") if args.box else None
@@ -346,13 +392,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
     stem = Path(args.image).name.split(".")[0] or "image"
     ext = mask_extension(loaded)
     _clear_earlier_run(out, [f"{stem}_spa_*"])
-    written = {"recommended": str(write_mask(out / f"{stem}_spa_recommended{ext}", round_.recommended, loaded))}
+    masks = {"recommended": round_.recommended}
     if args.accept is not None:
-        written["accepted"] = str(write_mask(out / f"{stem}_spa_accepted{ext}", mask, loaded))
-    for k in range(round_.n_candidates):
-        written[f"candidate_{k + 1}"] = str(
-            write_mask(out / f"{stem}_spa_candidate{k + 1}{ext}", round_.candidates[k], loaded)
-        )
+        masks["accepted"] = mask
+    masks.update({f"candidate {k + 1}": round_.candidates[k] for k in range(round_.n_candidates)})
+    if loaded.format == "dicom":
+        written = _write_dicom_seg(out / f"{stem}_spa.seg.dcm", masks, loaded, dicom_series, args, model.fingerprint())
+    else:
+        written = {
+            name.replace(" ", "_"): str(write_mask(out / f"{stem}_spa_{name.replace(' ', '')}{ext}", m, loaded))
+            for name, m in masks.items()
+        }
     preview = render_round(
         loaded.array,
         round_,
@@ -389,9 +439,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
         f"{round_.n_candidates} candidate(s) "
         f"(" + ", ".join(f"{k + 1}: {int(c.sum())} px" for k, c in enumerate(round_.candidates)) + ")"
     )
-    print(f"wrote {written['recommended']} and {round_.n_candidates} candidate mask(s), preview {preview}")
+    if "dicom_seg" in written:
+        print(f"wrote the DICOM SEG {written['dicom_seg']} ({len(written['segments'])} segments), preview {preview}")
+    else:
+        print(f"wrote {written['recommended']} and {round_.n_candidates} candidate mask(s), preview {preview}")
     if args.accept is not None:
-        print(f"accepted candidate {args.accept} ({int(mask.sum())} px): {written['accepted']}")
+        print(f"accepted candidate {args.accept} ({int(mask.sum())} px): {written.get('accepted', 'in the SEG')}")
     if profile_info:
         print(f"profile {args.user}/{args.structure} updated ({profile_info['n_sessions']} session(s))")
     return 0
@@ -689,6 +742,8 @@ def cmd_export_seg(args: argparse.Namespace) -> int:
     if image.GetDimension() != 3:
         raise InputError(f"{mask_path} is a {image.GetDimension()}-D image; pass the 3-D mask of the whole series")
     series = load_source_series(series_path)
+    for repair in series.repairs:
+        print(f"note: {repair}")
     mask = sitk.GetArrayFromImage(image)
     if mask.dtype.kind == "f":
         mask = np.rint(mask).astype(np.int64)

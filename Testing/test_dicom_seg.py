@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -346,3 +347,56 @@ def test_sagittal_series_round_trip(tmp_path):
     seg_path = export_dicom_seg(mask, sagittal.files, tmp_path / "sag.dcm", ijk_to_lps=ijk_to_lps_from_sitk(image))
     assert dciodvfy_errors(seg_path) == []
     assert np.array_equal(on_ct_grid(dcmqi_segments(seg_path, tmp_path / "dq")[0], image), mask)
+
+
+def test_blank_sop_uids_are_taken_from_the_file_meta_and_blank_series_uids_refused(ct, ct_image, tumour, tmp_path):
+    """As anonymisers leave real series (TotalSegmentator's example_ct_dicom): SOP Class/Instance UIDs blank in the
+    dataset but kept in the file meta are repaired and said so; Study/Series UIDs blank everywhere are refused."""
+    blanked = tmp_path / "blanked"
+    shutil.copytree(ct.folder, blanked)
+    for path in blanked.iterdir():
+        ds = pydicom.dcmread(path)
+        ds.SOPClassUID, ds.SOPInstanceUID = "", ""
+        ds.save_as(path, enforce_file_format=True)
+    mask_image = sitk.GetImageFromArray(tumour.astype(np.uint8))
+    mask_image.CopyInformation(ct_image)
+    sitk.WriteImage(mask_image, str(tmp_path / "mask.nrrd"))
+    result = spa("export-seg", "mask.nrrd", str(blanked), "--out", "seg.dcm", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "blank SOPClassUID" in result.stdout and "blank SOPInstanceUID" in result.stdout
+    seg = pydicom.dcmread(tmp_path / "seg.dcm")
+    referenced = {item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == set(ct.sop_instance_uids)
+    for path in blanked.iterdir():
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = ""
+        ds.save_as(path, enforce_file_format=True)
+    failed = spa("export-seg", "mask.nrrd", str(blanked), "--out", "seg2.dcm", cwd=tmp_path)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    assert failed.stderr.startswith("spa: error:") and "SeriesInstanceUID" in failed.stderr
+    assert not (tmp_path / "seg2.dcm").exists()
+
+
+def test_segment_on_a_dicom_series_writes_a_dicom_seg(ct, ct_image, tmp_path):
+    k = ct.shape[0] // 2
+    rows, cols = np.nonzero(ct.hounsfield[k] > 100)
+    point = f"{int(cols.mean())},{int(rows.mean())}"
+    result = spa(
+        "segment", str(ct.folder), "--slice", str(k), "--point", point, "--samples", "8", "--accept", "2",
+        "--user", "alice", "--structure", "liver", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "output" / "segment"
+    [seg_path] = list(out.glob("*.seg.dcm"))
+    assert not [p for p in out.iterdir() if p.suffix == ".dcm" and not p.name.endswith(".seg.dcm")]
+    seg = pydicom.dcmread(seg_path)
+    assert seg.Modality == "SEG" and seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct.series_uid
+    labels = [item.SegmentLabel for item in seg.SegmentSequence]
+    assert labels[:2] == ["liver (recommended)", "liver (accepted)"] and labels[2].startswith("liver (candidate 1")
+    assert dciodvfy_errors(seg_path) == []
+    segments = dcmqi_segments(seg_path, tmp_path / "dq")
+    recommended = on_ct_grid(segments[0], ct_image)
+    assert recommended[k].any() and not np.delete(recommended, k, axis=0).any()  # only the segmented slice
+    summary = json.loads(next(out.glob("*_summary.json")).read_text())
+    assert summary["outputs"]["dicom_seg"].endswith(".seg.dcm")

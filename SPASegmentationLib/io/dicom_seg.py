@@ -22,7 +22,7 @@ import io
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +64,7 @@ class SourceSeries:
     row_direction: np.ndarray  # unit vector along a row (increasing column index i)
     column_direction: np.ndarray  # unit vector along a column (increasing row index j)
     pixel_spacing: tuple[float, float]  # (between rows, between columns) as in DICOM PixelSpacing
+    repairs: list[str] = field(default_factory=list)  # what was filled in from the files' meta information
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -166,9 +167,42 @@ def _collect(
     return datasets, paths, where
 
 
+REPAIRABLE_FROM_FILE_META = {"SOPClassUID": "MediaStorageSOPClassUID", "SOPInstanceUID": "MediaStorageSOPInstanceUID"}
+REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
+
+
+def _blank(ds: Dataset, keyword: str) -> bool:
+    return not str(ds.get(keyword, "") or "").strip()
+
+
+def repair_from_file_meta(datasets: Sequence[Dataset], where: str) -> list[str]:
+    """Fill blank SOP Class / SOP Instance UIDs from each file's meta information (anonymisers blank the former and
+    keep the latter); refuse, naming them, the UIDs a SEG needs that nothing can restore. Returns what was repaired."""
+    repaired: dict[str, int] = {}
+    for ds in datasets:
+        meta = getattr(ds, "file_meta", None)
+        for keyword, meta_keyword in REPAIRABLE_FROM_FILE_META.items():
+            if _blank(ds, keyword) and meta is not None and not _blank(meta, meta_keyword):
+                setattr(ds, keyword, str(meta.get(meta_keyword)))
+                repaired[keyword] = repaired.get(keyword, 0) + 1
+    missing = [keyword for keyword in REQUIRED_UIDS if any(_blank(ds, keyword) for ds in datasets)]
+    if missing:
+        raise InputError(
+            f"the slices in {where} have no {', '.join(missing)} (blanked, e.g. by an anonymiser), and a DICOM SEG "
+            "must reference its series by them; export the series again with its UIDs (an anonymiser can replace "
+            "them with new ones instead of blanking them)"
+        )
+    return [
+        f"{count} slice(s) had a blank {keyword}; it was taken from the file meta information "
+        f"({REPAIRABLE_FROM_FILE_META[keyword]})"
+        for keyword, count in repaired.items()
+    ]
+
+
 def load_source_series(source: str | os.PathLike | Sequence[str | os.PathLike | Dataset]) -> SourceSeries:
     """Read and sort the one series in a folder (or a list of files or datasets) for SEG export."""
     datasets, paths, where = _collect(source)
+    repairs = repair_from_file_meta(datasets, where)
     series_uids = sorted({str(ds.SeriesInstanceUID) for ds in datasets})
     if len(series_uids) > 1:
         raise InputError(
@@ -200,6 +234,7 @@ def load_source_series(source: str | os.PathLike | Sequence[str | os.PathLike | 
         row_direction=row_direction,
         column_direction=column_direction,
         pixel_spacing=(spacing[0], spacing[1]),
+        repairs=repairs,
     )
 
 
