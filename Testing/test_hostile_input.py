@@ -150,3 +150,20 @@ def test_grey_with_alpha_and_palette_pngs_are_read(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     mask = np.asarray(Image.open(tmp_path / "output" / "segment" / "la_spa_recommended.png")) > 0
     assert mask.shape == (64, 64) and mask[32, 32]
+
+
+def test_every_option_of_every_command_says_what_it_is_and_its_default() -> None:
+    import argparse
+
+    from SPASegmentationLib.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert len(commands) == 9
+    for name, command in commands.items():
+        for action in command._actions:
+            if "-h" in action.option_strings or action.help == argparse.SUPPRESS:
+                continue
+            assert action.help and len(action.help) > 8, (name, action.dest)
+            if action.option_strings and action.default not in (None, False):
+                assert "default" in action.help, (name, action.option_strings, action.help)
