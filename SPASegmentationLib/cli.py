@@ -80,11 +80,11 @@ def _device_name(text: str) -> str:
     return text
 
 
-def _dicom_source(loaded: Any) -> Any:
-    """The DICOM series of an image read from DICOM, checked for what a SEG of it needs (repairs said)."""
+def _dicom_source(source: Path | list[Path]) -> Any:
+    """The DICOM series (a folder, or files) a SEG will reference, checked for what a SEG needs; repairs are said."""
     from .io.dicom_seg import load_source_series
 
-    series = load_source_series(loaded.path if loaded.path.is_dir() else [loaded.path])
+    series = load_source_series(source)
     for repair in series.repairs:
         print(f"note: {repair}")
     return series
@@ -198,9 +198,7 @@ def _device(name: str) -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if re.fullmatch(DEVICE_PATTERN, name) is None:
-        raise InputError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
-    if name.startswith("cuda"):
+    if name.startswith("cuda"):  # the name itself was checked by _device_name when the options were parsed
         if not torch.cuda.is_available():
             raise InputError(f"--device {name} was requested but no CUDA GPU is available; use --device cpu")
         index = int(name.partition(":")[2] or 0)
@@ -352,7 +350,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise InputError("give the first prompt: --point X,Y inside the structure or --box X0,Y0,X1,Y1 around it")
     choices = _choices(args.choose)
     loaded = read_image(Path(args.image), slice_index=args.slice)
-    dicom_series = _dicom_source(loaded) if loaded.format == "dicom" else None  # checked before any model work
+    dicom_series = None
+    if loaded.format == "dicom":  # checked before any model work
+        dicom_series = _dicom_source(loaded.path if loaded.path.is_dir() else [loaded.path])
     window = _window(args.window)
     point = _numbers(args.point, 2, "--point") if args.point else None
     box = _numbers(args.box, 4, "--box") if args.box else None
@@ -720,7 +720,7 @@ def cmd_export_seg(args: argparse.Namespace) -> int:
     import SimpleITK as sitk
 
     from .errors import InputError
-    from .io.dicom_seg import export_dicom_seg, ijk_to_lps_from_sitk, load_source_series
+    from .io.dicom_seg import export_dicom_seg, ijk_to_lps_from_sitk
     from .io.images import read_reference
     from .io.terminology import terminology_for
 
@@ -741,9 +741,7 @@ def cmd_export_seg(args: argparse.Namespace) -> int:
         )
     if image.GetDimension() != 3:
         raise InputError(f"{mask_path} is a {image.GetDimension()}-D image; pass the 3-D mask of the whole series")
-    series = load_source_series(series_path)
-    for repair in series.repairs:
-        print(f"note: {repair}")
+    series = _dicom_source(series_path)
     mask = sitk.GetArrayFromImage(image)
     if mask.dtype.kind == "f":
         mask = np.rint(mask).astype(np.int64)

@@ -29,6 +29,18 @@ PROFILE_KIND = "spa-preference-profile"
 SCHEMA_VERSION = 1
 RUNNING_MEAN_WINDOW = 20
 HISTORY_LENGTH = 50
+# the fields of a profile file besides its kind and schema version
+PROFILE_FIELDS = (
+    "user",
+    "structure",
+    "model_fingerprint",
+    "n_sessions",
+    "weights",
+    "last_mixture",
+    "created",
+    "updated",
+    "history",
+)
 DEFAULT_LOCK_TIMEOUT_S = 30.0
 
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9_\-]([A-Za-z0-9 ._\-]{0,62}[A-Za-z0-9_\-])?")
@@ -164,21 +176,7 @@ class Profile:
         version = payload.get("schema_version")
         if version != SCHEMA_VERSION or isinstance(version, bool):
             raise ProfileError(f"schema_version is {version!r}, this version of SPA reads {SCHEMA_VERSION}")
-        missing = [
-            key
-            for key in (
-                "user",
-                "structure",
-                "model_fingerprint",
-                "n_sessions",
-                "weights",
-                "last_mixture",
-                "created",
-                "updated",
-                "history",
-            )
-            if key not in payload
-        ]
+        missing = [key for key in PROFILE_FIELDS if key not in payload]
         if missing:
             raise ProfileError(f"missing field(s) {', '.join(missing)}")
         fingerprint = payload["model_fingerprint"]

@@ -26,7 +26,7 @@ from SPASegmentationLib import cli
 from SPASegmentationLib.errors import SPAError
 from SPASegmentationLib.io.images import read_image
 from SPASegmentationLib.model.preprocess import prepare_image
-from SPASegmentationLib.profiles import ProfileStore, fold_session
+from SPASegmentationLib.profiles import PROFILE_FIELDS, ProfileStore, fold_session
 
 EXAMPLES = int(os.environ.get("SPA_FUZZ_EXAMPLES", "12"))
 FUZZ = settings(
@@ -189,19 +189,6 @@ JSON_VALUES = st.recursive(
     lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
     max_leaves=20,
 )
-PROFILE_FIELDS = [
-    "kind",
-    "schema_version",
-    "user",
-    "structure",
-    "model_fingerprint",
-    "n_sessions",
-    "weights",
-    "last_mixture",
-    "created",
-    "updated",
-    "history",
-]
 
 
 @st.composite
@@ -213,7 +200,8 @@ def profile_documents(draw) -> str:
         return json.dumps(draw(JSON_VALUES))
     if kind == "text":
         return draw(st.text(max_size=200))
-    for field in draw(st.lists(st.sampled_from(PROFILE_FIELDS), min_size=1, max_size=3)):
+    fields = ("kind", "schema_version", *PROFILE_FIELDS)
+    for field in draw(st.lists(st.sampled_from(fields), min_size=1, max_size=3)):
         if draw(st.booleans()):
             payload[field] = draw(JSON_VALUES)
         else:

@@ -208,13 +208,10 @@ class SPASegmentationLogic:
 
     def exportProfile(self, structure: str, path: pathlib.Path) -> pathlib.Path:
         """Write the user's profile for ``structure`` as a JSON file (``spa profile import`` reads it)."""
-        import json
-
         from SPASegmentationLib.io.atomic import write_json_atomic
 
         path = pathlib.Path(path)
         write_json_atomic(path, self._client().profile(structure))
-        json.loads(path.read_text(encoding="utf-8"))
         return path
 
     def importProfile(self, path: pathlib.Path, structure: Optional[str] = None, overwrite: bool = False) -> dict:

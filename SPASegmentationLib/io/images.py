@@ -201,10 +201,9 @@ def _read_with_pillow(path: Path) -> sitk.Image:
 
     try:
         with Image.open(path) as picture:
-            mode = picture.mode
-            if mode in ("LA", "La", "L", "I;16", "I;16B", "I"):
-                picture = picture.convert("L") if mode in ("LA", "La") else picture
-            elif mode not in ("RGB",):
+            if picture.mode in ("LA", "La"):
+                picture = picture.convert("L")
+            elif picture.mode not in ("L", "I;16", "I;16B", "I", "RGB"):
                 picture = picture.convert("RGB")  # palettes, RGBA, CMYK …: colour without alpha
             array = np.asarray(picture)
     except (OSError, UnidentifiedImageError, ValueError) as exc:

@@ -124,7 +124,6 @@ class PropagationJob:
     error: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     result: Any = None
-    plane: PlaneSpec | None = None
 
 
 class ImageStore:
@@ -362,7 +361,7 @@ class Service:
             raise InputError(f"n_samples must be {MIN_SAMPLES}..{self.limits.max_samples}, got {n_samples}")
         window = meta.get("window")
         weights = arrays.get("weights")
-        job = PropagationJob(owner=user, plane=plane)
+        job = PropagationJob(owner=user)
         job_id = uuid.uuid4().hex
         with self._lock:
             self.jobs[job_id] = job

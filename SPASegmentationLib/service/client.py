@@ -77,9 +77,6 @@ class SPAClient:
             raise ServiceError(f"SPA server: {message}", response.status_code)
         return response
 
-    def _frame(self, method: str, path: str, **kwargs: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        return decode_frame(self.request(method, path, **kwargs).content)
-
     # ----- server -----
     def health(self) -> dict[str, Any]:
         return self.request("GET", "/v1/health").json()
