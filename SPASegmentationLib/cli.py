@@ -523,7 +523,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    config = SPAConfig(backbone=args.backbone, conditioning=args.conditioning)
+    config = SPAConfig(
+        backbone=args.backbone,
+        conditioning=args.conditioning,
+        n_components=args.components,
+        sampling=args.sampling,
+        feedback_mask=_on_off(args.feedback_mask, "--feedback-mask"),
+        carry_mixture=_on_off(args.carry_mixture, "--carry-mixture"),
+    )
     model = build_model(
         config, backbone_checkpoint=_opt_path(args, "checkpoint"), device=_device(args.device), seed=args.seed
     )
@@ -535,6 +542,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         first_prompt=args.first_prompt,
         lr=args.lr,
+        decoder_lr=args.decoder_lr,
+        method=args.method,
         best_of_n_weight=args.best_of_n_weight,
         deep_first_round_probability=args.deep_first_round_probability,
         focus_crops=_on_off(args.focus_crops, "--focus-crops"),
@@ -799,11 +808,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .limits import MAX_BATCH_SIZE, MAX_SAMPLES, MAX_SEED, MAX_TRAIN_STEPS, MIN_SAMPLES
     from .model.backbone import BackboneName
     from .model.conditioning import Conditioning
+    from .model.spa import SPAConfig
+    from .preference import SamplingMode
     from .resources import DEFAULT_SAMPLE, SAMPLE_CASES
     from .rounds import DEFAULT_SAMPLES
     from .session import DEFAULT_ANCHOR, ChoiceAnchor
     from .simulation.prompts import FirstPrompt
-    from .training import TrainConfig
+    from .training import TrainConfig, TrainMethod
 
     parser = _Parser(
         prog="spa", description="SPA: segment by choosing among candidates; the model learns your preference."
@@ -940,7 +951,48 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds", type=_int_in(1, 100), default=TrainConfig.rounds, help="simulated choice rounds per case and step"
     )
     samples_option(p, default=TrainConfig.n_samples)
-    p.add_argument("--lr", type=_float_in(0.0, 1.0, open_low=True), default=TrainConfig.lr, help="AdamW learning rate")
+    p.add_argument(
+        "--method",
+        default=TrainConfig.method.value,
+        choices=TrainMethod.words(),
+        help="spa: the preference loop (the shipped model); clicks: the click baseline, SAM-style iterative clicks on "
+        "the same decoder parts, data and budget",
+    )
+    p.add_argument(
+        "--lr", type=_float_in(0.0, 1.0, open_low=True), default=TrainConfig.lr, help="AdamW learning rate (SPA parts)"
+    )
+    p.add_argument(
+        "--decoder-lr",
+        type=_float_in(0.0, 1.0, open_low=True),
+        default=TrainConfig.decoder_lr,
+        help="AdamW learning rate of the mask decoder and prompt encoder",
+    )
+    p.add_argument(
+        "--components",
+        type=_int_in(1, 256),
+        default=SPAConfig.n_components,
+        help="mixture components K_g (1: one Gaussian, an ablation)",
+    )
+    p.add_argument(
+        "--sampling",
+        default=SPAConfig.sampling.value,
+        choices=SamplingMode.words(),
+        help="mixture: draw each latent from one component (paper); moment_matched: from one Gaussian with the "
+        "mixture's mean and variance (the official code; an ablation)",
+    )
+    p.add_argument(
+        "--feedback-mask",
+        default="on",
+        choices=["on", "off"],
+        help="on: the chosen candidate goes back to the decoder as a mask prompt (default); off: an ablation",
+    )
+    p.add_argument(
+        "--carry-mixture",
+        default="on",
+        choices=["on", "off"],
+        help="on: each round's generator receives the previous round's mixture weights (default); off: the initial "
+        "ones (an ablation)",
+    )
     p.add_argument(
         "--deep-first-round-probability",
         type=_float_in(0.0, 1.0),

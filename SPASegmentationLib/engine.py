@@ -159,11 +159,22 @@ def feedback_prompt(model: SPAModel, model_round: ModelRound, chosen: int, seed:
     side = model.backbone.mask_size
     grid = torch.zeros(side, side, dtype=torch.bool)
     grid[: mask.shape[0], : mask.shape[1]] = torch.from_numpy(mask)
-    mask_logits = (grid.float() * 2.0 - 1.0) * model.config.mask_prompt_logit
+    mask_logits = (grid.float() * 2.0 - 1.0) * model.config.mask_prompt_logit if model.config.feedback_mask else None
     if point is not None:
-        factor = model.backbone.image_size / side
-        point = ((point[0] + 0.5) * factor - 0.5, (point[1] + 0.5) * factor - 0.5)
+        point = model_point_of_cell(model, point[0], point[1])
     return model_round.prompt.with_feedback(point, label, mask_logits)
+
+
+def model_point_of_cell(model: SPAModel, column: float, row: float) -> tuple[float, float]:
+    """The model-frame (x, y) of the centre of cell (column, row) of the decoder's low-resolution mask grid."""
+    factor = model.backbone.image_size / model.backbone.mask_size
+    return ((column + 0.5) * factor - 0.5, (row + 0.5) * factor - 0.5)
+
+
+def next_weights(model: SPAModel, chosen_round_weights: torch.Tensor, initial_weights: torch.Tensor) -> torch.Tensor:
+    """The mixture weights the generator receives in the round after a choice: the chosen round's (the paper), or
+    the session's initial ones when the model was built without that update (``SPAConfig.carry_mixture`` off)."""
+    return chosen_round_weights if model.config.carry_mixture else initial_weights
 
 
 def start_prompt(

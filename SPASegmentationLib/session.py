@@ -32,6 +32,7 @@ from .engine import (
     click_region_share,
     feedback_prompt,
     feedback_seed,
+    next_weights,
     picture_on_mask_grid,
     pull_towards,
     round_seed,
@@ -303,7 +304,9 @@ class Session:
         last = self._model_rounds[-1]
         prompt = feedback_prompt(self.model, last, int(k), feedback_seed(self.seed, current.index))
         self._choices.append(int(k))
-        return self._advance(prompt, last.mixture.weights, chosen=int(k))
+        return self._advance(
+            prompt, next_weights(self.model, last.mixture.weights, self.initial_weights), chosen=int(k)
+        )
 
     def accept(self, candidate: int | None = None) -> np.ndarray:
         """Finish with the current recommended mask (H, W) bool, or with candidate ``candidate`` (0-based) as shown."""

@@ -13,6 +13,9 @@ Each step, for a batch of training images:
 The image encoder is frozen and its embeddings cached on disk, so training never re-encodes an image.
 The decoder's upscaling and mask head train in every round; its transformer and the prompt encoder
 through one round per step (see ``TrainConfig.deep_first_round_probability``).
+The click baseline (``TrainConfig.method`` ``clicks``) trains the same decoder parts on the same data and budget the
+SAM way instead: per round one prediction, its loss, then a correction click drawn from the error and the previous
+logits as the mask prompt (:func:`click_training_step`); the preference parts are not used.
 Training resumes from ``<out>/checkpoint.pt``; every source of randomness is seeded.
 """
 
@@ -31,16 +34,32 @@ from torch.nn import functional as F
 from .data.dataset import RaterStatistics
 from .data.detect import open_dataset
 from .embeddings import EmbeddingCache
-from .engine import feedback_prompt, sample_round, start_prompt, summarise_round, valid_probabilities
+from .engine import (
+    feedback_prompt,
+    model_point_of_cell,
+    next_weights,
+    sample_round,
+    start_prompt,
+    summarise_round,
+    valid_probabilities,
+)
+from .enums import TextEnum
 from .errors import DataError
 from .io.atomic import write_bytes_atomic, write_json_atomic
 from .metrics import dice
 from .model.preprocess import FocusWindow, ImageGeometry, focus_window, intensity_window
 from .model.spa import DEEP_DECODER_PREFIXES, TRAINED_DECODER_PREFIXES, SPAModel
 from .preference import e_step_weights, uniform_weights
-from .simulation.choices import nearest_candidate
+from .simulation.choices import nearest_candidate, sampled_error_click
 from .simulation.preferences import draw_preference
 from .simulation.prompts import FirstPrompt, initial_box, training_first_prompt
+
+
+class TrainMethod(TextEnum):
+    """What a training run teaches: SPA's preference loop, or the click baseline (SAM-style iterative clicks)."""
+
+    SPA = "spa"
+    CLICKS = "clicks"
 
 
 @dataclass
@@ -72,13 +91,18 @@ class TrainConfig:
     # Small structures are also learned in the magnified window inference uses (Session's focus window): each such
     # case is added a second time, cropped to preprocess.focus_window around all its raters' marks.
     focus_crops: bool = False
+    method: TrainMethod = TrainMethod.SPA
+    # The click baseline's correction clicks: this share at the deepest pixel of the largest error region (as the
+    # evaluation's user clicks), the rest uniformly anywhere in the error (as SAM trains).
+    careful_click_share: float = 0.5
 
     def __post_init__(self) -> None:
         self.first_prompt = FirstPrompt.parse(self.first_prompt, "first prompt")
+        self.method = TrainMethod.parse(self.method, "training method")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form, as the weights file records it."""
-        return asdict(self) | {"first_prompt": self.first_prompt.value}
+        return asdict(self) | {"first_prompt": self.first_prompt.value, "method": self.method.value}
 
 
 @dataclass
@@ -200,7 +224,8 @@ def training_step(
         valids.append(v)
     target = torch.stack(targets).to(device).unsqueeze(1)  # (B, 1, m, m)
     valid = torch.stack(valids).to(device).unsqueeze(1)
-    weights = uniform_weights(model.config.n_components, batch).to(device)
+    initial_weights = uniform_weights(model.config.n_components, batch).to(device)
+    weights = initial_weights
     if rng.random() < config.deep_first_round_probability or config.rounds == 1:
         deep_round = 0
     else:
@@ -250,7 +275,70 @@ def training_step(
                 chosen = nearest_candidate(model_round.clusters.masks, goal)
                 next_prompts.append(feedback_prompt(model, model_round, chosen, int(rng.integers(2**31))))
             prompts = next_prompts
-            weights = mixture.weights.detach()
+            weights = next_weights(model, mixture.weights.detach(), initial_weights)
+    return totals
+
+
+def _soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """1 − soft Dice of sigmoid(logits) to the target over valid pixels, per image: logits (B, h, w)."""
+    probability = torch.sigmoid(logits) * valid
+    overlap = (probability * target).sum((-2, -1))
+    total = probability.sum((-2, -1)) + (target * valid).sum((-2, -1))
+    return 1.0 - (2.0 * overlap + 1.0) / (total + 1.0)
+
+
+def click_training_step(
+    model: SPAModel,
+    cases: list[TrainingCase],
+    config: TrainConfig,
+    rng: np.random.Generator,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """One step of the click baseline (SAM-style iterative training): per round the plain decoder's prediction for
+    the prompts so far, BCE + Dice to the target, then one correction click from the error (see
+    ``TrainConfig.careful_click_share``) with the prediction's logits as the next mask prompt."""
+    del generator  # nothing is sampled: the click model is deterministic given its prompts
+    device = model.device
+    side = model.backbone.mask_size
+    embeddings = torch.stack([c.embedding for c in cases]).to(device)
+    targets, valids, prompts = [], [], []
+    for case in cases:
+        _, target = draw_preference(case.raters, rng)
+        first = training_first_prompt(case.raters, target, config.first_prompt, rng)
+        prompts.append(start_prompt(case.geometry, **first))
+        t, v = _target_in_model_frame(case, target, side)
+        targets.append(t)
+        valids.append(v)
+    target = torch.stack(targets).to(device)  # (B, m, m)
+    valid = torch.stack(valids).to(device)
+    totals = {"loss": 0.0, "bce": 0.0, "dice_loss": 0.0, "dice_first": 0.0, "dice_last": 0.0}
+    for round_index in range(config.rounds):
+        # SAM's decoder takes one image with any number of prompts: one call per image
+        logits = torch.cat([model.plain_logits(embeddings[i : i + 1], [prompts[i]]) for i in range(len(cases))])
+        bce = _masked_bce(logits, target, valid, config.pos_weight).mean()
+        dice_loss = _soft_dice_loss(logits, target, valid).mean()
+        loss = (bce + dice_loss) / config.rounds
+        loss.backward()
+        totals["loss"] += float(loss.detach())
+        totals["bce"] += float(bce.detach()) / config.rounds
+        totals["dice_loss"] += float(dice_loss.detach()) / config.rounds
+        with torch.no_grad():
+            predictions = (logits > 0).cpu().numpy()
+            round_dice = []
+            next_prompts = []
+            for i, case in enumerate(cases):
+                rows, cols = case.geometry.valid_shape_at(side)
+                prediction = predictions[i, :rows, :cols]
+                goal = targets[i][:rows, :cols].numpy() > 0.5
+                round_dice.append(dice(prediction, goal))
+                click = sampled_error_click(prediction, goal, rng, config.careful_click_share)
+                point = None if click is None else model_point_of_cell(model, click[0], click[1])
+                positive = True if click is None else click[2]
+                next_prompts.append(prompts[i].with_feedback(point, positive, logits[i].detach().cpu()))
+            if round_index == 0:
+                totals["dice_first"] = float(np.mean(round_dice))
+            totals["dice_last"] = float(np.mean(round_dice))
+            prompts = next_prompts
     return totals
 
 
@@ -279,6 +367,11 @@ def train(
     torch.manual_seed(config.seed)
     decoder_params = set_trainable(model, config)
     own_params = [p for n, p in model.named_parameters() if n.startswith(("generator.", "conditioning."))]
+    if config.method is TrainMethod.CLICKS:  # the click baseline has no preference parts to train
+        for parameter in own_params:
+            parameter.requires_grad_(False)
+        own_params = []
+    step_function = click_training_step if config.method is TrainMethod.CLICKS else training_step
     optimizer = torch.optim.AdamW(
         [{"params": own_params, "lr": config.lr}, {"params": decoder_params, "lr": config.decoder_lr}],
         weight_decay=config.weight_decay,
@@ -306,7 +399,7 @@ def train(
     while step < config.steps:
         indices = rng.choice(len(cases), size=min(config.batch_size, len(cases)), replace=False)
         optimizer.zero_grad(set_to_none=True)
-        totals = training_step(model, [cases[i] for i in indices], config, rng, generator)
+        totals = step_function(model, [cases[i] for i in indices], config, rng, generator)
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.grad_clip)
         optimizer.step()
         scheduler.step()

@@ -46,6 +46,10 @@ class SPAConfig:
     sampling: SamplingMode = SamplingMode.MIXTURE  # mixture (paper) or moment_matched (official code)
     recommend_threshold: float = 0.5  # on the mean probability; the official code's 0.5 on the mean logit ≈ 0.62
     mask_prompt_logit: float = 4.0  # a candidate given back as mask prompt: ±this logit inside/outside
+    # Ablation switches (the paper's Table 3), on in the shipped model: the chosen candidate goes back to the decoder
+    # as a mask prompt; the generator receives the previous round's mixture weights (off: the initial ones each round)
+    feedback_mask: bool = True
+    carry_mixture: bool = True
     vit_spec: dict | None = None  # ViT shape for SAM/MedSAM backbones other than ViT-B (tests)
 
     def __post_init__(self) -> None:
@@ -208,9 +212,9 @@ class SPAModel(nn.Module):
             self.backbone.mask_decoder, image_embedding, image_pe, sparse, dense, z, trainable_transformer
         )
 
-    @torch.no_grad()
     def plain_logits(self, image_embedding: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
-        """The backbone's own single prediction for each prompt (no preference): (B, m, m)."""
+        """The backbone's own single prediction for each prompt (no preference) on one image: (B, m, m). Runs in the
+        caller's grad mode (the click baseline trains through it)."""
         sparse, _, dense = self.encode_prompts(prompts)
         low_res, _ = self.backbone.mask_decoder(
             image_embeddings=image_embedding,

@@ -48,3 +48,33 @@ def largest_error_click(prediction: np.ndarray, target: np.ndarray) -> tuple[flo
         return None
     row, col = deepest_pixel(best_region)
     return float(col), float(row), best_positive
+
+
+def sampled_error_click(
+    prediction: np.ndarray, target: np.ndarray, rng: np.random.Generator, careful_share: float = 0.5
+) -> tuple[float, float, bool] | None:
+    """A correction click as SAM trains them: with probability ``careful_share`` the careful user's click
+    (:func:`largest_error_click`), otherwise a uniformly drawn pixel of all the error, positive where the structure
+    was missed. None when the prediction equals the target."""
+    if rng.random() < careful_share:
+        return largest_error_click(prediction, target)
+    prediction = as_mask(prediction, "prediction mask")
+    target = as_mask(target, "target mask")
+    errors = prediction != target
+    rows, cols = np.nonzero(errors)
+    if len(rows) == 0:
+        return None
+    pick = int(rng.integers(len(rows)))
+    row, col = int(rows[pick]), int(cols[pick])
+    return float(col), float(row), bool(target[row, col])
+
+
+def imperfect_choice(candidate_masks: np.ndarray, target: np.ndarray, accuracy: float, rng: np.random.Generator) -> int:
+    """A user who is not an oracle: the nearest candidate with probability ``accuracy``, otherwise one of the
+    others drawn uniformly (0-based)."""
+    nearest = nearest_candidate(candidate_masks, target)
+    count = len(candidate_masks)
+    if count == 1 or rng.random() < accuracy:
+        return nearest
+    others = [k for k in range(count) if k != nearest]
+    return int(others[int(rng.integers(len(others)))])
