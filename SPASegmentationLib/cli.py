@@ -7,7 +7,6 @@ should reach the user as a traceback.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import re
@@ -576,60 +575,39 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Evaluate SPA model(s) and the click baseline on held-out cases."""
+    """Evaluate SPA model(s) and click baselines on held-out cases; with --study also rater alignment and profiles."""
     import torch
 
-    from .evaluation.report import markdown_summary_table, write_report
-    from .evaluation.runner import SpaMethod, evaluate
-    from .model.build import build_model, default_model, load_model
-    from .session import ChoiceAnchor, FocusMode
+    from .evaluation.protocols import EvaluationPlan, run_plan
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = _device(args.device)
-    anchors = _distinct_list(args.anchor, "--anchor", lambda w: ChoiceAnchor.parse(w, "--anchor"), "none,minimal")
-    searches = _distinct_list(args.box_search, "--box-search", lambda w: _on_off(w, "--box-search"), "on,off")
-    focuses = _distinct_list(args.focus, "--focus", lambda w: FocusMode.parse(w, "--focus mode"), "clicks,off")
-    methods = {}
-    paths = args.model or [None]
-    for index, path in enumerate(paths):
-        model = default_model(device) if path is None else load_model(Path(path), _opt_path(args, "checkpoint"), device)
-        for anchor, search, focus in itertools.product(anchors, searches, focuses):
-            name = f"spa_{model.config.conditioning}" + (f"_{index + 1}" if len(paths) > 1 else "")
-            name += f"_anchor_{anchor}" if len(anchors) > 1 else ""
-            name += ("_box_search" if search else "_click_only") if len(searches) > 1 else ""
-            name += f"_focus_{focus}" if len(focuses) > 1 else ""
-            source = Path(path).parent.name if path else "shipped"
-            label = f"SPA ({model.config.conditioning} conditioning, {source}, anchor {anchor}"
-            if len(searches) > 1 or args.first_prompt == "point":
-                label += ", box search" if search else ", click only"
-            label += f", focus {focus}"
-            label += ")"
-            methods[name] = SpaMethod(label, model, anchor, search, focus)
-    baseline = None
-    if not args.no_baseline:
-        baseline = (
-            build_model(device=device)
-            if args.checkpoint is None
-            else build_model(next(iter(methods.values())).model.config, _opt_path(args, "checkpoint"), device)
-        )
-    targets = _numbers(args.targets, len(args.targets.split(",")), "--targets")
-    results = evaluate(
-        methods,
-        Path(args.data),
-        args.split,
-        baseline_model=baseline,
-        seed=args.seed,
-        max_rounds=args.rounds,
-        targets=targets,
+    plan = EvaluationPlan.from_options(
+        data=Path(args.data),
+        protocol=args.protocol,
+        models=[Path(p) for p in args.model or []],
+        backbone_checkpoint=_opt_path(args, "checkpoint"),
+        click_models=[Path(p) for p in args.click_model or []],
+        baselines=args.baseline if not args.no_baseline else "none",
+        anchors=args.anchor,
+        box_search=args.box_search,
+        focus=args.focus,
+        samples=args.samples,
+        users=args.users,
+        studies=args.study,
+        styles=args.styles,
+        targets=args.targets,
+        rounds=args.rounds,
         first_prompt=args.first_prompt,
-        n_samples=args.samples,
+        split=args.split,
         max_cases=args.max_cases,
-        cache_dir=Path(args.cache),
+        seed=args.seed,
+        device=_device(args.device),
+        cache=Path(args.cache),
     )
-    paths_written = write_report(results, Path(args.out))
-    print(markdown_summary_table(json.loads(paths_written["results"].read_text())))
-    print(f"report: {paths_written['report']}")
+    written = run_plan(plan, Path(args.out))
+    print(written["summary"])
+    print(f"report: {written['report']}")
     return 0
 
 
@@ -1023,27 +1001,73 @@ def build_parser() -> argparse.ArgumentParser:
     cache_option(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="simulated-user evaluation: Dice per round and NoI, SPA vs click baseline")
+    p = sub.add_parser(
+        "evaluate", help="simulated-user evaluation: SPA vs click baselines, rater alignment, users, profiles"
+    )
     p.add_argument(
         "data", help="multi-rater data in any layout `spa train` reads (SPA folder, LIDC crops tree, LIDC .pickle)"
     )
-    p.add_argument("--model", action="append", help="SPA weights; repeat to compare (default: the shipped model)")
+    p.add_argument(
+        "--protocol",
+        default="custom",
+        choices=["custom", "paper"],
+        help="paper: every study with the paper's settings (N 48, K 4, 6 rounds, failure counted as 10; Dice targets "
+        "0.6,0.7,0.75 on LIDC data, else 0.8,0.9,0.95; users 1,0.8,0.6,stops; baselines litemedsam,spa and each "
+        "--click-model); the options below override it where given. custom: only what the options ask (default)",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        help="SPA weights; repeat to compare (default: the shipped model). The first gets every --samples and "
+        "--users variant; the others (e.g. ablations) run with the first of each",
+    )
     p.add_argument("--checkpoint", help="backbone checkpoint for SAM/MedSAM ViT-B models")
+    p.add_argument(
+        "--click-model",
+        action="append",
+        help="a click baseline's weights (`spa train --method clicks`): its decoder answers one correction click per "
+        "round; repeat to compare",
+    )
+    p.add_argument(
+        "--baseline",
+        help="built-in click baselines, comma-separated: litemedsam (the backbone as shipped), spa (each --model's "
+        "decoder without its preference parts), none (default litemedsam; paper: litemedsam,spa)",
+    )
+    p.add_argument("--no-baseline", action="store_true", help="no built-in click baseline (same as --baseline none)")
     p.add_argument("--split", default="test", help="test, train, all, or a split that splits.json names (default test)")
     p.add_argument(
         "--out", default=str(DEFAULT_OUTPUT / "evaluate"), help="folder for results.json, report.md and plots"
     )
-    p.add_argument("--rounds", type=_int_in(1, 100), default=6, help="choice rounds per case")
-    p.add_argument(
-        "--targets", default="0.8,0.9", help="Dice targets for NoI (number of interactions), comma-separated"
-    )
+    p.add_argument("--rounds", type=_int_in(1, 100), help="choice rounds per case (default 6)")
+    p.add_argument("--targets", help="Dice targets for NoI (number of interactions), comma-separated (default 0.8,0.9)")
     p.add_argument(
         "--first-prompt",
         default=FirstPrompt.POINT.value,
         choices=[FirstPrompt.POINT.value, FirstPrompt.BOX.value],
         help="the simulated user's first prompt",
     )
-    samples_option(p)
+    p.add_argument(
+        "--samples",
+        help=f"masks sampled per round, N ({MIN_SAMPLES}-{MAX_SAMPLES}); a comma list such as 12,24,48 compares them "
+        f"(default {DEFAULT_SAMPLES})",
+    )
+    p.add_argument(
+        "--users",
+        help="simulated users, comma-separated: 1 (an oracle: picks the nearest candidate, clicks the largest error), "
+        "a number p < 1 (picks the nearest with probability p, another one otherwise; clicks anywhere in the error "
+        "otherwise), stops (an oracle who accepts once no candidate beats the recommendation) (default 1)",
+    )
+    p.add_argument(
+        "--study",
+        help="comma-separated: standard (Dice per round, NoI, failures, distribution quality), raters (alignment to "
+        "included vs excluded raters over every rater split), profiles (a user's profile carried over a sequence of "
+        "images vs starting fresh) (default standard; paper: all three)",
+    )
+    p.add_argument(
+        "--styles",
+        help="profiles study: the users' styles, comma-separated: generous, majority, strict, rater:NAME "
+        "(default generous,majority,strict)",
+    )
     p.add_argument(
         "--anchor",
         default=DEFAULT_ANCHOR.value,
@@ -1052,7 +1076,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _click_options(p, compare=True)
     p.add_argument("--max-cases", type=_int_in(1, 10**7), help="evaluate only the first N cases (default: all)")
-    p.add_argument("--no-baseline", action="store_true", help="skip the LiteMedSAM click-refinement baseline")
     seed_option(p)
     device_option(p)
     threads_option(p)

@@ -1,5 +1,5 @@
 """Evaluation metrics: overlap, rounds to a target (NoI), failure rate, confidence intervals,
-generalised energy distance and candidate diversity.
+generalised energy distance, sample and candidate diversity, calibration.
 
 Masks are numpy boolean arrays of shape (H, W); any array that converts to bool is accepted.
 """
@@ -97,15 +97,76 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
     return mean, mean - half_width, mean + half_width
 
 
+def _iou_distances(first: Sequence[np.ndarray], second: Sequence[np.ndarray]) -> np.ndarray:
+    """1 − IoU for every pair (i, j) as a matrix, computed on the bounding box of everything marked (two empty masks
+    agree perfectly, as :func:`iou` says)."""
+    a = np.stack([np.asarray(m).astype(bool) for m in first])
+    b = np.stack([np.asarray(m).astype(bool) for m in second])
+    if a.shape[1:] != b.shape[1:]:
+        raise InputError(
+            f"Masks of shapes {a.shape[1:]} and {b.shape[1:]} cannot be compared; pass masks of one image."
+        )
+    marked = a.any(0) | b.any(0)
+    if not marked.any():
+        return np.zeros((len(a), len(b)))
+    rows, cols = np.nonzero(marked)
+    window = (slice(None), slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+    fa = a[window].reshape(len(a), -1).astype(np.float32)
+    fb = b[window].reshape(len(b), -1).astype(np.float32)
+    intersection = fa @ fb.T
+    union = fa.sum(1)[:, None] + fb.sum(1)[None, :] - intersection
+    with np.errstate(invalid="ignore", divide="ignore"):
+        overlap = np.where(union > 0, intersection / np.maximum(union, 1.0), 1.0)
+    return 1.0 - overlap
+
+
 def _mean_distance(first: Sequence[np.ndarray], second: Sequence[np.ndarray], skip_same_index: bool) -> float:
     """Mean of 1 - IoU over index pairs (i, j); optionally without the pairs with i == j."""
-    distances = []
-    for i, a in enumerate(first):
-        for j, b in enumerate(second):
-            if skip_same_index and i == j:
-                continue
-            distances.append(1.0 - iou(a, b))
-    return float(np.mean(distances))
+    distances = _iou_distances(first, second)
+    if skip_same_index:
+        keep = ~np.eye(*distances.shape, dtype=bool)
+        return float(distances[keep].mean())
+    return float(distances.mean())
+
+
+def sample_diversity(masks: Sequence[np.ndarray]) -> float:
+    """Mean 1 − IoU between distinct pairs of masks (0: all alike); the within-set term of the GED without the
+    pairs of a mask with itself. Fewer than 2 masks give NaN."""
+    if len(masks) < 2:
+        return float("nan")
+    return _mean_distance(masks, masks, skip_same_index=True)
+
+
+CALIBRATION_BINS = 10
+CALIBRATION_MARGIN_PX = 3
+
+
+def expected_calibration_error(
+    probability: np.ndarray, rater_masks: Sequence[np.ndarray], bins: int = CALIBRATION_BINS
+) -> float:
+    """ECE of a probability map against the raters' mean (the share of raters marking each pixel): pixels in equal-width
+    probability bins, Σ_b |b|/n · |mean probability − mean rater share| over the pixels near the structure (every pixel
+    a rater marks or the map gives ≥ 0.05, grown by ``CALIBRATION_MARGIN_PX``), so the empty background does not
+    dilute it."""
+    from scipy import ndimage
+
+    probability = np.asarray(probability, dtype=np.float64)
+    if len(rater_masks) == 0:
+        raise InputError("Calibration needs at least one rater mask.")
+    share = np.mean([np.asarray(m).astype(bool) for m in rater_masks], axis=0)
+    if share.shape != probability.shape:
+        raise InputError(f"The probability map {probability.shape} and the rater masks {share.shape} differ in shape.")
+    region = ndimage.binary_dilation((share > 0) | (probability >= 0.05), iterations=CALIBRATION_MARGIN_PX)
+    if not region.any():
+        return 0.0
+    p, y = probability[region], share[region]
+    index = np.minimum((p * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        chosen = index == b
+        if chosen.any():
+            total += chosen.sum() * abs(p[chosen].mean() - y[chosen].mean())
+    return float(total / p.size)
 
 
 def generalized_energy_distance(

@@ -243,6 +243,7 @@ class Session:
         self._choices: list[int] = []
         self._model_rounds: list[ModelRound] = []
         self._rounds: list[Round] = []
+        self._sample_maps: list[np.ndarray] = []  # each round's N sample maps (model frame)
         self.accepted = False
         self.accepted_candidate: int | None = None  # set when a candidate, not the recommendation, was accepted
 
@@ -289,6 +290,7 @@ class Session:
             bool(label),
         )
         self._choices, self._model_rounds, self._rounds, self.accepted = [], [], [], False
+        self._sample_maps = []
         self.accepted_candidate = None
         return self._advance(prompt, self.initial_weights)
 
@@ -333,10 +335,17 @@ class Session:
         self.accepted, self.accepted_candidate = False, None
         del self._rounds[target:]
         del self._model_rounds[target:]
+        del self._sample_maps[target:]
         del self._choices[target - 1 :]
         return self._rounds[-1]
 
     # ----- what the session holds ----------------------------------------------------------------
+    def sample_masks(self) -> np.ndarray:
+        """The current round's N sample masks (N, H, W) bool at the image's size, after the anchor: what the
+        recommendation and the candidates were made from (the evaluation's distribution measures use them)."""
+        self._require_round()
+        return self._maps_to_image(self._sample_maps[-1]) >= self.model.config.recommend_threshold
+
     @property
     def rounds(self) -> list[Round]:
         return list(self._rounds)
@@ -541,6 +550,7 @@ class Session:
             weight = self._anchor_weight(probabilities.mean(axis=0), choice, chosen)
             probabilities = pull_towards(probabilities, choice, weight)
         model_round = summarise_round(self.model, prompt, mixture, probabilities, self.n_candidates, seed)
+        self._sample_maps.append(probabilities)
         self._model_rounds.append(model_round)
         round_ = self._to_image(index, model_round, time.perf_counter() - began)
         round_.anchor_weight = weight

@@ -53,6 +53,8 @@ LAYERS: list[tuple[str, ...]] = [
         "training",
         "bench",
         "evaluation.runner",
+        "evaluation.studies",
+        "evaluation.protocols",
         "evaluation.report",
         "profile_db",
         "backend",

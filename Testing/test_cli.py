@@ -225,9 +225,9 @@ def test_generate_train_evaluate_end_to_end(tmp_path):
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert set(results["methods"]) == {
         "spa_token",
-        "click_baseline",
+        "click_litemedsam",
         "spa_token_all_rounds",
-        "click_baseline_all_rounds",
+        "click_litemedsam_all_rounds",
     }
     per_case = results["methods"]["spa_token"]["per_case"]
     assert len(per_case) == 1 and all(len(r["dice"]) == 3 for r in per_case.values())

@@ -127,3 +127,49 @@ def test_a_small_structure_is_also_learned_in_its_focus_window(tmp_path):
     assert (crop.geometry.height, crop.geometry.width) == (crop.focus.height, crop.focus.width)
     expected = EmbeddingCache(model, folder=tmp_path / "cache").get(crop.focus.crop(small), intensity_window(small))
     assert torch.allclose(crop.embedding, expected[0].cpu())
+
+
+def test_the_click_baseline_trains_the_decoder_and_leaves_the_preference_parts(tmp_path, cases):
+    """spa train --method clicks: SAM-style iterative clicks teach the plain decoder (the clicked rounds improve on
+    the first), the generator and conditioning stay as built, and the weights file says it is a click model."""
+    model = fresh_model()
+    before = {k: v.clone() for k, v in model.spa_state_dict().items()}
+    config = TrainConfig(steps=6, batch_size=2, rounds=4, log_every=1, seed=1, method="clicks", decoder_lr=1e-4)
+    run = train(model, cases, tmp_path / "clicks", config, progress=False)
+    after = model.spa_state_dict()
+    untouched = [k for k in before if k.startswith(("generator.", "conditioning."))]
+    assert all(torch.equal(before[k].half().float(), after[k]) for k in untouched)  # saved as float16, nothing more
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("backbone.mask_decoder."))
+    assert all(h["dice_last"] >= h["dice_first"] for h in run.history[-3:])  # clicks fix what the first round missed
+    loaded = load_model(tmp_path / "clicks" / "spa_model.pt")
+    assert loaded.training_info["train_config"]["method"] == "clicks"
+
+
+def test_the_ablation_switches_reach_training_and_sessions(tmp_path, cases):
+    """No mask prompt: the feedback prompt carries the point alone; no mixture update: round 2's generator gets the
+    session's initial weights, so a collapsed round-1 mixture does not carry over."""
+    from SPASegmentationLib.engine import feedback_prompt, next_weights, run_model_round, start_prompt
+    from SPASegmentationLib.preference import uniform_weights
+
+    model = build_model(SPAConfig(feedback_mask=False, carry_mixture=False))
+    case = cases[0]
+    prompt = start_prompt(case.geometry, (120, 90))
+    first = run_model_round(model, case.embedding[None], case.geometry, prompt, uniform_weights(16), 8, seed=1)
+    follow = feedback_prompt(model, first, 0, seed=2)
+    assert follow.mask is None
+    initial = uniform_weights(16)
+    assert next_weights(model, first.mixture.weights, initial) is initial
+    shipped_like = build_model(SPAConfig())
+    assert next_weights(shipped_like, first.mixture.weights, initial) is first.mixture.weights
+    with_mask = feedback_prompt(shipped_like, first, 0, seed=2)
+    assert with_mask.mask is not None and with_mask.points == follow.points  # the same feedback but for the mask
+    run = train(
+        model,
+        cases,
+        tmp_path / "ablation",
+        TrainConfig(steps=2, batch_size=2, rounds=2, n_samples=4, log_every=1, seed=3),
+        progress=False,
+    )
+    assert run.steps_done == 2
+    reloaded = load_model(tmp_path / "ablation" / "spa_model.pt")
+    assert reloaded.config.feedback_mask is False and reloaded.config.carry_mixture is False

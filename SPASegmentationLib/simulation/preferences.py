@@ -81,7 +81,7 @@ def draw_preference(
     return [largest], masks[largest].copy()
 
 
-def _case_rng(seed: int, case_id: object) -> np.random.Generator:
+def case_rng(seed: int, case_id: object) -> np.random.Generator:
     """A generator that depends only on (seed, case id), using a stable hash of the case id."""
     digest = hashlib.sha256(str(case_id).encode("utf-8")).digest()
     case_key = int.from_bytes(digest[:8], "little")
@@ -102,7 +102,7 @@ def fixed_preferences(
         raise InputError(f"Seed {seed!r} is not a non-negative integer; pass a seed such as 0.")
     preferences: dict[str, list[str]] = {}
     for case_id, raters in case_raters.items():
-        rng = _case_rng(int(seed), case_id)
+        rng = case_rng(int(seed), case_id)
         if isinstance(raters, Mapping):
             subset, _ = draw_preference(raters, rng)
         else:
