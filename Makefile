@@ -126,6 +126,13 @@ train-clicks: $(DATA)/splits.json $(LIDC_DATA)/splits.json
 	$(BIN)/spa train $(LIDC_DATA) $(DATA) --method clicks --decoder-lr $(CLICK_LR) --out $(TRAIN_OUT)/clicks_lr$(CLICK_LR) \
 		--steps $(REAL_STEPS) --batch-size 4 --rounds 6 --seed 0 --focus-crops off --threads $(THREADS)
 
+# train-real's recipe against the collapse of its mixture (the shipped model puts every image's weight on one of its
+# 16 components from round 1 on, so K_g, the mixture update and profiles cannot matter): the E-step's prior mixed with
+# 10 % uniform and a load-balancing term over each batch's mixtures. Same data, steps and seed.
+train-balanced: $(DATA)/splits.json $(LIDC_DATA)/splits.json
+	$(BIN)/spa train $(LIDC_DATA) $(DATA) --out $(TRAIN_OUT)/balanced --e-step-prior-floor 0.1 --balance-weight 1 \
+		--steps $(REAL_STEPS) --batch-size 4 --samples 24 --rounds 6 --seed 0 --focus-crops off --threads $(THREADS)
+
 # The ablations of the paper's Table 3, each train-real with one switch; the shipped model is the full arm.
 ABLATIONS = components1 components4 moment_matched no_mask_prompt no_mixture_update
 ABLATION_FLAGS_components1 = --components 1
@@ -145,4 +152,4 @@ evaluate-default: $(DATA)/splits.json
 
 THREADS ?= 2
 .PHONY: data data-lidc data-organs train-default train-real train-focus train-compare evaluate-default train-clicks \
-	train-ablations
+	train-ablations train-balanced

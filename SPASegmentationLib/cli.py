@@ -543,6 +543,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         decoder_lr=args.decoder_lr,
         method=args.method,
+        e_step_prior_floor=args.e_step_prior_floor,
+        balance_weight=args.balance_weight,
         best_of_n_weight=args.best_of_n_weight,
         deep_first_round_probability=args.deep_first_round_probability,
         focus_crops=_on_off(args.focus_crops, "--focus-crops"),
@@ -957,6 +959,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=SamplingMode.words(),
         help="mixture: draw each latent from one component (paper); moment_matched: from one Gaussian with the "
         "mixture's mean and variance (the official code; an ablation)",
+    )
+    p.add_argument(
+        "--e-step-prior-floor",
+        type=_float_in(0.0, 1.0),
+        default=TrainConfig.e_step_prior_floor,
+        help="share of the uniform weights mixed into the E-step's prior (against a collapsed mixture)",
+    )
+    p.add_argument(
+        "--balance-weight",
+        type=_float_in(0.0, 100.0),
+        default=TrainConfig.balance_weight,
+        help="weight of the term that keeps a batch's mixtures using all their components (against a collapse)",
     )
     p.add_argument(
         "--feedback-mask",

@@ -7,6 +7,7 @@ the mixture weights, and for (de)serialising it into sessions and profiles.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,12 +175,16 @@ def e_step_weights(
     component_index: torch.Tensor,
     sample_losses: torch.Tensor,
     temperature: float = 0.05,
+    prior_floor: float = 0.0,
 ) -> torch.Tensor:
     """Posterior mixture weights given how well each component's samples matched the target.
 
     The E-step of a mixture: r_k ∝ pi_k p(target | k). The likelihood of the target under component
     k is estimated from the samples drawn from k this round, p(target | k) ∝ exp(-mean loss / T).
     Components that drew no sample keep their prior likelihood (the mean over the others).
+
+    ``prior_floor`` mixes the prior with the uniform one, (1 − ε) π + ε / K_g, so that a component the prior has
+    all but dropped can win back weight when its samples fit (without it a collapsed mixture is a fixed point).
 
     prior_weights: (B, K_g); component_index: (B, N) long; sample_losses: (B, N) per-sample loss.
     Returns (B, K_g), detached: it is a target, not a prediction.
@@ -194,5 +199,18 @@ def e_step_weights(
     mean_loss = torch.where(drawn, summed / counts.clamp_min(1), torch.zeros_like(summed))
     fallback = (mean_loss * drawn).sum(-1, keepdim=True) / drawn.sum(-1, keepdim=True).clamp_min(1)
     mean_loss = torch.where(drawn, mean_loss, fallback.expand_as(mean_loss))
-    log_post = torch.log(prior_weights.clamp_min(1e-8)) - mean_loss / temperature
+    prior = (1.0 - prior_floor) * prior_weights + prior_floor / n_components
+    log_post = torch.log(prior.clamp_min(1e-8)) - mean_loss / temperature
     return torch.softmax(log_post, dim=-1)
+
+
+def balance_loss(weights: torch.Tensor) -> torch.Tensor:
+    """How unevenly a batch's mixtures (B, K_g) use their components as a whole: 1 − H(mean weights) / log K_g, 0 when
+    every component carries the same share of the batch, 1 when all put their weight on the same one. Each image may
+    still favour its own components (a load-balancing term, as mixtures of experts use)."""
+    n_components = weights.shape[-1]
+    if n_components == 1:
+        return weights.sum() * 0.0
+    mean = weights.reshape(-1, n_components).mean(0).clamp_min(1e-8)
+    entropy = -(mean * torch.log(mean)).sum()
+    return 1.0 - entropy / math.log(n_components)

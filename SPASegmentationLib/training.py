@@ -49,7 +49,7 @@ from .io.atomic import write_bytes_atomic, write_json_atomic
 from .metrics import dice
 from .model.preprocess import FocusWindow, ImageGeometry, focus_window, intensity_window
 from .model.spa import DEEP_DECODER_PREFIXES, TRAINED_DECODER_PREFIXES, SPAModel
-from .preference import e_step_weights, uniform_weights
+from .preference import balance_loss, e_step_weights, uniform_weights
 from .simulation.choices import nearest_candidate, sampled_error_click
 from .simulation.preferences import draw_preference
 from .simulation.prompts import FirstPrompt, initial_box, training_first_prompt
@@ -78,6 +78,11 @@ class TrainConfig:
     best_of_n_weight: float = 1.5
     pi_weight: float = 1.0
     e_step_temperature: float = 0.05
+    # Against a collapsed mixture (every image's weight on one component, so K_g, the mixture update and profiles stop
+    # mattering): the E-step's prior mixed with this share of the uniform one, and the weight of a load-balancing term
+    # (preference.balance_loss). Both 0 reproduce the shipped model's recipe.
+    e_step_prior_floor: float = 0.0
+    balance_weight: float = 0.0
     first_prompt: FirstPrompt = FirstPrompt.MIXED  # point, box or mixed (half each)
     # One round per step also trains the decoder transformer and prompt encoder ("deep"): the first
     # round with this probability (it teaches the first prompt), else a random later round (it teaches
@@ -230,7 +235,15 @@ def training_step(
         deep_round = 0
     else:
         deep_round = int(rng.integers(1, config.rounds))
-    totals = {"loss": 0.0, "aggregate_bce": 0.0, "best_bce": 0.0, "pi_mse": 0.0, "dice_first": 0.0, "dice_last": 0.0}
+    totals = {
+        "loss": 0.0,
+        "aggregate_bce": 0.0,
+        "best_bce": 0.0,
+        "pi_mse": 0.0,
+        "balance": 0.0,
+        "dice_first": 0.0,
+        "dice_last": 0.0,
+    }
     for round_index in range(config.rounds):
         deep = config.deep_rounds and round_index == deep_round
         sampled = sample_round(
@@ -241,15 +254,20 @@ def training_step(
         aggregate_loss = _probability_bce(probability, target, valid, config.pos_weight).mean()
         per_sample = _masked_bce(logits, target, valid, config.pos_weight)  # (B, N)
         best_loss = per_sample.min(1).values.mean()
-        pi_target = e_step_weights(mixture.weights, sampled.component, per_sample, config.e_step_temperature)
+        pi_target = e_step_weights(
+            mixture.weights, sampled.component, per_sample, config.e_step_temperature, config.e_step_prior_floor
+        )
         # MSE as in the paper, scaled by K_g² so that it is O(1) for weights of order 1/K_g.
         pi_loss = F.mse_loss(mixture.weights, pi_target) * model.config.n_components**2
-        loss = (aggregate_loss + config.best_of_n_weight * best_loss + config.pi_weight * pi_loss) / config.rounds
+        spread = balance_loss(mixture.weights)
+        loss = aggregate_loss + config.best_of_n_weight * best_loss + config.pi_weight * pi_loss
+        loss = (loss + config.balance_weight * spread) / config.rounds
         loss.backward()
         totals["loss"] += float(loss.detach())
         totals["aggregate_bce"] += float(aggregate_loss.detach()) / config.rounds
         totals["best_bce"] += float(best_loss.detach()) / config.rounds
         totals["pi_mse"] += float(pi_loss.detach()) / config.rounds
+        totals["balance"] += float(spread.detach()) / config.rounds
         with torch.no_grad():
             recommended = (probability >= model.config.recommend_threshold).cpu().numpy()[:, 0]
             goals = target.cpu().numpy()[:, 0] > 0.5

@@ -157,6 +157,31 @@ def test_e_step_moves_weight_to_components_whose_samples_match_the_target():
     assert posterior[0, 1] < posterior[0, 3] < posterior[0, 0]
 
 
+def test_a_collapsed_prior_is_a_fixed_point_of_the_e_step_unless_floored():
+    """A mixture with all its weight on component 0 keeps it there whatever the samples say; with a floor on the
+    prior the component whose samples fit the target wins weight back."""
+    collapsed = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    index = torch.tensor([[0, 0, 1, 1]])
+    losses = torch.tensor([[0.9, 0.9, 0.1, 0.1]])
+    assert e_step_weights(collapsed, index, losses, temperature=0.1)[0, 0] > 0.99
+    floored = e_step_weights(collapsed, index, losses, temperature=0.1, prior_floor=0.1)
+    assert floored[0, 1] > 0.9 and torch.isclose(floored.sum(), torch.tensor(1.0))
+
+
+def test_the_balance_term_is_zero_for_an_evenly_used_mixture_and_one_for_a_collapse():
+    from SPASegmentationLib.preference import balance_loss
+
+    assert float(balance_loss(uniform_weights(8, batch=3))) == pytest.approx(0.0, abs=1e-6)
+    # Each image on its own component, the batch evenly spread: no penalty
+    assert float(balance_loss(torch.eye(4))) == pytest.approx(0.0, abs=1e-6)
+    same = torch.zeros(3, 8)
+    same[:, 2] = 1.0
+    assert float(balance_loss(same)) == pytest.approx(1.0, abs=1e-5)
+    weights = torch.softmax(torch.randn(4, 8), -1).requires_grad_(True)
+    balance_loss(weights).backward()
+    assert torch.isfinite(weights.grad).all()
+
+
 def test_generator_gives_valid_per_image_mixtures_and_keeps_given_weights_untrained(untrained_model):
     model = untrained_model
     embedding = torch.randn(2, 256, 64, 64)
