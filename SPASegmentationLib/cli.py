@@ -1032,8 +1032,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         action="append",
-        help="SPA weights; repeat to compare (default: the shipped model). The first gets every --samples and "
-        "--users variant; the others (e.g. ablations) run with the first of each",
+        help="SPA weights; repeat to compare (default: the shipped model). The first meets every --users user at the "
+        "first --samples value and the first user at every other value; the others (e.g. ablations) run with the "
+        "first of each",
     )
     p.add_argument("--checkpoint", help="backbone checkpoint for SAM/MedSAM ViT-B models")
     p.add_argument(

@@ -202,10 +202,13 @@ class EvaluationPlan:
         methods: dict[str, Method] = {}
         several_models = len(loaded) > 1
         for index, (source, model) in enumerate(loaded):
+            # The first model meets every user at the first N, and the oracle at every other N; the others (ablations)
+            # run with the first user and N only.
             variants_n = sample_list if index == 0 else sample_list[:1]
-            variants_user = user_list if index == 0 else user_list[:1]
-            for anchor, search, focus_mode, n, user in itertools.product(
-                anchor_list, search_list, focus_list, variants_n, variants_user
+            variants = [(variants_n[0], u) for u in (user_list if index == 0 else user_list[:1])]
+            variants += [(n, user_list[0]) for n in variants_n[1:]]
+            for (anchor, search, focus_mode), (n, user) in itertools.product(
+                itertools.product(anchor_list, search_list, focus_list), variants
             ):
                 name = f"spa_{model.config.conditioning}" + (f"_{index + 1}" if several_models else "")
                 name += f"_anchor_{anchor}" if len(anchor_list) > 1 else ""
