@@ -147,22 +147,25 @@ train-ablations: $(addprefix train-ablation-,$(ABLATIONS))
 
 # The paper's evidence (issue 11): `spa evaluate --protocol paper` (N 48, K 4, 6 rounds, failures counted as 10, the
 # paper's targets; users 1 / 0.8 / 0.6 / stops; click baselines: LiteMedSAM as shipped, SPA's decoder alone, the trained
-# click model; rater alignment; profiles) on the real LIDC test crops, the rendered reserved-range split and the
-# procedural test split, the shipped model first and every ablation trained so far beside it. Reports under
-# output/evaluation/paper_*; the model card's tables come from them.
+# click model; N = 24 and 12 too; rater alignment; profiles) on the real LIDC test crops (PAPER_SET=real), the rendered
+# reserved-range split (lidc) and the procedural split (synth); then the ablations (Table 3): the shipped model beside
+# every arm trained so far, oracle user. Reports under output/evaluation/paper_* and ablations_*.
 CLICK_MODEL ?= Resources/models/click_litemedsam.pt
-ABLATION_MODELS = $(wildcard $(TRAIN_OUT)/balanced/spa_model.pt) $(wildcard $(addsuffix /spa_model.pt,$(addprefix $(TRAIN_OUT)/ablation_,$(ABLATIONS))))
-PAPER_FLAGS = --protocol paper --first-prompt point --model Resources/models/spa_litemedsam.pt \
-	$(addprefix --model ,$(ABLATION_MODELS)) --click-model $(CLICK_MODEL) --samples 48,24,12 --seed 0 \
-	--threads $(THREADS)
-evaluate-paper-real: $(STAMP)
-	$(BIN)/spa evaluate Testing/data/lidc-cimd --split test $(PAPER_FLAGS) --out output/evaluation/paper_real
-evaluate-paper-lidc: $(LIDC_DATA)/splits.json
-	$(BIN)/spa evaluate $(LIDC_DATA) --split test --max-cases 60 $(PAPER_FLAGS) --out output/evaluation/paper_lidc
-evaluate-paper-synth: $(DATA)/splits.json
-	$(BIN)/spa evaluate $(DATA) --split test $(PAPER_FLAGS) --styles generous,majority,strict,rater:tight,rater:core,rater:smooth,rater:rim \
-		--out output/evaluation/paper_synth
+ABLATION_MODELS = $(wildcard $(TRAIN_OUT)/balanced/spa_model.pt) \
+	$(wildcard $(addsuffix /spa_model.pt,$(addprefix $(TRAIN_OUT)/ablation_,$(ABLATIONS))))
+SET_ARGS_real = Testing/data/lidc-cimd --split test
+SET_ARGS_lidc = $(LIDC_DATA) --split test --max-cases 60
+SET_ARGS_synth = $(DATA) --split test --styles generous,majority,strict,rater:tight,rater:core,rater:smooth,rater:rim
+SHIPPED = Resources/models/spa_litemedsam.pt
+evaluate-paper-%: $(STAMP)
+	$(BIN)/spa evaluate $(SET_ARGS_$*) --protocol paper --first-prompt point --model $(SHIPPED) \
+		--click-model $(CLICK_MODEL) --samples 48,24,12 --seed 0 --threads $(THREADS) --out output/evaluation/paper_$*
+evaluate-ablations-%: $(STAMP)
+	$(BIN)/spa evaluate $(SET_ARGS_$*) --protocol paper --first-prompt point --model $(SHIPPED) \
+		$(addprefix --model ,$(ABLATION_MODELS)) --baseline none --users 1 --study standard --seed 0 \
+		--threads $(THREADS) --out output/evaluation/ablations_$*
 evaluate-paper: evaluate-paper-real evaluate-paper-lidc evaluate-paper-synth
+evaluate-ablations: evaluate-ablations-real evaluate-ablations-lidc evaluate-ablations-synth
 
 # The model card's evaluation of the shipped weights (CPU).
 evaluate-default: $(DATA)/splits.json
@@ -171,4 +174,4 @@ evaluate-default: $(DATA)/splits.json
 
 THREADS ?= 2
 .PHONY: data data-lidc data-organs train-default train-real train-focus train-compare evaluate-default train-clicks \
-	train-ablations train-balanced evaluate-paper evaluate-paper-real evaluate-paper-lidc evaluate-paper-synth
+	train-ablations train-balanced evaluate-paper evaluate-ablations

@@ -972,19 +972,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=TrainConfig.balance_weight,
         help="weight of the term that keeps a batch's mixtures using all their components (against a collapse)",
     )
-    p.add_argument(
-        "--feedback-mask",
-        default="on",
-        choices=["on", "off"],
-        help="on: the chosen candidate goes back to the decoder as a mask prompt (default); off: an ablation",
-    )
-    p.add_argument(
-        "--carry-mixture",
-        default="on",
-        choices=["on", "off"],
-        help="on: each round's generator receives the previous round's mixture weights (default); off: the initial "
-        "ones (an ablation)",
-    )
+    for flag, meaning in (
+        ("--feedback-mask", "the chosen candidate goes back to the decoder as a mask prompt"),
+        ("--carry-mixture", "each round's generator gets the previous round's mixture weights, not the initial ones"),
+    ):
+        p.add_argument(flag, default="on", choices=["on", "off"], help=f"on: {meaning} (default); off: an ablation")
     p.add_argument(
         "--deep-first-round-probability",
         type=_float_in(0.0, 1.0),

@@ -207,6 +207,25 @@ def set_trainable(model: SPAModel, config: TrainConfig) -> list[torch.nn.Paramet
     return decoder_params
 
 
+def _draw_batch(
+    model: SPAModel, cases: list[TrainingCase], config: TrainConfig, rng: np.random.Generator
+) -> tuple[torch.Tensor, list, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """A batch's embeddings (B, C, e, e), first prompts, and per case a drawn preference on the mask grid: the targets
+    (a list, CPU) and stacked with their validity masks (B, m, m) on the model's device."""
+    device = model.device
+    side = model.backbone.mask_size
+    embeddings = torch.stack([c.embedding for c in cases]).to(device)
+    targets, valids, prompts = [], [], []
+    for case in cases:
+        _, target = draw_preference(case.raters, rng)
+        first = training_first_prompt(case.raters, target, config.first_prompt, rng)
+        prompts.append(start_prompt(case.geometry, **first))
+        t, v = _target_in_model_frame(case, target, side)
+        targets.append(t)
+        valids.append(v)
+    return embeddings, prompts, targets, torch.stack(targets).to(device), torch.stack(valids).to(device)
+
+
 def training_step(
     model: SPAModel,
     cases: list[TrainingCase],
@@ -218,17 +237,8 @@ def training_step(
     device = model.device
     side = model.backbone.mask_size
     batch = len(cases)
-    embeddings = torch.stack([c.embedding for c in cases]).to(device)
-    targets, valids, prompts = [], [], []
-    for case in cases:
-        _, target = draw_preference(case.raters, rng)
-        first = training_first_prompt(case.raters, target, config.first_prompt, rng)
-        prompts.append(start_prompt(case.geometry, **first))
-        t, v = _target_in_model_frame(case, target, side)
-        targets.append(t)
-        valids.append(v)
-    target = torch.stack(targets).to(device).unsqueeze(1)  # (B, 1, m, m)
-    valid = torch.stack(valids).to(device).unsqueeze(1)
+    embeddings, prompts, targets, target, valid = _draw_batch(model, cases, config, rng)
+    target, valid = target.unsqueeze(1), valid.unsqueeze(1)  # (B, 1, m, m)
     initial_weights = uniform_weights(model.config.n_components, batch).to(device)
     weights = initial_weights
     if rng.random() < config.deep_first_round_probability or config.rounds == 1:
@@ -316,19 +326,8 @@ def click_training_step(
     the prompts so far, BCE + Dice to the target, then one correction click from the error (see
     ``TrainConfig.careful_click_share``) with the prediction's logits as the next mask prompt."""
     del generator  # nothing is sampled: the click model is deterministic given its prompts
-    device = model.device
     side = model.backbone.mask_size
-    embeddings = torch.stack([c.embedding for c in cases]).to(device)
-    targets, valids, prompts = [], [], []
-    for case in cases:
-        _, target = draw_preference(case.raters, rng)
-        first = training_first_prompt(case.raters, target, config.first_prompt, rng)
-        prompts.append(start_prompt(case.geometry, **first))
-        t, v = _target_in_model_frame(case, target, side)
-        targets.append(t)
-        valids.append(v)
-    target = torch.stack(targets).to(device)  # (B, m, m)
-    valid = torch.stack(valids).to(device)
+    embeddings, prompts, targets, target, valid = _draw_batch(model, cases, config, rng)
     totals = {"loss": 0.0, "bce": 0.0, "dice_loss": 0.0, "dice_first": 0.0, "dice_last": 0.0}
     for round_index in range(config.rounds):
         # SAM's decoder takes one image with any number of prompts: one call per image
