@@ -16,6 +16,7 @@ from SPASegmentationLib.evaluation.protocols import (
     ablation_of,
     is_lidc,
     parse_users,
+    weights_name,
 )
 from SPASegmentationLib.evaluation.runner import SimulatedUser
 from SPASegmentationLib.evaluation.studies import profile_study, rater_alignment, rater_splits, style_target
@@ -99,6 +100,9 @@ def test_rater_splits_and_styles():
 
 def test_the_paper_preset_and_ablation_names(shipped_model):
     assert is_lidc(CROPS)
+    assert weights_name(None) == weights_name(Path("Resources/models/spa_litemedsam.pt")) == "shipped"
+    assert weights_name(Path("output/train/ablation_components1/spa_model.pt")) == "ablation_components1"
+    assert weights_name(CLICK_MODEL) == "click_litemedsam"
     assert ablation_of(shipped_model.config) == "full"
     assert ablation_of(SPAConfig(n_components=1, feedback_mask=False)) == "K_g = 1, no mask prompt"
     plan = EvaluationPlan.from_options(data=CROPS, protocol="paper", baselines="none")

@@ -24,6 +24,7 @@ from ..limits import MAX_SAMPLES, MIN_SAMPLES
 from ..metrics import NOI_FAIL_VALUE
 from ..model.build import build_model, default_model, load_model
 from ..model.spa import SPAConfig, SPAModel
+from ..resources import default_model_path
 from ..rounds import DEFAULT_SAMPLES
 from ..session import ChoiceAnchor, FocusMode
 from ..simulation.prompts import FirstPrompt
@@ -121,6 +122,15 @@ def ablation_of(config: SPAConfig) -> str:
     return ", ".join(changes) or "full"
 
 
+def weights_name(path: Path | None) -> str:
+    """How a report names a weights file: "shipped" for the shipped SPA weights, else its training run's folder
+    (output/train/balanced/spa_model.pt → balanced), or the file's stem for a file among others (click_litemedsam)."""
+    if path is None or Path(path).resolve() == default_model_path().resolve():
+        return "shipped"
+    path = Path(path)
+    return path.stem if path.stem != "spa_model" or not path.parent.name else path.parent.name
+
+
 def _user_suffix(user: SimulatedUser) -> str:
     if user.stops_when_no_better:
         return "_user_stops"
@@ -198,7 +208,7 @@ class EvaluationPlan:
         loaded: list[tuple[str, SPAModel]] = []
         for path in models or [None]:
             model = default_model(device) if path is None else load_model(path, backbone_checkpoint, device)
-            loaded.append(("shipped" if path is None else path.parent.name or path.stem, model))
+            loaded.append((weights_name(path), model))
         methods: dict[str, Method] = {}
         several_models = len(loaded) > 1
         for index, (source, model) in enumerate(loaded):
@@ -250,7 +260,7 @@ class EvaluationPlan:
                     "train a click baseline with `spa train --method clicks`"
                 )
             suffix = f"_{index + 1}" if len(click_models or []) > 1 else ""
-            click_sources.append((f"click_trained{suffix}", f"click model {path.parent.name or path.stem}", model))
+            click_sources.append((f"click_trained{suffix}", f"click model {weights_name(path)}", model))
         click_users = [u for u in user_list if not u.stops_when_no_better] or [ORACLE]
         for base_name, description, model in click_sources:
             for user in click_users:
