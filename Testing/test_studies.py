@@ -174,3 +174,15 @@ def test_the_learned_click_baseline_improves_with_every_click_on_held_out_images
     assert learned[5] > learned[0] + 0.02 and learned[1] > learned[0] + 0.02, learned
     assert min(learned[r + 1] - learned[r] for r in range(5)) > -0.01, learned  # no click makes it clearly worse
     assert learned[0] > shipped[0] + 0.3, (learned, shipped)
+
+
+def test_distribution_quality_counts_the_components_in_use():
+    from SPASegmentationLib.evaluation.runner import distribution_quality
+
+    raters = {"a": disc(6), "b": disc(8)}
+    samples = np.stack([disc(6), disc(8), disc(7)])
+    probability = samples.mean(0)
+    even = distribution_quality(samples, probability, raters, np.full(4, 0.25))
+    collapsed = distribution_quality(samples, probability, raters, np.array([0.0, 1.0, 0.0, 0.0]))
+    assert even["effective_components"] == pytest.approx(4.0) and collapsed["effective_components"] == 1.0
+    assert even["ged"] == collapsed["ged"] >= 0.0 and even["rater_diversity"] > 0.0

@@ -31,8 +31,8 @@ adds ``"summary"`` (see :func:`summarise`) to every method in the written ``resu
 
 Newer runs (``runner.evaluate`` and ``studies``) also record, and the report then shows:
 
-- per SPA case ``"distribution": {"round_1": {"ged", "sample_diversity", "rater_diversity", "ece"},
-  "last_round": {...}}`` and ``"stopped_at"`` (the round a "stops" user accepted, or None);
+- per SPA case ``"distribution": {"round_1": {"ged", "sample_diversity", "rater_diversity", "ece",
+  "effective_components"}, "last_round": {...}}`` and ``"stopped_at"`` (the round a "stops" user accepted, or None);
 - ``"model": {method_name: {"kind": "spa" | "click", "user": {"accuracy", "stops_when_no_better"},
   "tags": {"family", "ablation", "n_samples"}, ...}}`` (one record per method, copies excepted);
 - ``"rater_alignment"`` (:func:`.studies.rater_alignment`) and ``"profiles"`` (:func:`.studies.profile_study`).
@@ -67,7 +67,7 @@ NOI_PLOT_FILE = "noi.png"
 RATER_ALIGNMENT_PLOT_FILE = "rater_alignment.png"
 PROFILES_PLOT_FILE = "profiles.png"
 ALL_ROUNDS_SUFFIX = "_all_rounds"  # a copy of another method's sessions, run on to the last round
-DISTRIBUTION_METRICS = ("ged", "sample_diversity", "rater_diversity", "ece")
+DISTRIBUTION_METRICS = ("ged", "sample_diversity", "rater_diversity", "ece", "effective_components")
 SPLIT_SEPARATOR = "|"  # a rater-alignment split key: "a+b|c+d" (a and b included, c and d excluded)
 
 
@@ -500,14 +500,15 @@ def _distribution_section(results: Mapping[str, Any], summaries: Mapping[str, Ma
     if not rows:
         return []
     header = ["Method", "Images", "GED² round 1", "Sample diversity round 1", "Rater diversity", "ECE round 1"]
-    header += ["GED² last round", "ECE last round"]
+    header += ["Components in use round 1", "GED² last round", "ECE last round"]
     intro = (
         "How well the N samples of a round match the raters (oracle user; mean [95 % CI] over images). "
         "GED² (d = 1 − IoU) is the squared generalised energy distance between the N samples and the raters' masks; "
         "lower is closer. Sample and rater diversity are the mean 1 − IoU between distinct pairs of samples and of "
         "raters (images with one rater have no rater diversity). ECE is the expected calibration error of the "
         "probability map against the raters' mean (the share of raters marking a pixel), over the pixels near the "
-        "structure; lower is better calibrated."
+        "structure; lower is better calibrated. Components in use: exp(entropy) of the mixture weights the samples "
+        "were drawn from (1: the mixture has collapsed to one Gaussian; K_g: all used equally)."
     )
     return ["## Distribution quality of the samples", "", intro, "", *_table(header, rows), ""]
 

@@ -120,12 +120,18 @@ def accepted_curve(dice_all_rounds: list[float], accept_at: float) -> list[float
     return curve
 
 
-def distribution_quality(samples: np.ndarray, probability: np.ndarray, raters: Mapping[str, np.ndarray]) -> dict:
+def distribution_quality(
+    samples: np.ndarray, probability: np.ndarray, raters: Mapping[str, np.ndarray], weights: np.ndarray
+) -> dict:
     """How well one round's N sample masks match the raters: GED² (d = 1 − IoU), the diversity of the samples and of
-    the raters (mean 1 − IoU between distinct pairs), and the expected calibration error of the probability map
-    against the raters' mean."""
+    the raters (mean 1 − IoU between distinct pairs), the expected calibration error of the probability map
+    against the raters' mean, and how many of the mixture's components the samples came from in effect
+    (exp of the entropy of its ``weights``)."""
     masks = [np.asarray(m, dtype=bool) for m in raters.values()]
+    shares = np.asarray(weights, dtype=np.float64)
+    shares = shares[shares > 0] / shares.sum()
     return {
+        "effective_components": float(np.exp(-(shares * np.log(shares)).sum())),
         "ged": generalized_energy_distance(list(samples), masks),
         "sample_diversity": sample_diversity(list(samples)),
         "rater_diversity": sample_diversity(masks) if len(masks) > 1 else float("nan"),
@@ -177,7 +183,9 @@ def run_spa(
     )
     quality = {}
     if measure_distribution:
-        quality["round_1"] = distribution_quality(session.sample_masks(), round_.probability, case.raters)
+        quality["round_1"] = distribution_quality(
+            session.sample_masks(), round_.probability, case.raters, round_.mixture_weights
+        )
     to_choice, anchor_weights, stopped = [], [], None
     while round_.index < max_rounds:
         if accept_at is not None and dices[-1] >= accept_at:
@@ -199,7 +207,9 @@ def run_spa(
         diversity.append(candidate_diversity(list(round_.candidates)))
         seconds.append(round_.seconds)
     if measure_distribution and round_.index > 1:
-        quality["last_round"] = distribution_quality(session.sample_masks(), round_.probability, case.raters)
+        quality["last_round"] = distribution_quality(
+            session.sample_masks(), round_.probability, case.raters, round_.mixture_weights
+        )
     return {
         "dice_all_rounds": dices,
         "candidate_diversity": diversity,
