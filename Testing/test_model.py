@@ -243,3 +243,14 @@ def test_building_litemedsam_prints_no_dependency_warnings():
     run = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "timm" not in run.stderr and "still shown" in run.stderr
+
+
+def test_the_shipped_fingerprint_survives_new_config_switches(shipped_model):
+    """Profiles and results files name the model by its fingerprint: the switches added to SPAConfig later leave the
+    shipped model's fingerprint as the model card records it, and a model that turns one off is another model."""
+    from dataclasses import replace
+
+    card = (Path(__file__).resolve().parents[1] / "Resources" / "MODEL_CARD.md").read_text()
+    assert f"`{shipped_model.fingerprint()}`" in card.split("| fingerprint |")[1].split("\n")[0]
+    assert "feedback_mask" not in shipped_model.config.identity()
+    assert "feedback_mask" in replace(shipped_model.config, feedback_mask=False).identity()

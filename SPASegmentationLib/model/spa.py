@@ -33,6 +33,9 @@ WEIGHTS_VERSION = 1
 PAD, NEGATIVE, POSITIVE, BOX_CORNER_1, BOX_CORNER_2 = -1, 0, 1, 2, 3
 
 
+LATER_SWITCHES = ("feedback_mask", "carry_mixture")  # SPAConfig fields newer than the first shipped weights
+
+
 @dataclass
 class SPAConfig:
     """Everything that fixes the SPA model's architecture and its inference semantics."""
@@ -62,6 +65,16 @@ class SPAConfig:
         payload = asdict(self)
         for key in ("backbone", "conditioning", "sampling"):
             payload[key] = payload[key].value
+        return payload
+
+    def identity(self) -> dict[str, Any]:
+        """What a model's fingerprint says of its config: :meth:`to_dict` without the switches added after models
+        were shipped, where they keep their defaults (so a model's fingerprint, and its users' profiles, survive
+        the upgrade)."""
+        payload = self.to_dict()
+        for key in LATER_SWITCHES:
+            if payload[key] == getattr(SPAConfig, key):
+                del payload[key]
         return payload
 
     @classmethod
@@ -237,7 +250,7 @@ class SPAModel(nn.Module):
     def fingerprint(self) -> str:
         """Identifies this exact model (architecture, backbone checkpoint, SPA weights)."""
         if self._fingerprint is None:
-            description = {"config": self.config.to_dict(), "backbone_sha256": self.backbone.info.checkpoint_sha256}
+            description = {"config": self.config.identity(), "backbone_sha256": self.backbone.info.checkpoint_sha256}
             self._fingerprint = tensor_fingerprint(self.spa_state_dict(), description)
         return self._fingerprint
 
