@@ -250,7 +250,7 @@ def test_the_shipped_fingerprint_survives_new_config_switches(shipped_model):
     shipped model's fingerprint as the model card records it, and a model that turns one off is another model."""
     from dataclasses import replace
 
-    card = (Path(__file__).resolve().parents[1] / "Resources" / "MODEL_CARD.md").read_text()
+    card = (Path(__file__).resolve().parents[1] / "Resources" / "MODEL_CARD.md").read_text(encoding="utf-8")
     assert f"`{shipped_model.fingerprint()}`" in card.split("| fingerprint |")[1].split("\n")[0]
     assert "feedback_mask" not in shipped_model.config.identity()
     assert "feedback_mask" in replace(shipped_model.config, feedback_mask=False).identity()

@@ -168,7 +168,7 @@ def test_the_learned_click_baseline_improves_with_every_click_on_held_out_images
     )  # fmt: skip
     plan.methods = {name: m for name, m in plan.methods.items() if name.startswith("click")}
     written = run_plan(plan, tmp_path / "eval", progress=False)
-    results = json.loads(written["results"].read_text())
+    results = json.loads(written["results"].read_text(encoding="utf-8"))
     learned = results["methods"]["click_trained_all_rounds"]["summary"]["dice_per_round"]["mean"]
     shipped = results["methods"]["click_litemedsam_all_rounds"]["summary"]["dice_per_round"]["mean"]
     assert learned[5] > learned[0] + 0.02 and learned[1] > learned[0] + 0.02, learned

@@ -347,5 +347,5 @@ def run_plan(plan: EvaluationPlan, out: Path, progress: bool = True) -> dict[str
             spa_first, plan.data, plan.split, styles=plan.styles, accept_at=max(plan.targets), **common
         )
     written = write_report(results, out)
-    written["summary"] = markdown_summary_table(json.loads(written["results"].read_text()))
+    written["summary"] = markdown_summary_table(json.loads(written["results"].read_text(encoding="utf-8")))
     return written
