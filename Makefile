@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 # The whole suite on .venv (slicer-core 5.13), then the MRML tests again on slicer-core 5.11.
 test: lint
-	$(BIN)/python -m pytest -q Testing
+	$(BIN)/python -m pytest -q --durations=25 Testing
 	$(MAKE) test-mrml-5.11
 
 # The tests on real MRML (marker `mrml`, set in Testing/conftest.py) on slicer-core 5.11, the line the Slicer 5.10
