@@ -285,15 +285,42 @@ def _save_figure(figure: Figure, path: Path) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
+def _plotted(
+    results: Mapping[str, Any], summaries: Mapping[str, Mapping[str, Any]], copies: bool = True
+) -> dict[str, Mapping[str, Any]]:
+    """The methods the plots show: the oracle user at the protocol's N (the other users and N have their own tables),
+    with their keeps-choosing copies when ``copies``."""
+    chosen = {}
+    for name, summary in summaries.items():
+        copy_of = name[: -len("_all_rounds")] if name.endswith("_all_rounds") else None
+        if copy_of is not None and not copies:
+            continue
+        base = copy_of or name
+        if base not in results["methods"] or not _is_oracle(results, base):
+            continue
+        if _is_spa(results, base) and _n_samples(results, base) != results["protocol"].get("n_samples"):
+            continue
+        chosen[name] = summary
+    return chosen or dict(summaries)
+
+
 def _plot_dice(results: Mapping[str, Any], summaries: Mapping[str, Mapping[str, Any]], path: Path) -> None:
-    """Dice-vs-round lines with 95 % CI bands, one per method (bands drawn clipped to [0, 1])."""
+    """Dice-vs-round lines with 95 % CI bands, one per method (bands drawn clipped to [0, 1]); a method's
+    keeps-choosing copy is dashed, in its colour, without a band."""
     max_rounds = int(results["protocol"]["max_rounds"])
     rounds = np.arange(1, max_rounds + 1)
     figure = Figure(figsize=(7, 4.5))
     axes = figure.add_subplot(1, 1, 1)
+    summaries = _plotted(results, summaries)
+    colours: dict[str, Any] = {}
     for name, summary in summaries.items():
         curve = summary["dice_per_round"]
+        base = name.removesuffix("_all_rounds")
+        if base != name and base in colours:
+            axes.plot(rounds, curve["mean"], linestyle="--", color=colours[base], label=_label(results, name))
+            continue
         line = axes.plot(rounds, curve["mean"], marker="o", label=_label(results, name))[0]
+        colours[name] = line.get_color()
         low = np.clip(curve["low"], 0.0, 1.0)
         high = np.clip(curve["high"], 0.0, 1.0)
         axes.fill_between(rounds, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
@@ -314,6 +341,7 @@ def _plot_noi(results: Mapping[str, Any], summaries: Mapping[str, Mapping[str, A
     """Grouped bars: NoI per Dice target (groups) per method (bars), 95 % CI error bars drawn
     clipped to [1, fail value] (the tables and JSON keep the unclipped interval)."""
     targets = [target_key(t) for t in results["protocol"]["targets"]]
+    summaries = _plotted(results, summaries, copies=False)
     names = list(summaries)
     positions = np.arange(len(targets))
     width = 0.8 / len(names)
