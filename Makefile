@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 # The whole suite on .venv (slicer-core 5.13), then the MRML tests again on slicer-core 5.11.
 test: lint
-	$(BIN)/python -m pytest -q --durations=25 Testing
+	$(BIN)/python -m pytest -q -n 2 --durations=25 Testing
 	$(MAKE) test-mrml-5.11
 
 # The tests on real MRML (marker `mrml`, set in Testing/conftest.py) on slicer-core 5.11, the line the Slicer 5.10
@@ -45,7 +45,7 @@ $(STAMP511): pyproject.toml
 
 test-mrml-5.11: $(STAMP511)
 	$(BIN511)/python -c "import importlib.metadata as m; print('slicer-core', m.version('slicer-core'))"
-	$(BIN511)/python -m pytest -q -m mrml Testing
+	$(BIN511)/python -m pytest -q -n 2 -m mrml Testing
 
 # The long run of the fuzz suite: 2 500 examples for each of its 4 properties (10 000 in all; `make test` runs 12 each).
 fuzz: $(STAMP)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import types
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# Under pytest-xdist (`make test` runs two workers) each worker computes on one core; alone, on two.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 def _imports_mrml(module) -> bool:

@@ -161,7 +161,7 @@ def test_the_learned_click_baseline_improves_with_every_click_on_held_out_images
     from SPASegmentationLib.data.synthetic import write_dataset
     from SPASegmentationLib.evaluation.protocols import run_plan
 
-    write_dataset(tmp_path / "held_out", n_cases=12, seed=7)
+    write_dataset(tmp_path / "held_out", n_cases=8, seed=7)
     plan = EvaluationPlan.from_options(
         data=tmp_path / "held_out", models=[], click_models=[CLICK_MODEL], baselines="litemedsam", rounds=6,
         split="all", samples="8", targets="0.8,0.9", cache=tmp_path / "cache",
