@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import types
-
 import os
+import types
 
 import numpy as np
 import pytest
