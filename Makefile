@@ -155,7 +155,7 @@ ABLATION_MODELS = $(wildcard $(TRAIN_OUT)/balanced/spa_model.pt) \
 	$(wildcard $(addsuffix /spa_model.pt,$(addprefix $(TRAIN_OUT)/ablation_,$(ABLATIONS))))
 SET_ARGS_real = Testing/data/lidc-cimd --split test
 SET_ARGS_lidc = $(LIDC_DATA) --split test --max-cases 60
-SET_ARGS_synth = $(DATA) --split test --max-cases 40 --styles rater:tight,rater:core,rater:smooth,rater:rim
+SET_ARGS_synth = $(DATA) --split test --max-cases 40 --study-cases 20 --styles rater:tight,rater:core,rater:smooth,rater:rim
 SHIPPED = Resources/models/spa_litemedsam.pt
 evaluate-paper-%: $(STAMP)
 	$(BIN)/spa evaluate $(SET_ARGS_$*) --protocol paper --first-prompt point --model $(SHIPPED) \

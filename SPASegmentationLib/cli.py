@@ -603,6 +603,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         first_prompt=args.first_prompt,
         split=args.split,
         max_cases=args.max_cases,
+        study_cases=args.study_cases,
         seed=args.seed,
         device=_device(args.device),
         cache=Path(args.cache),
@@ -1083,6 +1084,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _click_options(p, compare=True)
     p.add_argument("--max-cases", type=_int_in(1, 10**7), help="evaluate only the first N cases (default: all)")
+    p.add_argument(
+        "--study-cases",
+        type=_int_in(1, 10**7),
+        help="the raters and profiles studies on the first N cases only (they run 14 sessions per case and method, "
+        "or one sequence per style; default: as --max-cases)",
+    )
     seed_option(p)
     device_option(p)
     threads_option(p)

@@ -111,6 +111,10 @@ def test_the_paper_preset_and_ablation_names(shipped_model):
     users = sorted((m.user.accuracy, m.user.stops_when_no_better) for m in plan.methods.values())
     assert users == [(0.6, False), (0.8, False), (1.0, False), (1.0, True)]
     assert list(plan.oracle_methods()) == ["spa_token"]
+    assert plan.study_cases is None
+    capped = EvaluationPlan.from_options(data=CROPS, baselines="none", max_cases=9, study_cases=3)
+    assert (capped.max_cases, capped.study_cases) == (9, 3)
+    assert EvaluationPlan.from_options(data=CROPS, baselines="none", max_cases=5).study_cases == 5
     with pytest.raises(InputError, match="--study"):
         EvaluationPlan.from_options(data=CROPS, studies="raters,everything", baselines="none")
 

@@ -154,6 +154,7 @@ class EvaluationPlan:
     seed: int
     cache: Path
     protocol: str
+    study_cases: int | None = None  # rater alignment and profiles on the first this many cases (None: max_cases)
     notes: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -178,6 +179,7 @@ class EvaluationPlan:
         first_prompt: str = "point",
         split: str = "test",
         max_cases: int | None = None,
+        study_cases: int | None = None,
         seed: int = 0,
         device: torch.device | str = "cpu",
         cache: Path = Path("output/cache/embeddings"),
@@ -283,6 +285,7 @@ class EvaluationPlan:
             seed=seed,
             cache=cache,
             protocol=protocol,
+            study_cases=study_cases if study_cases is not None else max_cases,
             notes={"noi_fail_value": NOI_FAIL_VALUE},
         )
 
@@ -333,7 +336,7 @@ def run_plan(plan: EvaluationPlan, out: Path, progress: bool = True) -> dict[str
         "max_rounds": plan.rounds,
         "first_prompt": plan.first_prompt,
         "n_samples": plan.n_samples,
-        "max_cases": plan.max_cases,
+        "max_cases": plan.study_cases,
         "cache_dir": plan.cache,
         "progress": progress,
     }
