@@ -774,16 +774,6 @@ def _click_options(p: argparse.ArgumentParser, compare: bool = False) -> None:
     )
 
 
-def _distinct_list(text: str, flag: str, parse: Callable[[str], Any], example: str) -> list[Any]:
-    """A comma list of settings to compare side by side (e.g. on,off), each parsed and named once."""
-    from .errors import InputError
-
-    values = [parse(word.strip()) for word in text.split(",")]
-    if len(set(values)) != len(values):
-        raise InputError(f"{flag} {text!r} names a setting twice; list each once, e.g. {example}")
-    return values
-
-
 # ----- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from .limits import MAX_BATCH_SIZE, MAX_SAMPLES, MAX_SEED, MAX_TRAIN_STEPS, MIN_SAMPLES

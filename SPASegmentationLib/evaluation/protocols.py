@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,47 +66,53 @@ def is_lidc(root: Path) -> bool:
     return False
 
 
+def _distinct(text: str, flag: str, parse: Callable[[str], Any]) -> list[Any]:
+    """A comma list of settings, each word parsed (``parse`` names what is wrong with one) and named once."""
+    values = [parse(word.strip()) for word in text.split(",")]
+    if len(set(values)) != len(values):
+        raise InputError(f"{flag} {text!r} names a setting twice; list each once")
+    return values
+
+
+def _user(word: str) -> SimulatedUser:
+    if word == "stops":
+        return SimulatedUser(stops_when_no_better=True)
+    try:
+        accuracy = float(word)
+    except ValueError:
+        raise InputError(
+            f"--users {word!r} is not a user; use numbers in (0, 1] and/or stops, e.g. 1,0.8,stops"
+        ) from None
+    if not 0.0 < accuracy <= 1.0:
+        raise InputError(f"--users {word!r}: a user's accuracy is a share in (0, 1], e.g. 0.8")
+    return SimulatedUser(accuracy=accuracy)
+
+
 def parse_users(text: str) -> list[SimulatedUser]:
     """``1,0.8,stops`` → the simulated users, each named once."""
-    users = []
-    for word in (w.strip() for w in text.split(",")):
-        if word == "stops":
-            users.append(SimulatedUser(stops_when_no_better=True))
-            continue
-        try:
-            accuracy = float(word)
-        except ValueError:
-            raise InputError(
-                f"--users {word!r} is not a user; use numbers in (0, 1] and/or stops, e.g. 1,0.8,stops"
-            ) from None
-        if not 0.0 < accuracy <= 1.0:
-            raise InputError(f"--users {word!r}: a user's accuracy is a share in (0, 1], e.g. 0.8")
-        users.append(SimulatedUser(accuracy=accuracy))
-    if len(set(users)) != len(users):
-        raise InputError(f"--users {text!r} names a user twice; list each once")
-    return users
+    return _distinct(text, "--users", _user)
 
 
 def _words(text: str, flag: str, allowed: tuple[str, ...]) -> list[str]:
-    words = [w.strip() for w in text.split(",") if w.strip()]
-    unknown = [w for w in words if w not in allowed]
-    if unknown or not words:
-        raise InputError(f"{flag} {text!r}: use a comma list of {', '.join(allowed)}")
-    if len(set(words)) != len(words):
-        raise InputError(f"{flag} {text!r} names a word twice; list each once")
-    return words
+    def word_of(word: str) -> str:
+        if word not in allowed:
+            raise InputError(f"{flag} {text!r}: use a comma list of {', '.join(allowed)}")
+        return word
+
+    return _distinct(",".join(w for w in text.split(",") if w.strip()), flag, word_of)  # blank entries ignored
 
 
 def _numbers(text: str, flag: str, kind: type, low: float, high: float) -> list[Any]:
-    try:
-        values = [kind(w.strip()) for w in text.split(",")]
-    except ValueError:
-        raise InputError(f"{flag} {text!r} must be comma-separated numbers") from None
-    if not values or any(not low <= v <= high for v in values):
-        raise InputError(f"{flag} {text!r}: every value must lie in {low:g}..{high:g}")
-    if len(set(values)) != len(values):
-        raise InputError(f"{flag} {text!r} names a value twice; list each once")
-    return values
+    def number_of(word: str) -> Any:
+        try:
+            value = kind(word)
+        except ValueError:
+            raise InputError(f"{flag} {text!r} must be comma-separated numbers") from None
+        if not low <= value <= high:
+            raise InputError(f"{flag} {text!r}: every value must lie in {low:g}..{high:g}")
+        return value
+
+    return _distinct(text, flag, number_of)
 
 
 def ablation_of(config: SPAConfig) -> str:
@@ -297,13 +304,6 @@ class EvaluationPlan:
             for name, method in self.methods.items()
             if method.user == ORACLE and (not isinstance(method, SpaMethod) or method.n_samples == self.n_samples)
         }
-
-
-def _distinct(text: str, flag: str, parse) -> list[Any]:
-    values = [parse(word.strip()) for word in text.split(",")]
-    if len(set(values)) != len(values):
-        raise InputError(f"{flag} {text!r} names a setting twice; list each once")
-    return values
 
 
 def _on_off_word(word: str) -> bool:
