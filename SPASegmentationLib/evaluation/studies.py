@@ -171,6 +171,9 @@ def profile_study(
                     ("fresh", None),
                     ("profile", None if profile is None else np.asarray(profile.weights, dtype=np.float32)),
                 ):
+                    if mode == "profile" and profile is None:  # no profile yet: the same session as the fresh one
+                        runs[mode] = runs["fresh"]
+                        continue
                     runs[mode] = run_method(
                         f"{name}\x00{style}",
                         method,
@@ -187,8 +190,8 @@ def profile_study(
                         measure_distribution=False,
                         accept_at=accept_at,
                     )
-                for mode, record in runs.items():
-                    sequence[mode][case_id] = _until_accepted(record["dice_all_rounds"], accept_at)
+                for mode, record in runs.items():  # each session ended where the user accepted (or at the last round)
+                    sequence[mode][case_id] = record["dice_all_rounds"]
                 sequence["profile_sessions"][case_id] = 0 if profile is None else profile.n_sessions
                 sequence["order"].append(case_id)
                 accepted = runs["profile"]
@@ -199,12 +202,3 @@ def profile_study(
                 )
             out["methods"][name]["per_style"][style] = sequence
     return out
-
-
-def _until_accepted(curve: Sequence[float], accept_at: float) -> list[float]:
-    """The Dice curve up to the round the user accepts (Dice ≥ accept_at), or all of it."""
-    values = [float(v) for v in curve]
-    for index, value in enumerate(values):
-        if value >= accept_at:
-            return values[: index + 1]
-    return values
