@@ -82,6 +82,12 @@ def _interval(values: Sequence[float]) -> dict[str, float]:
     return {"mean": mean, "low": low, "high": high}
 
 
+def _carried(values: Sequence[float], length: int) -> list[float]:
+    """``values`` carried forward with their last value to ``length``."""
+    values = [float(v) for v in values]
+    return values + [values[-1]] * (length - len(values))
+
+
 def _padded_dice(case_id: str, dice: Sequence[float], max_rounds: int) -> list[float]:
     """The case's Dice list carried forward to ``max_rounds`` values."""
     values = [float(v) for v in dice]
@@ -92,7 +98,7 @@ def _padded_dice(case_id: str, dice: Sequence[float], max_rounds: int) -> list[f
             f"Case {case_id!r} has {len(values)} rounds but max_rounds is {max_rounds}; "
             "record at most max_rounds Dice values."
         )
-    return values + [values[-1]] * (max_rounds - len(values))
+    return _carried(values, max_rounds)
 
 
 def summarise(method: Mapping[str, Any], targets: Sequence[float], max_rounds: int) -> dict[str, Any]:
@@ -684,12 +690,6 @@ def _ablations_section(results: Mapping[str, Any], summaries: Mapping[str, Mappi
 
 
 # ---------------------------------------------------------------- rater alignment
-
-
-def _carried(values: Sequence[float], length: int) -> list[float]:
-    """``values`` carried forward with their last value to ``length``."""
-    values = [float(v) for v in values]
-    return values + [values[-1]] * (length - len(values))
 
 
 def _alignment_side(curves: Sequence[Sequence[float]]) -> dict[str, Any]:
