@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +162,6 @@ class EvaluationPlan:
     cache: Path
     protocol: str
     study_cases: int | None = None  # rater alignment and profiles on the first this many cases (None: max_cases)
-    notes: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_options(
@@ -293,7 +292,6 @@ class EvaluationPlan:
             cache=cache,
             protocol=protocol,
             study_cases=study_cases if study_cases is not None else max_cases,
-            notes={"noi_fail_value": NOI_FAIL_VALUE},
         )
 
     def oracle_methods(self) -> dict[str, Method]:
