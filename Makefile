@@ -126,14 +126,15 @@ train-clicks: $(DATA)/splits.json $(LIDC_DATA)/splits.json
 	$(BIN)/spa train $(LIDC_DATA) $(DATA) --method clicks --decoder-lr $(CLICK_LR) --out $(TRAIN_OUT)/clicks_lr$(CLICK_LR) \
 		--steps $(REAL_STEPS) --batch-size 4 --rounds 6 --seed 0 --focus-crops off --threads $(THREADS)
 
-# train-real's recipe against the collapse of its mixture (the shipped model puts every image's weight on one of its
+# The shipped recipe (train-focus) against the collapse of its mixture (the shipped model puts every image's weight on one of its
 # 16 components from round 1 on, so K_g, the mixture update and profiles cannot matter): the E-step's prior mixed with
 # 10 % uniform and a load-balancing term over each batch's mixtures. Same data, steps and seed.
 train-balanced: $(DATA)/splits.json $(LIDC_DATA)/splits.json
 	$(BIN)/spa train $(LIDC_DATA) $(DATA) --out $(TRAIN_OUT)/balanced --e-step-prior-floor 0.1 --balance-weight 1 \
-		--steps $(REAL_STEPS) --batch-size 4 --samples 24 --rounds 6 --seed 0 --focus-crops off --threads $(THREADS)
+		--steps $(REAL_STEPS) --batch-size 4 --samples 24 --rounds 6 --seed 0 --focus-crops on --threads $(THREADS)
 
-# The ablations of the paper's Table 3, each train-real with one switch; the shipped model is the full arm.
+# The ablations of the paper's Table 3, each the shipped recipe (train-focus) with one switch; the shipped model is the
+# full arm.
 ABLATIONS = components1 components4 moment_matched no_mask_prompt no_mixture_update
 ABLATION_FLAGS_components1 = --components 1
 ABLATION_FLAGS_components4 = --components 4
@@ -142,7 +143,7 @@ ABLATION_FLAGS_no_mask_prompt = --feedback-mask off
 ABLATION_FLAGS_no_mixture_update = --carry-mixture off
 train-ablation-%: $(DATA)/splits.json $(LIDC_DATA)/splits.json
 	$(BIN)/spa train $(LIDC_DATA) $(DATA) --out $(TRAIN_OUT)/ablation_$* $(ABLATION_FLAGS_$*) --steps $(REAL_STEPS) \
-		--batch-size 4 --samples 24 --rounds 6 --seed 0 --focus-crops off --threads $(THREADS)
+		--batch-size 4 --samples 24 --rounds 6 --seed 0 --focus-crops on --threads $(THREADS)
 train-ablations: $(addprefix train-ablation-,$(ABLATIONS))
 
 # The paper's evidence (issue 11): `spa evaluate --protocol paper` (N 48, K 4, 6 rounds, failures counted as 10, the
