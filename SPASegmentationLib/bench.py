@@ -30,7 +30,13 @@ def _peak_rss_mb() -> float:
 
 
 def bench_configuration(
-    conditioning: str, n_samples: int, repeats: int, device: str, weights: str | None, threads: int | None
+    conditioning: str,
+    n_samples: int,
+    repeats: int,
+    device: str,
+    weights: str | None,
+    threads: int | None,
+    encoder: str = "auto",
 ) -> dict[str, Any]:
     """Time encoding and rounds for one conditioning design; run it in a fresh process."""
     if threads:
@@ -50,6 +56,7 @@ def bench_configuration(
     else:
         model = build_model(SPAConfig(conditioning=conditioning), device=device)
     load_seconds = time.perf_counter() - began
+    runtime = model.backbone.use_encoder_runtime(encoder, threads=threads)
     sample = sample_case_dir()
     case = MultiRaterFolder(sample.parent).load(sample.name)
     image = case.image
@@ -83,6 +90,7 @@ def bench_configuration(
         "n_samples": n_samples,
         "device": str(model.device),
         "threads": torch.get_num_threads(),
+        "encoder": runtime.value,
         "image_shape": list(image.shape),
         "model_load_s": load_seconds,
         "encode_s": statistics.median(encode_times[1:]),
@@ -141,7 +149,7 @@ def format_report(reports: list[dict[str, Any]]) -> str:
     lines = []
     stage_names = ["generator", "sampling", "conditioning_and_decoding", "aggregation", "kmeans", "feedback"]
     header = (
-        f"{'conditioning':<12} {'N':>3} {'encode s':>9} {'round s':>8} "
+        f"{'conditioning':<12} {'N':>3} {'encoder':<14} {'encode s':>9} {'round s':>8} "
         + " ".join(f"{s[:12]:>12}" for s in stage_names)
         + f" {'peak MB':>8}"
     )
@@ -149,13 +157,240 @@ def format_report(reports: list[dict[str, Any]]) -> str:
     for r in reports:
         stages = " ".join(f"{r['stages_s'].get(s, float('nan')):12.4f}" for s in stage_names)
         lines.append(
-            f"{r['conditioning']:<12} {r['n_samples']:>3} {r['encode_s']:9.3f} {r['round_s']:8.3f} {stages} "
+            f"{r['conditioning']:<12} {r['n_samples']:>3} {r.get('encoder', 'torch'):<14} {r['encode_s']:9.3f} "
+            f"{r['round_s']:8.3f} {stages} "
             f"{r['peak_rss_mb']:8.0f}"
+        )
+    default = next((r for r in reports if r["conditioning"] == "token" and r["device"] == "cpu"), None)
+    if default is not None:
+        before = BEFORE_ISSUE_12
+        lines.append(
+            f"token on the CPU against before issue 12 (encode {before['encode_s']} s, round {before['round_s']} s, "
+            f"peak {before['peak_rss_mb']:.0f} MB, N=48): encode ×{default['encode_s'] / before['encode_s']:.2f}, "
+            f"round ×{default['round_s'] / before['round_s']:.2f}, "
+            f"peak ×{default['peak_rss_mb'] / before['peak_rss_mb']:.2f}"
         )
     if len(reports) == 2 and reports[0]["round_s"] > 0:
         ratio = reports[1]["round_s"] / reports[0]["round_s"]
         lines.append(f"round-time ratio {reports[1]['conditioning']}/{reports[0]['conditioning']}: {ratio:.1f}×")
     return "\n".join(lines)
+
+
+# ----- the image encoder on each runtime ------------------------------------------------------------------------
+# What the issue (12) measured before the fast encoders, on this project's 2-core CPU (torch 2.14.1): the figures
+# the bench prints its ratios against when the same run has no torch row (the torch row of the same run is the
+# noise-free reference).
+BEFORE_ISSUE_12 = {"encode_s": 1.35, "round_s": 0.105, "peak_rss_mb": 1650.0}
+# `torch-compile` is measured on request only: inductor takes minutes to compile on a small CPU.
+DEFAULT_ENCODERS = (
+    "torch",
+    "torch-channels-last",
+    "torch-jit",
+    "torch-bf16",
+    "torch-int8",
+    "onnxruntime",
+    "openvino",
+    "openvino-bf16",
+)
+
+
+def bench_encoder(runtime: str, repeats: int, threads: int | None, weights: str | None) -> dict[str, Any]:
+    """One encoder runtime in a fresh process: build time, encoding time of the bundled sample (median of
+    ``repeats`` after a warm-up), the process's peak memory, and what the parent compares with PyTorch's: the
+    embedding and the candidates of a start and one choice. The torch run also counts the encoder's FLOPs and
+    this CPU's matrix-product peak (float32 and bfloat16)."""
+    import numpy as np
+
+    from .data.folder import MultiRaterFolder
+    from .errors import InputError
+    from .model.build import default_model, load_model
+    from .model.runtimes import RUNTIMES, EncoderRuntime, encoder_flops, matmul_peak_gflops, native_bfloat16
+    from .resources import sample_case_dir
+    from .session import Session
+    from .simulation.prompts import initial_point
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = load_model(Path(weights)) if weights else default_model()
+    chosen = EncoderRuntime.parse(runtime, "encoder runtime")
+    if chosen is EncoderRuntime.OPENVINO_BF16 and not native_bfloat16():
+        return {"runtime": runtime, "skipped": "this CPU has no native bfloat16"}
+    try:
+        began = time.perf_counter()
+        model.backbone.use_encoder_runtime(chosen, threads=threads)
+        build_seconds = time.perf_counter() - began
+    except InputError as exc:  # its package is not installed
+        return {"runtime": runtime, "skipped": str(exc)}
+    sample = sample_case_dir()
+    case = MultiRaterFolder(sample.parent).load(sample.name)
+    times = []
+    for _ in range(repeats + 1):
+        began = time.perf_counter()
+        embedding, _ = model.encode(case.image)
+        times.append(time.perf_counter() - began)
+    session = Session(model, case.image, seed=0)
+    first = session.start(point=initial_point(case.raters, max(case.raters.values(), key=np.sum)))
+    second = session.choose(first.n_candidates - 1)
+    report = {
+        "runtime": runtime,
+        "precision": RUNTIMES[chosen].precision,
+        "threads": torch.get_num_threads(),
+        "build_s": build_seconds,
+        "encode_s": statistics.median(times[1:]),
+        "encode_first_s": times[0],
+        "peak_rss_mb": _peak_rss_mb(),
+        "embedding": embedding.cpu().numpy(),
+        "candidates": [first.candidates, second.candidates],
+    }
+    if chosen is EncoderRuntime.TORCH:
+        report["flops"] = encoder_flops(model.backbone.image_encoder, model.backbone.image_size)
+        report["peak_gflops"] = {"float32": matmul_peak_gflops(torch.float32)}
+        if native_bfloat16():
+            report["peak_gflops"]["bfloat16"] = matmul_peak_gflops(torch.bfloat16)
+    return report
+
+
+def run_encoder_bench(
+    runtimes: list[str], repeats: int, threads: int | None = None, weights: str | None = None
+) -> dict[str, Any]:
+    """Every runtime in its own fresh process, compared with PyTorch eager (run first): time and its ratio to
+    torch's, achieved GFLOP/s and its share of this CPU's matrix-product peak, embedding cosine, whether the
+    candidates are identical (and how many pixels differ where not), peak memory."""
+    import numpy as np
+
+    order = ["torch"] + [r for r in runtimes if r != "torch"]
+    raw = [
+        _in_fresh_process(bench_encoder, dict(runtime=r, repeats=repeats, threads=threads, weights=weights), r)
+        for r in order
+    ]
+    reference = raw[0]
+    flops = reference["flops"]
+    rows = []
+    for report in raw:
+        row = {k: v for k, v in report.items() if k not in ("embedding", "candidates", "flops", "peak_gflops")}
+        if "skipped" not in report:
+            a = report["embedding"].astype(np.float64).ravel()
+            b = reference["embedding"].astype(np.float64).ravel()
+            row["cosine"] = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+            pairs = list(zip(report["candidates"], reference["candidates"], strict=True))
+            row["candidates_identical"] = all(x.shape == y.shape and np.array_equal(x, y) for x, y in pairs)
+            row["candidate_pixels_differing"] = [int((x != y).sum()) if x.shape == y.shape else None for x, y in pairs]
+            row["ratio_to_torch"] = report["encode_s"] / reference["encode_s"]
+            row["gflops_per_s"] = flops / report["encode_s"] / 1e9
+            peak = reference["peak_gflops"].get(report["precision"], reference["peak_gflops"]["float32"])
+            row["share_of_peak"] = row["gflops_per_s"] / peak
+        rows.append(row)
+    return {"flops": flops, "peak_gflops": reference["peak_gflops"], "encoders": rows}
+
+
+def format_encoder_report(report: dict[str, Any]) -> str:
+    """The encoders section as plain text."""
+    peaks = ", ".join(f"{k} {v:.0f}" for k, v in report["peak_gflops"].items())
+    lines = [
+        f"image encoder: {report['flops'] / 1e9:.1f} GFLOP per slice; this CPU's matrix-product peak (GFLOP/s): "
+        f"{peaks}",
+        f"{'runtime':<20} {'precision':<9} {'build s':>8} {'encode s':>9} {'×torch':>7} {'GFLOP/s':>8} "
+        f"{'of peak':>8} {'cosine':>9} {'candidates':>18} {'peak MB':>8}",
+    ]
+    for row in report["encoders"]:
+        if "skipped" in row:
+            lines.append(f"{row['runtime']:<20} skipped: {row['skipped']}")
+            continue
+        same = (
+            "identical"
+            if row["candidates_identical"]
+            else "differ " + "/".join("?" if n is None else str(n) for n in row["candidate_pixels_differing"]) + " px"
+        )
+        lines.append(
+            f"{row['runtime']:<20} {row['precision']:<9} {row['build_s']:8.1f} {row['encode_s']:9.3f} "
+            f"{row['ratio_to_torch']:7.2f} {row['gflops_per_s']:8.0f} {row['share_of_peak']:8.0%} "
+            f"{row['cosine']:9.6f} {same:>18} {row['peak_rss_mb']:8.0f}"
+        )
+    return "\n".join(lines)
+
+
+# ----- 3-D propagation on a CT-sized volume ---------------------------------------------------------------------
+PROPAGATION_SLICES = 50
+PROPAGATION_SIZE = 512
+
+
+def bench_volume(size: int = PROPAGATION_SIZE, slices: int = PROPAGATION_SLICES, seed: int = 0) -> tuple[Any, int, Any]:
+    """A generated chest-CT-like volume (int16 HU, ``slices`` × ``size`` × ``size``): body, two lungs, and a round
+    soft-tissue tube through every slice inside the right lung, drifting a little from slice to slice; returns
+    (volume, the middle slice's index, the tube's mask on it). For timing: every slice has the structure."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    body = ((rows - 0.5) / 0.42) ** 2 + ((cols - 0.5) / 0.47) ** 2 <= 1.0
+    lungs = [((rows - 0.48) / 0.27) ** 2 + ((cols - c) / 0.15) ** 2 <= 1.0 for c in (0.31, 0.69)]
+    middle = slices // 2
+    volume = np.empty((slices, size, size), dtype=np.int16)
+    start_mask = None
+    for index in range(slices):
+        picture = np.where(body, 40.0, -1000.0)
+        for lung in lungs:
+            picture[lung] = -850.0
+        drift = (index - middle) / slices
+        centre_r, centre_c = 0.45 + 0.05 * drift, 0.30 + 0.04 * drift
+        radius = 0.022 + 0.004 * np.cos(np.pi * drift)
+        tube = (rows - centre_r) ** 2 + (cols - centre_c) ** 2 <= radius**2
+        picture[tube] = 35.0
+        picture += rng.normal(0.0, 15.0, picture.shape)
+        volume[index] = np.clip(np.rint(picture), -1024, 3000).astype(np.int16)
+        if index == middle:
+            start_mask = tube
+    return volume, middle, start_mask
+
+
+def bench_propagation(
+    encoder: str = "auto",
+    threads: int | None = None,
+    weights: str | None = None,
+    size: int = PROPAGATION_SIZE,
+    slices: int = PROPAGATION_SLICES,
+) -> dict[str, Any]:
+    """Propagate the middle slice's mask through :func:`bench_volume` (both directions, every slice) with the
+    shipped propagation settings and a progress callback, as the Slicer module runs it; in a fresh process."""
+    from .model.build import default_model, load_model
+    from .propagation import propagate
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = load_model(Path(weights)) if weights else default_model()
+    runtime = model.backbone.use_encoder_runtime(encoder, threads=threads)
+    volume, middle, start_mask = bench_volume(size, slices)
+    calls = []
+    began = time.perf_counter()
+    result = propagate(model, volume, middle, start_mask, progress=lambda done, total: calls.append(done) is None)
+    seconds = time.perf_counter() - began
+    return {
+        "encoder": runtime.value,
+        "threads": torch.get_num_threads(),
+        "volume_shape": list(volume.shape),
+        "slices_with_mask": len(result.masks),
+        "stopped": result.stopped,
+        "propagate_s": seconds,
+        "seconds_per_slice": seconds / max(1, len(calls) - 1),
+        "progress_calls": len(calls),
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def run_propagation_bench(**kwargs: Any) -> dict[str, Any]:
+    """:func:`bench_propagation` in a fresh spawned process."""
+    return _in_fresh_process(bench_propagation, kwargs, "propagation")
+
+
+def format_propagation_report(report: dict[str, Any]) -> str:
+    """The propagation section as plain text."""
+    shape = "×".join(str(n) for n in report["volume_shape"])
+    return (
+        f"propagation through a {shape} volume ({report['encoder']} encoder, {report['threads']} threads): "
+        f"{report['propagate_s']:.1f} s for {report['slices_with_mask']} slices with a mask "
+        f"({report['seconds_per_slice']:.3f} s per slice; stopped {report['stopped']}), peak "
+        f"{report['peak_rss_mb']:.0f} MB"
+    )
 
 
 # ----- the local service: what a round trip through ``spa serve`` adds ----------------------------------------

@@ -209,13 +209,18 @@ def _device(name: str) -> str:
     return name
 
 
-def _load_model(args: argparse.Namespace):
+def _load_model(args: argparse.Namespace, encode: bool = True):
+    """The model the options name; with ``encode``, its image encoder on the runtime --encoder names."""
     from .model.build import default_model, load_model
 
     device = _device(getattr(args, "device", "auto"))
     if getattr(args, "model", None):
-        return load_model(Path(args.model), backbone_checkpoint=_opt_path(args, "checkpoint"), device=device)
-    return default_model(device=device)
+        model = load_model(Path(args.model), backbone_checkpoint=_opt_path(args, "checkpoint"), device=device)
+    else:
+        model = default_model(device=device)
+    if encode and getattr(args, "encoder", None):
+        model.backbone.use_encoder_runtime(args.encoder, threads=getattr(args, "threads", None))
+    return model
 
 
 def _on_off(word: str, what: str) -> bool:
@@ -472,7 +477,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.fingerprint:  # tests: no model to load
         fingerprint, shape = args.fingerprint, None
     else:
-        model = _load_model(args)
+        model = _load_model(args, encode=False)
         fingerprint, shape = model.fingerprint(), (model.config.n_components, model.config.latent_dim)
     store = ProfileStore(_opt_path(args, "profiles"), model_fingerprint=fingerprint, shape=shape)
     if args.action == "list":
@@ -614,15 +619,47 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _encoder_list(text: str) -> list[str]:
+    """--encoders: runtime words, comma-separated, or 'default' / 'all'."""
+    from .bench import DEFAULT_ENCODERS
+    from .errors import InputError
+    from .model.runtimes import EncoderRuntime
+
+    if text == "default":
+        return list(DEFAULT_ENCODERS)
+    known = [w for w in EncoderRuntime.words() if w != "auto"]
+    if text == "all":
+        return known
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    unknown = [w for w in words if w not in known]
+    if unknown or not words:
+        raise InputError(f"--encoders {text!r}: unknown {unknown or 'empty list'}; use default, all or some of {known}")
+    return list(dict.fromkeys(words))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Encoding and per-round time, by stage, and peak memory, for the default and the paper's conditioning;
     with --service, what a round through a local ``spa serve`` adds to a round in process."""
-    from .bench import SERVICE_GOAL_MS, format_report, format_service_report, machine_description, run_bench
+    from .bench import (
+        SERVICE_GOAL_MS,
+        format_encoder_report,
+        format_propagation_report,
+        format_report,
+        format_service_report,
+        machine_description,
+        run_bench,
+        run_encoder_bench,
+        run_propagation_bench,
+    )
+    from .errors import InputError
     from .io.atomic import write_json_atomic
     from .model.conditioning import Conditioning
     from .resources import default_model_path
 
     device = _device(args.device)
+    encoders = _encoder_list(args.encoders) if args.encoders else []
+    if encoders and device != "cpu":
+        raise InputError("--encoders compares CPU runtimes; run it with --device cpu")
     configs = []
     for conditioning in [] if args.service_only else args.conditioning.split(","):
         weights = args.model if (args.model and conditioning == Conditioning.TOKEN) else None
@@ -636,6 +673,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 "device": device,
                 "weights": weights,
                 "threads": args.threads,
+                "encoder": args.encoder,
             }
         )
     payload: dict[str, Any] = {"kind": "spa-bench", "machine": machine_description()}
@@ -643,6 +681,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if reports:
         print(format_report(reports))
     payload["reports"] = reports
+    if args.propagation == "on" and not args.service_only:
+        propagation = run_propagation_bench(encoder=args.encoder, threads=args.threads, weights=args.model or None)
+        print(format_propagation_report(propagation))
+        payload["propagation"] = propagation
+        payload["propagate_50_s"] = propagation["propagate_s"]
+    if encoders:
+        print(f"comparing {len(encoders)} image-encoder runtimes, each in a fresh process …")
+        comparison = run_encoder_bench(encoders, repeats=args.repeats, threads=args.threads, weights=args.model or None)
+        print(format_encoder_report(comparison))
+        payload["encoders"] = comparison
     if args.service or args.service_only:
         from .bench import run_service_bench
 
@@ -779,6 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .limits import MAX_BATCH_SIZE, MAX_SAMPLES, MAX_SEED, MAX_TRAIN_STEPS, MIN_SAMPLES
     from .model.backbone import BackboneName
     from .model.conditioning import Conditioning
+    from .model.runtimes import EncoderRuntime
     from .model.spa import SPAConfig
     from .preference import SamplingMode
     from .resources import DEFAULT_SAMPLE, SAMPLE_CASES
@@ -797,6 +846,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", help="backbone checkpoint for SAM/MedSAM ViT-B models")
         p.add_argument(
             "--device", default="auto", type=_device_name, help="auto (cuda when available), cpu, cuda, cuda:N or mps"
+        )
+        encoder_option(p)
+
+    def encoder_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--encoder",
+            default=EncoderRuntime.AUTO.value,
+            choices=EncoderRuntime.words(),
+            metavar="RUNTIME",
+            help="where the image encoder runs: auto (openvino on a CPU when installed, else torch), "
+            + ", ".join(w for w in EncoderRuntime.words() if w != "auto")
+            + " (compared by `spa bench --encoders`; the bf16/int8 ones change masks slightly)",
         )
 
     def samples_option(p: argparse.ArgumentParser, default: int = DEFAULT_SAMPLES) -> None:
@@ -1103,6 +1164,19 @@ def build_parser() -> argparse.ArgumentParser:
         "of at most 30 ms added per round (about a minute more)",
     )
     p.add_argument("--service-only", action="store_true", help="only the --service section")
+    encoder_option(p)
+    p.add_argument(
+        "--encoders",
+        help="also compare image-encoder runtimes side by side, comma-separated, 'default' (every one but "
+        "torch-compile, which compiles for minutes) or 'all': time and ratio to torch, GFLOP/s and share of this "
+        "CPU's peak, embedding cosine, candidates identical or not, peak memory (CPU; a few minutes)",
+    )
+    p.add_argument(
+        "--propagation",
+        default="on",
+        choices=["on", "off"],
+        help="time a 50-slice propagation through a 512 × 512 × 50 volume (bench.json: propagate_50_s; default on)",
+    )
     p.add_argument(
         "--service-rounds", type=_int_in(1, 1000), default=10, help="rounds timed each way with --service (default 10)"
     )
@@ -1204,6 +1278,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device=_device(args.device),
         checkpoint=_opt_path(args, "checkpoint"),
         limits=limits,
+        encoder=args.encoder,
     )
     return 0
 

@@ -36,7 +36,7 @@ Window = tuple[float, float]
 class EmbeddingKey(NamedTuple):
     """What an embedding depends on."""
 
-    backbone: str  # the first 12 hex of the backbone checkpoint's sha256 (or its name)
+    backbone: str  # Backbone.embedding_key: the checkpoint (12 hex of its sha256, or its name) and a lossy precision
     image: str  # fingerprints.image_fingerprint
     window: Window | None
 
@@ -50,8 +50,6 @@ class EmbeddingCache:
         self.model = model
         self.capacity = int(capacity)
         self.folder = None if folder is None else Path(folder)
-        info = model.backbone.info
-        self.backbone_key = info.checkpoint_sha256[:12] or info.name
         self._lock = threading.Lock()
         self._entries: OrderedDict[EmbeddingKey, torch.Tensor] = OrderedDict()
         self.hits = 0
@@ -60,7 +58,7 @@ class EmbeddingCache:
     def key(self, image: np.ndarray, window: Window | None = None) -> EmbeddingKey:
         """The cache key of ``image`` shown through ``window``."""
         window = None if window is None else (float(window[0]), float(window[1]))
-        return EmbeddingKey(self.backbone_key, image_fingerprint(image), window)
+        return EmbeddingKey(self.model.backbone.embedding_key, image_fingerprint(image), window)
 
     def get(self, image: np.ndarray, window: Window | None = None) -> torch.Tensor:
         """The embedding (1, C, e, e) of ``image``: from memory, from disk, or encoded now (worker thread)."""

@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ),
     ("io.images", "io.dicom_seg", "model.preprocess", "service.protocol", "service.client"),
     ("preference", "candidates"),
-    ("model.backbone", "model.conditioning", "model.generator", "model.spa", "model.build"),
+    ("model.runtimes", "model.backbone", "model.conditioning", "model.generator", "model.spa", "model.build"),
     ("engine",),
     (
         "session",

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..enums import TextEnum
 from ..errors import CheckpointError, InputError
+from .runtimes import CompiledEncoder, EncoderRuntime, compile_encoder, resolve_runtime
 
 
 class BackboneName(TextEnum):
@@ -86,6 +87,7 @@ class Backbone(nn.Module):
         self.info = info
         self.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1) / 255.0, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(1, 3, 1, 1) / 255.0, persistent=False)
+        self.compiled_encoder: CompiledEncoder | None = None  # set by use_encoder_runtime; None: PyTorch eager
 
     @property
     def image_size(self) -> int:
@@ -100,12 +102,47 @@ class Backbone(nn.Module):
         """Side of the decoder's low-resolution mask logits (4 × the embedding side)."""
         return 4 * self.info.embedding_size
 
+    @property
+    def encoder_runtime(self) -> EncoderRuntime:
+        """Where :meth:`encode` runs."""
+        return EncoderRuntime.TORCH if self.compiled_encoder is None else self.compiled_encoder.runtime
+
+    @property
+    def embedding_key(self) -> str:
+        """What identifies this backbone's embeddings in caches: its checkpoint, plus the precision of a lossy
+        encoder runtime (bfloat16 or int8 embeddings are not the float32 ones)."""
+        key = self.info.checkpoint_sha256[:12] or self.info.name
+        compiled = self.compiled_encoder
+        return key if compiled is None or compiled.exact else f"{key}-{compiled.precision}"
+
+    def use_encoder_runtime(
+        self, runtime: EncoderRuntime | str, threads: int | None = None, cache_dir: Path | None = None
+    ) -> EncoderRuntime:
+        """Run :meth:`encode` on ``runtime`` (``auto``: the fastest float32 one installed for this device); returns
+        the runtime chosen. Converting for OpenVINO or ONNX Runtime happens once per machine (cached on disk)."""
+        device = self.pixel_mean.device
+        chosen = resolve_runtime(runtime, device)
+        if chosen is EncoderRuntime.TORCH:
+            self.compiled_encoder = None
+        else:
+            self.compiled_encoder = compile_encoder(
+                self.image_encoder,
+                self.image_size,
+                chosen,
+                weights_key=self.info.checkpoint_sha256 or self.info.name,
+                threads=threads,
+                cache_dir=cache_dir,
+            )
+        return chosen
+
     @torch.no_grad()
     def encode(self, image01: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) image in [0, 1] → (B, 256, e, e) image embedding."""
         x = image01.to(self.pixel_mean.device)
         if self.info.pixel_normalisation == "sam":
             x = (x - self.pixel_mean) / self.pixel_std
+        if self.compiled_encoder is not None:
+            return self.compiled_encoder(x).to(x.device)
         return self.image_encoder(x)
 
 

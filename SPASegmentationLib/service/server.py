@@ -81,6 +81,7 @@ def serve(
     checkpoint: Path | None = None,
     limits: ServiceLimits | None = None,
     out: TextIO = sys.stdout,
+    encoder: str = "auto",
 ) -> None:
     """Load the model and serve it until interrupted."""
     import uvicorn
@@ -102,6 +103,7 @@ def serve(
     if token is not None:
         tokens[token] = None
     model = default_model(device) if model_path is None else load_model(model_path, checkpoint, device)
+    runtime = model.backbone.use_encoder_runtime(encoder)
     profiles = SQLiteProfileStore(
         profiles_db or spa_home() / "serve" / "profiles.sqlite3",
         model_fingerprint=model.fingerprint(),
@@ -127,6 +129,7 @@ def serve(
         "url": f"http://{shown}:{bound}",
         "port": bound,
         "model_fingerprint": model.fingerprint(),
+        "encoder": runtime.value,
     }
     if generated is not None:
         ready["token"] = generated

@@ -1,0 +1,85 @@
+"""``spa bench``: the encoder comparison and the 3-D propagation section.
+
+Structure and sanity of the reports, and the outputs each fast path must keep (cosine, identical candidates);
+how fast this machine is, is for the bench to say, not a test.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from SPASegmentationLib.bench import bench_propagation, bench_volume, format_propagation_report
+from SPASegmentationLib.cli import main
+from SPASegmentationLib.errors import InputError
+
+
+def test_the_encoder_comparison_reports_time_accuracy_and_arithmetic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SPA_HOME", str(tmp_path / "home"))  # the spawned processes convert into this cache
+    argv = ["bench", "--conditioning", "token", "--repeats", "1", "--propagation", "off", "--threads", "1"]
+    assert main([*argv, "--encoders", "openvino,torch-channels-last", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    (report,) = payload["reports"]
+    assert report["encoder"] == "openvino"  # auto on a CPU with OpenVINO installed
+    assert "propagation" not in payload
+    comparison = payload["encoders"]
+    rows = {row["runtime"]: row for row in comparison["encoders"]}
+    assert list(rows) == ["torch", "openvino", "torch-channels-last"]  # the reference first
+    assert comparison["flops"] > 50e9  # LiteMedSAM's TinyViT keeps a 64 × 64 grid: about 75 GFLOP at 256 px
+    assert comparison["peak_gflops"]["float32"] > 0
+    assert rows["torch"]["ratio_to_torch"] == 1.0 and rows["torch"]["cosine"] == pytest.approx(1.0)
+    for name in ("openvino", "torch-channels-last"):
+        row = rows[name]
+        assert row["precision"] == "float32"
+        assert row["cosine"] >= 0.99999
+        assert row["candidates_identical"] and row["candidate_pixels_differing"] == [0, 0]
+        assert row["gflops_per_s"] == pytest.approx(comparison["flops"] / row["encode_s"] / 1e9)
+        assert 0 < row["share_of_peak"] and row["peak_rss_mb"] > 0
+    assert list((tmp_path / "home" / "cache" / "encoders").glob("openvino-*/part0.xml"))
+    assert "openvino" in printed and "GFLOP per slice" in printed and "identical" in printed
+    assert "against before issue 12" in printed
+
+
+def test_unknown_encoders_are_named() -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "--encoder", "tensorrt"])
+    assert main(["bench", "--encoders", "openvino,tensorrt"]) == 2
+
+
+def test_the_bench_volume_has_the_structure_on_every_slice() -> None:
+    volume, middle, mask = bench_volume(size=96, slices=8)
+    assert volume.shape == (8, 96, 96) and volume.dtype == np.int16 and middle == 4
+    assert mask.sum() > 10
+    inside, around = volume[middle][mask].mean(), volume[middle][~mask].mean()
+    assert inside > around + 300  # soft tissue in the lung
+
+
+def test_the_propagation_section_times_every_slice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPA_HOME", str(tmp_path))
+    report = bench_propagation(encoder="torch", threads=1, size=160, slices=6)
+    assert report["volume_shape"] == [6, 160, 160]
+    assert report["slices_with_mask"] == 6  # the tube runs through the whole volume
+    assert report["stopped"] == {"forward": "image edge", "backward": "image edge"}
+    assert report["progress_calls"] == 6  # before the first slice and after each of the five
+    assert report["propagate_s"] > 0 and report["seconds_per_slice"] > 0
+    assert "6×160×160 volume" in format_propagation_report(report)
+
+
+def test_a_gpu_is_refused_for_the_encoder_comparison(monkeypatch: pytest.MonkeyPatch) -> None:
+    import SPASegmentationLib.cli as cli
+
+    monkeypatch.setattr(cli, "_device", lambda name: "cuda")
+    monkeypatch.setattr("SPASegmentationLib.bench.run_bench", lambda configs: [])
+    with pytest.raises(InputError, match="--device cpu"):
+        cli.cmd_bench(
+            cli.build_parser().parse_args(
+                ["bench", "--device", "cuda", "--encoders", "openvino", "--propagation", "off"]
+            )
+        )
