@@ -56,7 +56,7 @@ def bench_configuration(
     else:
         model = build_model(SPAConfig(conditioning=conditioning), device=device)
     load_seconds = time.perf_counter() - began
-    runtime = model.backbone.use_encoder_runtime(encoder, threads=threads)
+    runtime = model.backbone.use_encoder_runtime(encoder, threads=threads, propagation="same")
     sample = sample_case_dir()
     case = MultiRaterFolder(sample.parent).load(sample.name)
     image = case.image
@@ -217,7 +217,7 @@ def bench_encoder(runtime: str, repeats: int, threads: int | None, weights: str 
         return {"runtime": runtime, "skipped": "this CPU has no native bfloat16"}
     try:
         began = time.perf_counter()
-        model.backbone.use_encoder_runtime(chosen, threads=threads)
+        model.backbone.use_encoder_runtime(chosen, threads=threads, propagation="same")
         build_seconds = time.perf_counter() - began
     except InputError as exc:  # its package is not installed
         return {"runtime": runtime, "skipped": str(exc)}
@@ -345,6 +345,7 @@ def bench_volume(size: int = PROPAGATION_SIZE, slices: int = PROPAGATION_SLICES,
 
 def bench_propagation(
     encoder: str = "auto",
+    propagation_encoder: str = "auto",
     threads: int | None = None,
     weights: str | None = None,
     size: int = PROPAGATION_SIZE,
@@ -358,14 +359,14 @@ def bench_propagation(
     if threads:
         torch.set_num_threads(threads)
     model = load_model(Path(weights)) if weights else default_model()
-    runtime = model.backbone.use_encoder_runtime(encoder, threads=threads)
+    model.backbone.use_encoder_runtime(encoder, threads=threads, propagation=propagation_encoder)
     volume, middle, start_mask = bench_volume(size, slices)
     calls = []
     began = time.perf_counter()
     result = propagate(model, volume, middle, start_mask, progress=lambda done, total: calls.append(done) is None)
     seconds = time.perf_counter() - began
     return {
-        "encoder": runtime.value,
+        "encoder": model.backbone.propagation_runtime.value,
         "threads": torch.get_num_threads(),
         "volume_shape": list(volume.shape),
         "slices_with_mask": len(result.masks),

@@ -219,7 +219,7 @@ def _load_model(args: argparse.Namespace, encode: bool = True):
     else:
         model = default_model(device=device)
     if encode and getattr(args, "encoder", None):
-        model.backbone.use_encoder_runtime(args.encoder, threads=getattr(args, "threads", None))
+        model.backbone.use_encoder_runtime(args.encoder, threads=getattr(args, "threads", None), propagation="same")
     return model
 
 
@@ -682,7 +682,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(format_report(reports))
     payload["reports"] = reports
     if args.propagation == "on" and not args.service_only:
-        propagation = run_propagation_bench(encoder=args.encoder, threads=args.threads, weights=args.model or None)
+        propagation = run_propagation_bench(
+            encoder=args.encoder,
+            propagation_encoder=args.propagation_encoder,
+            threads=args.threads,
+            weights=args.model or None,
+        )
         print(format_propagation_report(propagation))
         payload["propagation"] = propagation
         payload["propagate_50_s"] = propagation["propagate_s"]
@@ -848,6 +853,16 @@ def build_parser() -> argparse.ArgumentParser:
             "--device", default="auto", type=_device_name, help="auto (cuda when available), cpu, cuda, cuda:N or mps"
         )
         encoder_option(p)
+
+    def propagation_encoder_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--propagation-encoder",
+            default="auto",
+            choices=["auto", "same", *(w for w in EncoderRuntime.words() if w != "auto")],
+            metavar="RUNTIME",
+            help="where propagations encode their slices: auto (openvino-bf16 when sessions run on openvino and the "
+            "CPU has native bfloat16, else as sessions), same (as sessions) or a runtime",
+        )
 
     def encoder_option(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -1165,6 +1180,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--service-only", action="store_true", help="only the --service section")
     encoder_option(p)
+    propagation_encoder_option(p)
     p.add_argument(
         "--encoders",
         help="also compare image-encoder runtimes side by side, comma-separated, 'default' (every one but "
@@ -1229,6 +1245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export_seg)
     p = sub.add_parser("serve", help="serve the model over HTTP: the Slicer module's backend, local or for a team")
     model_options(p)
+    propagation_encoder_option(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_int_in(0, 65535), default=8765, help="TCP port (default 8765; 0 picks a free one)")
     p.add_argument(
@@ -1279,6 +1296,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         checkpoint=_opt_path(args, "checkpoint"),
         limits=limits,
         encoder=args.encoder,
+        propagation_encoder=args.propagation_encoder,
     )
     return 0
 

@@ -55,14 +55,15 @@ class EmbeddingCache:
         self.hits = 0
         self.misses = 0
 
-    def key(self, image: np.ndarray, window: Window | None = None) -> EmbeddingKey:
-        """The cache key of ``image`` shown through ``window``."""
+    def key(self, image: np.ndarray, window: Window | None = None, bulk: bool = False) -> EmbeddingKey:
+        """The cache key of ``image`` shown through ``window`` (``bulk``: as a propagation encodes it)."""
         window = None if window is None else (float(window[0]), float(window[1]))
-        return EmbeddingKey(self.model.backbone.embedding_key, image_fingerprint(image), window)
+        return EmbeddingKey(self.model.backbone.embedding_key(bulk), image_fingerprint(image), window)
 
-    def get(self, image: np.ndarray, window: Window | None = None) -> torch.Tensor:
-        """The embedding (1, C, e, e) of ``image``: from memory, from disk, or encoded now (worker thread)."""
-        key = self.key(image, window)
+    def get(self, image: np.ndarray, window: Window | None = None, bulk: bool = False) -> torch.Tensor:
+        """The embedding (1, C, e, e) of ``image``: from memory, from disk, or encoded now (worker thread);
+        ``bulk``: a propagation's slice, on the propagation's encoder (and cached under its key)."""
+        key = self.key(image, window, bulk)
         with self._lock:
             cached = self._entries.get(key)
             if cached is not None:
@@ -71,7 +72,7 @@ class EmbeddingCache:
                 return cached
         embedding = self._read_disk(key)
         if embedding is None:
-            embedding, _ = self.model.encode(image, window)
+            embedding, _ = self.model.encode(image, window, bulk=bulk)
             if self.folder is not None:
                 embedding = self._write_disk(key, embedding)
             with self._lock:

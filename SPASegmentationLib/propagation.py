@@ -6,18 +6,21 @@
 
 Each new slice gets a fresh :class:`~SPASegmentationLib.session.Session` that starts from the
 user's adapted mixture weights, prompted with the box (and/or deepest point) of the previous
-slice's mask. Its recommended mask, reduced to the connected parts that touch the previous mask,
-becomes the next slice's mask. A direction stops when the structure ends (the mask vanishes,
+slice's mask. The slice's recommended mask, reduced to the connected parts that touch the previous
+mask, becomes the next slice's mask. A direction stops when the structure ends (the mask vanishes,
 shrinks below a fraction of the start area, overlaps the previous slice's mask poorly, or covers
 pixels whose intensity no longer looks like the structure's: a box prompt on a slice past the end
 of a structure still yields a box-shaped blob), at the volume's edge, after ``max_slices`` slices,
 or when ``progress`` returns False. Runs on the caller's thread (the ModelWorker in Slicer); no Qt, no slicer.
+The slices' embeddings come from the propagation's encoder (``Backbone.use_encoder_runtime``), one slice
+ahead on a background thread while the current slice's round runs.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -85,20 +88,23 @@ class PropagationResult:
 
 
 def prompt_from_mask(
-    mask: np.ndarray, margin: float = BOX_MARGIN_PX
-) -> tuple[tuple[float, float], tuple[float, float, float, float]]:
-    """(point, box) for a mask: its deepest pixel (x, y) and its bounds widened by ``margin`` px, clipped."""
+    mask: np.ndarray, margin: float = BOX_MARGIN_PX, with_point: bool = True
+) -> tuple[tuple[float, float] | None, tuple[float, float, float, float]]:
+    """(point, box) for a mask: its deepest pixel (x, y) (None without ``with_point``: a distance transform of the
+    whole slice) and its bounds widened by ``margin`` px, clipped."""
     mask = as_mask(mask, "mask")
     if not mask.any():
         raise InputError("the mask is empty; a prompt needs at least one foreground pixel")
     if margin < 0:
         raise InputError(f"the box margin must be >= 0 pixels, got {margin}")
-    row, col = deepest_pixel(mask)
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
     height, width = mask.shape
     x0, x1 = _widened(float(cols[0]), float(cols[-1]), margin, width)
     y0, y1 = _widened(float(rows[0]), float(rows[-1]), margin, height)
+    if not with_point:
+        return None, (x0, y0, x1, y1)
+    row, col = deepest_pixel(mask)
     return (float(col), float(row)), (x0, y0, x1, y1)
 
 
@@ -203,77 +209,87 @@ def propagate(
         return done + sum(remaining[d] for d in DIRECTIONS if d not in stopped)
 
     remaining = dict(reach)
-    if progress is not None and progress(0, estimate(remaining)) is False:
+    ahead = _SlicePrefetch(model, get_slice, window, embeddings, total_slices)
+    try:
+        if progress is not None and progress(0, estimate(remaining)) is False:
+            return PropagationResult(
+                masks,
+                {d: CANCELLED for d in DIRECTIONS},
+                time.perf_counter() - began,
+                start_index,
+                None if weights is None else weights.copy(),
+                areas,
+                mixture_weights,
+            )
+
+        for direction in DIRECTIONS:  # the first slice of each direction is encoded while the other one runs
+            if reach[direction]:
+                ahead.request(start_index + (1 if direction == "forward" else -1))
+        for direction in DIRECTIONS:
+            step = 1 if direction == "forward" else -1
+            previous, previous_image = start_mask, start_image
+            index = start_index
+            for count in range(1, reach[direction] + 1):
+                index += step
+                if count < reach[direction]:
+                    ahead.request(index + step)  # the next slice's embedding, while this one's round runs
+                embedding = ahead.take(index)
+                image = np.asarray(get_slice(index))
+                if image.shape[:2] != start_mask.shape:
+                    raise InputError(
+                        f"slice {index} is {image.shape[0]}×{image.shape[1]} but the start slice is "
+                        f"{start_mask.shape[0]}×{start_mask.shape[1]}; every slice must have the same size"
+                    )
+                mask, mixture_weights[index] = _segment_slice(
+                    model,
+                    image,
+                    previous,
+                    index,
+                    seed=seed,
+                    n_samples=n_samples,
+                    window=window,
+                    weights=weights,
+                    embedding=embedding,
+                    prompt=prompt,
+                    box_margin=box_margin,
+                )
+                done += 1
+                remaining[direction] -= 1
+                area = int(mask.sum())
+                shift = None if max_intensity_shift is None else intensity_shift(previous_image, previous, image, mask)
+                if (
+                    area == 0
+                    or area < minimum_area
+                    or dice(mask, previous) < min_dice
+                    or (shift is not None and shift > max_intensity_shift)
+                ):
+                    stopped[direction] = STRUCTURE_ENDED
+                else:
+                    masks[index] = mask
+                    areas[index] = area
+                    previous, previous_image = mask, image
+                if progress is not None and progress(done, estimate(remaining)) is False:
+                    for d in DIRECTIONS:
+                        stopped.setdefault(d, CANCELLED)
+                    break
+                if direction in stopped:
+                    break
+            if direction not in stopped:
+                at_edge = index == (total_slices - 1 if direction == "forward" else 0)
+                stopped[direction] = IMAGE_EDGE if at_edge else MAX_SLICES
+            if all(d in stopped for d in DIRECTIONS):
+                break
         return PropagationResult(
             masks,
-            {d: CANCELLED for d in DIRECTIONS},
+            {d: stopped[d] for d in DIRECTIONS},
             time.perf_counter() - began,
             start_index,
             None if weights is None else weights.copy(),
             areas,
             mixture_weights,
         )
-
-    for direction in DIRECTIONS:
-        step = 1 if direction == "forward" else -1
-        previous, previous_image = start_mask, start_image
-        index = start_index
-        for _ in range(reach[direction]):
-            index += step
-            image = np.asarray(get_slice(index))
-            if image.shape[:2] != start_mask.shape:
-                raise InputError(
-                    f"slice {index} is {image.shape[0]}×{image.shape[1]} but the start slice is "
-                    f"{start_mask.shape[0]}×{start_mask.shape[1]}; every slice must have the same size"
-                )
-            mask, mixture_weights[index] = _segment_slice(
-                model,
-                image,
-                previous,
-                index,
-                seed=seed,
-                n_samples=n_samples,
-                window=window,
-                weights=weights,
-                embeddings=embeddings,
-                prompt=prompt,
-                box_margin=box_margin,
-            )
-            done += 1
-            remaining[direction] -= 1
-            area = int(mask.sum())
-            shift = None if max_intensity_shift is None else intensity_shift(previous_image, previous, image, mask)
-            if (
-                area == 0
-                or area < minimum_area
-                or dice(mask, previous) < min_dice
-                or (shift is not None and shift > max_intensity_shift)
-            ):
-                stopped[direction] = STRUCTURE_ENDED
-            else:
-                masks[index] = mask
-                areas[index] = area
-                previous, previous_image = mask, image
-            if progress is not None and progress(done, estimate(remaining)) is False:
-                for d in DIRECTIONS:
-                    stopped.setdefault(d, CANCELLED)
-                break
-            if direction in stopped:
-                break
-        if direction not in stopped:
-            at_edge = index == (total_slices - 1 if direction == "forward" else 0)
-            stopped[direction] = IMAGE_EDGE if at_edge else MAX_SLICES
-        if all(d in stopped for d in DIRECTIONS):
-            break
-    return PropagationResult(
-        masks,
-        {d: stopped[d] for d in DIRECTIONS},
-        time.perf_counter() - began,
-        start_index,
-        None if weights is None else weights.copy(),
-        areas,
-        mixture_weights,
-    )
+    finally:
+        ahead.close()
 
 
 def _segment_slice(
@@ -286,7 +302,7 @@ def _segment_slice(
     n_samples: int,
     window: tuple[float, float] | None,
     weights: np.ndarray | None,
-    embeddings: EmbeddingCache | None,
+    embedding: torch.Tensor,
     prompt: SlicePrompt,
     box_margin: float,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -298,13 +314,52 @@ def _segment_slice(
         n_samples=n_samples,
         initial_weights=weights,
         window=window,
-        embeddings=embeddings,
+        embedding=embedding,
     )
-    point, box = prompt_from_mask(previous, margin=box_margin)
-    round_ = session.start(
+    point, box = prompt_from_mask(previous, margin=box_margin, with_point=prompt is not SlicePrompt.BOX)
+    recommended, weights_sampled = session.recommend(
         point=None if prompt is SlicePrompt.BOX else point, box=None if prompt is SlicePrompt.POINT else box
     )
-    return keep_touching(round_.recommended, previous), round_.mixture_weights
+    return keep_touching(recommended, previous), weights_sampled
+
+
+class _SlicePrefetch:
+    """A propagation's slice embeddings, encoded on one background thread ahead of need (the propagation's
+    encoder, through the embedding cache when there is one); what is still pending at :meth:`close` is dropped."""
+
+    def __init__(
+        self,
+        model: SPAModel,
+        get_slice: Callable[[int], np.ndarray],
+        window: tuple[float, float] | None,
+        embeddings: EmbeddingCache | None,
+        n_slices: int,
+    ) -> None:
+        self._model, self._get_slice, self._window, self._embeddings = model, get_slice, window, embeddings
+        self._n_slices = n_slices
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spa-propagation-encoder")
+        self._pending: dict[int, Future[torch.Tensor]] = {}
+
+    def request(self, index: int) -> None:
+        """Start encoding slice ``index`` (if it is in the volume and not asked for already)."""
+        if 0 <= index < self._n_slices and index not in self._pending:
+            self._pending[index] = self._pool.submit(self._encode, index)
+
+    def take(self, index: int) -> torch.Tensor:
+        """Slice ``index``'s embedding, waiting for it (asked for now if it was not)."""
+        self.request(index)
+        return self._pending.pop(index).result()
+
+    def close(self) -> None:
+        """Drop what has not started; wait for what has (a running encoding cannot be interrupted)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
+
+    def _encode(self, index: int) -> torch.Tensor:
+        image = np.asarray(self._get_slice(index))
+        if self._embeddings is not None:
+            return self._embeddings.get(image, self._window, bulk=True)
+        return self._model.encode(image, self._window, bulk=True)[0]
 
 
 def _slice_source(slices: SliceSource, n_slices: int | None) -> tuple[Callable[[int], np.ndarray], int]:

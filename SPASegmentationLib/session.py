@@ -266,6 +266,40 @@ class Session:
         alone in the whole image). With
         ``all``, every small structure's box (given or found) moves the rounds into such a window.
         """
+        prompt = self._first_prompt(point, box, label)
+        self._start = SessionStart(
+            None if point is None else tuple(float(v) for v in point),
+            None if box is None else tuple(float(v) for v in box),
+            bool(label),
+        )
+        self._choices, self._model_rounds, self._rounds, self.accepted = [], [], [], False
+        self._sample_maps = []
+        self.accepted_candidate = None
+        return self._advance(prompt, self.initial_weights)
+
+    def recommend(
+        self,
+        point: tuple[float, float] | None = None,
+        box: tuple[float, float, float, float] | None = None,
+        label: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """What :meth:`start` would recommend for these prompts, without the rest of its round (candidates, their
+        clustering, uncertainty): (the recommended mask at image size, the mixture weights it sampled). For work
+        that keeps only the recommendation (a propagation's slices); the session is left unstarted."""
+        prompt = self._first_prompt(point, box, label)
+        embedding, geometry = self._require_view()
+        probabilities, mixture = sample_probabilities(
+            self.model, embedding, geometry, prompt, self.initial_weights, self.n_samples, round_seed(self.seed, 1)
+        )
+        mean = probabilities.mean(axis=0).astype(np.float32)  # as candidates.aggregate, without its std
+        recommended = self._maps_to_image(mean[None])[0] >= self.model.config.recommend_threshold
+        return recommended, mixture.weights.cpu().numpy().astype(np.float64)
+
+    def _first_prompt(
+        self, point: tuple[float, float] | None, box: tuple[float, float, float, float] | None, label: bool
+    ) -> Prompt:
+        """The first round's prompt in the model frame, with the box search and focus window of :meth:`start`
+        applied (``found_box``, ``focus_window`` and the view the rounds run on are set here)."""
         prompt = start_prompt(self.geometry, point, box, label)
         self.found_box, self.focus_window, self._view = None, None, None
         self._window_views.clear()
@@ -284,15 +318,7 @@ class Session:
             prompt = self._focus(point, box) or prompt
         if self._view is None:
             self._view = (self.embedding, self.geometry)
-        self._start = SessionStart(
-            None if point is None else tuple(float(v) for v in point),
-            None if box is None else tuple(float(v) for v in box),
-            bool(label),
-        )
-        self._choices, self._model_rounds, self._rounds, self.accepted = [], [], [], False
-        self._sample_maps = []
-        self.accepted_candidate = None
-        return self._advance(prompt, self.initial_weights)
+        return prompt
 
     def choose(self, k: int) -> Round:
         """The user picked candidate ``k`` (0-based) of the current round: compute the next round."""

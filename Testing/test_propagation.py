@@ -9,6 +9,7 @@ from SPASegmentationLib.embeddings import EmbeddingCache
 from SPASegmentationLib.engine import slice_seed
 from SPASegmentationLib.errors import InputError
 from SPASegmentationLib.masks import keep_touching
+from SPASegmentationLib.model.runtimes import EncoderRuntime
 from SPASegmentationLib.propagation import (
     CANCELLED,
     IMAGE_EDGE,
@@ -220,3 +221,45 @@ def test_bad_inputs_are_explained(untrained_model, volume):
     ragged = {3: image[3], 4: image[4], 5: image[5][:80]}
     with pytest.raises(InputError, match="same size"):
         propagate(untrained_model, lambda i: ragged[i], START, truth[START], n_slices=6, n_samples=SAMPLES)
+
+
+def test_slices_are_encoded_on_the_propagation_encoder_and_cached_under_its_key(untrained_model, volume, propagated):
+    """A lossy propagation encoder (bf16) leaves the sessions' float32 one alone, keys its embeddings apart, and its
+    masks stay within Dice 0.95 of the float32 propagation's."""
+    image, truth = volume
+    backbone = untrained_model.backbone
+    try:
+        assert backbone.use_encoder_runtime("torch", propagation="torch-bf16") is EncoderRuntime.TORCH
+        assert (backbone.encoder_runtime, backbone.propagation_runtime) == ("torch", "torch-bf16")
+        assert backbone.embedding_key() != backbone.embedding_key(bulk=True) == backbone.embedding_key() + "-bfloat16"
+        cache = EmbeddingCache(untrained_model, capacity=N_SLICES + 2)
+        result = propagate(untrained_model, image, START, truth[START], n_samples=SAMPLES, seed=4, embeddings=cache)
+        assert {key.backbone for key in cache._entries} == {backbone.embedding_key(bulk=True)}
+        assert result.indices == propagated[0].indices
+        for index in result.indices:
+            assert dice(result.masks[index], propagated[0].masks[index]) > 0.95, index
+    finally:
+        backbone.use_encoder_runtime("torch", propagation="same")
+    assert backbone.bulk_encoder is None and backbone.propagation_runtime == "torch"
+
+
+def test_a_slice_is_the_recommendation_of_its_session_start(shipped_model):
+    """recommend() (what a propagation keeps of each slice) is start()'s recommendation and mixture, for a box and
+    for a click (box search) on real LIDC-IDRI crops."""
+    from pathlib import Path
+
+    from SPASegmentationLib.data.detect import open_dataset
+    from SPASegmentationLib.session import Session
+    from SPASegmentationLib.simulation.prompts import initial_point
+
+    dataset = open_dataset(Path(__file__).resolve().parent / "data" / "lidc-cimd")
+    for case_id in dataset.split("test")[:3]:
+        case = dataset.load(case_id)
+        target = max(case.raters.values(), key=np.sum)
+        _, box = prompt_from_mask(target, with_point=False)
+        for prompt in ({"box": box}, {"point": initial_point(case.raters, target)}):
+            mask, weights = Session(shipped_model, case.image, seed=2).recommend(**prompt)
+            round_ = Session(shipped_model, case.image, seed=2).start(**prompt)
+            np.testing.assert_array_equal(mask, round_.recommended)
+            np.testing.assert_allclose(weights, round_.mixture_weights)
+    assert prompt_from_mask(target, with_point=False)[0] is None

@@ -19,7 +19,14 @@ from torch import nn
 
 from ..enums import TextEnum
 from ..errors import CheckpointError, InputError
-from .runtimes import CompiledEncoder, EncoderRuntime, compile_encoder, resolve_runtime
+from .runtimes import (
+    PROPAGATION_AUTO,
+    CompiledEncoder,
+    EncoderRuntime,
+    compile_encoder,
+    resolve_propagation_runtime,
+    resolve_runtime,
+)
 
 
 class BackboneName(TextEnum):
@@ -87,7 +94,9 @@ class Backbone(nn.Module):
         self.info = info
         self.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1) / 255.0, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(1, 3, 1, 1) / 255.0, persistent=False)
-        self.compiled_encoder: CompiledEncoder | None = None  # set by use_encoder_runtime; None: PyTorch eager
+        # set by use_encoder_runtime; None: PyTorch eager (bulk: the same as the sessions')
+        self.compiled_encoder: CompiledEncoder | None = None
+        self.bulk_encoder: CompiledEncoder | None = None
 
     @property
     def image_size(self) -> int:
@@ -104,45 +113,63 @@ class Backbone(nn.Module):
 
     @property
     def encoder_runtime(self) -> EncoderRuntime:
-        """Where :meth:`encode` runs."""
+        """Where :meth:`encode` runs for sessions."""
         return EncoderRuntime.TORCH if self.compiled_encoder is None else self.compiled_encoder.runtime
 
     @property
-    def embedding_key(self) -> str:
+    def propagation_runtime(self) -> EncoderRuntime:
+        """Where :meth:`encode` runs for propagations (``bulk``): their own encoder, else the sessions' one."""
+        return self.encoder_runtime if self.bulk_encoder is None else self.bulk_encoder.runtime
+
+    def embedding_key(self, bulk: bool = False) -> str:
         """What identifies this backbone's embeddings in caches: its checkpoint, plus the precision of a lossy
         encoder runtime (bfloat16 or int8 embeddings are not the float32 ones)."""
         key = self.info.checkpoint_sha256[:12] or self.info.name
-        compiled = self.compiled_encoder
+        compiled = self._encoder(bulk)
         return key if compiled is None or compiled.exact else f"{key}-{compiled.precision}"
 
     def use_encoder_runtime(
-        self, runtime: EncoderRuntime | str, threads: int | None = None, cache_dir: Path | None = None
+        self,
+        runtime: EncoderRuntime | str,
+        threads: int | None = None,
+        cache_dir: Path | None = None,
+        propagation: EncoderRuntime | str = PROPAGATION_AUTO,
     ) -> EncoderRuntime:
-        """Run :meth:`encode` on ``runtime`` (``auto``: the fastest float32 one installed for this device); returns
-        the runtime chosen. Converting for OpenVINO or ONNX Runtime happens once per machine (cached on disk)."""
+        """Run :meth:`encode` on ``runtime`` (``auto``: the fastest float32 one installed for this device) and
+        propagations on ``propagation`` (see :func:`~.runtimes.resolve_propagation_runtime`); returns the sessions'
+        runtime. Converting for OpenVINO or ONNX Runtime happens once per machine (cached on disk)."""
         device = self.pixel_mean.device
         chosen = resolve_runtime(runtime, device)
-        if chosen is EncoderRuntime.TORCH:
-            self.compiled_encoder = None
-        else:
-            self.compiled_encoder = compile_encoder(
+        bulk = resolve_propagation_runtime(propagation, chosen, device)
+
+        def compiled(which: EncoderRuntime) -> CompiledEncoder | None:
+            if which is EncoderRuntime.TORCH:
+                return None
+            return compile_encoder(
                 self.image_encoder,
                 self.image_size,
-                chosen,
+                which,
                 weights_key=self.info.checkpoint_sha256 or self.info.name,
                 threads=threads,
                 cache_dir=cache_dir,
             )
+
+        self.compiled_encoder = compiled(chosen)
+        self.bulk_encoder = None if bulk is None else compiled(bulk)
         return chosen
 
+    def _encoder(self, bulk: bool) -> CompiledEncoder | None:
+        return self.bulk_encoder if bulk and self.bulk_encoder is not None else self.compiled_encoder
+
     @torch.no_grad()
-    def encode(self, image01: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) image in [0, 1] → (B, 256, e, e) image embedding."""
+    def encode(self, image01: torch.Tensor, bulk: bool = False) -> torch.Tensor:
+        """(B, 3, S, S) image in [0, 1] → (B, 256, e, e) image embedding; ``bulk``: a propagation's slice."""
         x = image01.to(self.pixel_mean.device)
         if self.info.pixel_normalisation == "sam":
             x = (x - self.pixel_mean) / self.pixel_std
-        if self.compiled_encoder is not None:
-            return self.compiled_encoder(x).to(x.device)
+        compiled = self._encoder(bulk)
+        if compiled is not None:
+            return compiled(x).to(x.device)
         return self.image_encoder(x)
 
 

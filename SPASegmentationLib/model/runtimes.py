@@ -7,12 +7,11 @@ embedding, as the PyTorch module does:
 
 - ``torch``: PyTorch eager, float32 (the reference every other runtime is measured against);
 - ``torch-channels-last``, ``torch-jit`` (traced and frozen: batch norms folded into convolutions),
-  ``torch-compile`` (inductor), ``torch-bf16`` (bfloat16 autocast after a float32 stem) and ``torch-int8``
+  ``torch-compile`` (inductor), ``torch-bf16`` (bfloat16 autocast) and ``torch-int8``
   (dynamic int8 linear layers): PyTorch's own settings;
 - ``onnxruntime``: the encoder exported to ONNX, all graph optimisations;
 - ``openvino``: the encoder converted to OpenVINO, float32;
-- ``openvino-bf16``: the stem (patch embedding and first stage) in float32, the rest in bfloat16, where the CPU
-  computes bfloat16 natively (AMX or AVX-512 BF16).
+- ``openvino-bf16``: the same graph executed in bfloat16, where the CPU computes it natively (AMX or AVX-512 BF16).
 
 ``auto`` is ``openvino`` on a CPU when OpenVINO is installed, else ``torch``; ``spa bench --encoders`` measures
 them side by side (time, embedding cosine to ``torch``, candidates identical or not). Float32 runtimes leave the
@@ -29,6 +28,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -115,6 +115,27 @@ def resolve_runtime(runtime: EncoderRuntime | str, device: torch.device | str) -
     return runtime
 
 
+PROPAGATION_AUTO, PROPAGATION_SAME = "auto", "same"
+
+
+def resolve_propagation_runtime(
+    runtime: EncoderRuntime | str, sessions: EncoderRuntime, device: torch.device | str
+) -> EncoderRuntime | None:
+    """The runtime propagations encode their slices with, None for the sessions' own (``sessions``).
+
+    ``auto``: ``openvino-bf16`` when sessions run on ``openvino`` and the CPU computes bfloat16 natively (a
+    propagation encodes every slice of a volume, and float32 cannot reach 50 slices in 15 s on a 2-core CPU: the
+    encoder alone is 75 GFLOP a slice), else the sessions'; ``same``: the sessions'; a runtime word: that one.
+    """
+    if str(runtime) == PROPAGATION_SAME:
+        return None
+    if str(runtime) == PROPAGATION_AUTO:
+        fast = sessions is EncoderRuntime.OPENVINO and native_bfloat16()
+        return EncoderRuntime.OPENVINO_BF16 if fast else None
+    chosen = resolve_runtime(runtime, device)
+    return None if chosen is sessions else chosen
+
+
 def default_cache_dir() -> Path:
     """Where converted encoders are kept: ``$SPA_HOME/cache/encoders``."""
     from ..resources import spa_home
@@ -130,6 +151,7 @@ class CompiledEncoder:
         self.precision = RUNTIMES[runtime].precision
         self.build_seconds = build_seconds
         self._run = run
+        self._lock = threading.Lock()  # an OpenVINO or ONNX Runtime request serves one call at a time
 
     @property
     def exact(self) -> bool:
@@ -138,7 +160,8 @@ class CompiledEncoder:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self._run(images)
+        with self._lock:
+            return self._run(images)
 
 
 def compile_encoder(
@@ -170,7 +193,7 @@ def compile_encoder(
     elif runtime is EncoderRuntime.TORCH_COMPILE:
         run = _compiled(encoder, example)
     elif runtime is EncoderRuntime.TORCH_BF16:
-        run = _torch_bf16(encoder, image_size)
+        run = _torch_bf16(encoder)
     elif runtime is EncoderRuntime.TORCH_INT8:
         run = _torch_int8(encoder)
     else:
@@ -216,81 +239,10 @@ def _compiled(encoder: nn.Module, example: torch.Tensor) -> Callable[[torch.Tens
     return torch.compile(encoder, dynamic=False)
 
 
-def split_stem(encoder: nn.Module, image_size: int) -> tuple[nn.Module, nn.Module]:
-    """(stem, body) of a known encoder such that ``body(stem(x)) == encoder(x)``: the stem is the patch embedding
-    (and, for TinyViT, its first, convolutional stage), where bfloat16 costs the most accuracy for the least time."""
-    if all(hasattr(encoder, name) for name in ("patch_embed", "layers", "neck")):
-        with torch.no_grad():  # the token grid's side is the embedding's (TinyViT-SAM writes 64 into its forward)
-            side = encoder(torch.zeros(1, 3, image_size, image_size, device=_device_of(encoder))).shape[-1]
-        return _TinyViTStem(encoder), _TinyViTBody(encoder, int(side))
-    if all(hasattr(encoder, name) for name in ("patch_embed", "blocks", "neck")):
-        return _ViTStem(encoder), _ViTBody(encoder)
-    raise InputError(
-        f"the bfloat16 encoders know TinyViT (LiteMedSAM) and SAM's ViT, not {type(encoder).__name__}; "
-        "use --encoder openvino or torch"
-    )
-
-
-class _TinyViTStem(nn.Module):
-    """LiteMedSAM's TinyViT up to the end of its convolutional first stage."""
-
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encoder.layers[0](self.encoder.patch_embed(images))
-
-
-class _TinyViTBody(nn.Module):
-    """The rest of TinyViT: its attention stages, the tokens back to a 64 × 64 map, and the neck."""
-
-    def __init__(self, encoder: nn.Module, side: int) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.side = side  # of the token grid (64 for LiteMedSAM at 256 px)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        for stage in self.encoder.layers[1:]:
-            tokens = stage(tokens)
-        grid = tokens.view(tokens.shape[0], self.side, self.side, tokens.shape[-1]).permute(0, 3, 1, 2)
-        return self.encoder.neck(grid)
-
-
-class _ViTStem(nn.Module):
-    """SAM's ViT patch embedding plus its absolute position embedding."""
-
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.encoder.patch_embed(images)
-        if self.encoder.pos_embed is not None:
-            tokens = tokens + self.encoder.pos_embed
-        return tokens
-
-
-class _ViTBody(nn.Module):
-    """SAM's ViT blocks and neck."""
-
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        for block in self.encoder.blocks:
-            tokens = block(tokens)
-        return self.encoder.neck(tokens.permute(0, 3, 1, 2))
-
-
-def _torch_bf16(encoder: nn.Module, image_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    stem, body = split_stem(encoder, image_size)
-
+def _torch_bf16(encoder: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     def run(images: torch.Tensor) -> torch.Tensor:
-        tokens = stem(images)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return body(tokens).float()
+            return encoder(images).float()
 
     return run
 
@@ -373,40 +325,29 @@ def _openvino(
             "this CPU has no native bfloat16 (AMX or AVX-512 BF16): the openvino-bf16 encoder would be emulated and "
             "slower than float32; use --encoder openvino"
         )
-    parts = split_stem(encoder, int(example.shape[-1])) if bf16 else (encoder,)
-    names = tuple(f"part{i}.xml" for i in range(len(parts)))
 
     def convert(target: Path) -> None:
-        current = example
         with warnings.catch_warnings(), torch.no_grad():
             _quiet_tracing()
-            for name, part in zip(names, parts, strict=True):
-                graph = openvino.convert_model(part, example_input=current)
-                openvino.save_model(graph, str(target / name), compress_to_fp16=False)
-                current = part(current)
+            graph = openvino.convert_model(encoder, example_input=example)
+        openvino.save_model(graph, str(target / "encoder.xml"), compress_to_fp16=False)
 
+    # one float32 graph for both precisions: bf16 is the CPU plugin's execution precision, chosen at compile time
     size = int(example.shape[-1])
-    variant = "stem-f32+bf16" if bf16 else "f32"
-    folder = _cached(_cache_folder(root, "openvino", weights_key, size, openvino.__version__, variant), names, convert)
+    folder = _cached(
+        _cache_folder(root, "openvino", weights_key, size, openvino.__version__, "f32"), ("encoder.xml",), convert
+    )
+    config = {
+        "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": threads,
+    }
     core = openvino.Core()
-    requests = []
-    for index, name in enumerate(names):
-        precision = "bf16" if bf16 and index > 0 else "f32"
-        config = {
-            "INFERENCE_PRECISION_HINT": precision,
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_NUM_THREADS": threads,
-        }
-        requests.append(core.compile_model(core.read_model(str(folder / name)), "CPU", config).create_infer_request())
+    request = core.compile_model(core.read_model(str(folder / "encoder.xml")), "CPU", config).create_infer_request()
 
     def run(images: torch.Tensor) -> torch.Tensor:
         batch = images.detach().cpu().float().numpy()
-        outputs = []
-        for i in range(batch.shape[0]):
-            value = batch[i : i + 1]
-            for request in requests:
-                value = request.infer({0: value})[0]
-            outputs.append(np.array(value, dtype=np.float32, copy=True))
+        outputs = [np.array(request.infer({0: batch[i : i + 1]})[0], dtype=np.float32) for i in range(len(batch))]
         return torch.from_numpy(np.concatenate(outputs))
 
     return run

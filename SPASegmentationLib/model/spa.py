@@ -137,11 +137,13 @@ class SPAModel(nn.Module):
 
     @torch.no_grad()
     def encode(
-        self, image: np.ndarray, window: tuple[float, float] | None = None
+        self, image: np.ndarray, window: tuple[float, float] | None = None, bulk: bool = False
     ) -> tuple[torch.Tensor, ImageGeometry]:
-        """Image → (embedding (1, C, e, e) on this model's device, geometry). Cache it to skip re-encoding."""
+        """Image → (embedding (1, C, e, e) on this model's device, geometry). Cache it to skip re-encoding.
+
+        ``bulk``: a propagation's slice, encoded on the propagation's runtime (Backbone.use_encoder_runtime)."""
         tensor, geometry = prepare_image(image, self.backbone.image_size, window=window)
-        return self.backbone.encode(tensor.to(self.device)), geometry
+        return self.backbone.encode(tensor.to(self.device), bulk=bulk), geometry
 
     # ----- prompts -------------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -82,6 +82,7 @@ def serve(
     limits: ServiceLimits | None = None,
     out: TextIO = sys.stdout,
     encoder: str = "auto",
+    propagation_encoder: str = "auto",
 ) -> None:
     """Load the model and serve it until interrupted."""
     import uvicorn
@@ -103,7 +104,7 @@ def serve(
     if token is not None:
         tokens[token] = None
     model = default_model(device) if model_path is None else load_model(model_path, checkpoint, device)
-    runtime = model.backbone.use_encoder_runtime(encoder)
+    runtime = model.backbone.use_encoder_runtime(encoder, propagation=propagation_encoder)
     profiles = SQLiteProfileStore(
         profiles_db or spa_home() / "serve" / "profiles.sqlite3",
         model_fingerprint=model.fingerprint(),
@@ -130,6 +131,7 @@ def serve(
         "port": bound,
         "model_fingerprint": model.fingerprint(),
         "encoder": runtime.value,
+        "propagation_encoder": model.backbone.propagation_runtime.value,
     }
     if generated is not None:
         ready["token"] = generated
