@@ -19,6 +19,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import torch
@@ -116,7 +117,15 @@ def _in_fresh_process(function: Callable[..., dict[str, Any]], kwargs: dict[str,
     queue = context.Queue()
     process = context.Process(target=_worker, args=(queue, function, kwargs))
     process.start()
-    status, payload = queue.get()
+    while True:  # a child that dies (killed, out of memory) sends nothing: notice it instead of waiting forever
+        try:
+            status, payload = queue.get(timeout=1.0)
+            break
+        except Empty:
+            if not process.is_alive():
+                raise RuntimeError(
+                    f"benchmark of {what} failed: its process ended with code {process.exitcode}"
+                ) from None
     process.join()
     if status != "ok":
         raise RuntimeError(f"benchmark of {what} failed: {payload}")

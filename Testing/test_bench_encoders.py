@@ -83,3 +83,16 @@ def test_a_gpu_is_refused_for_the_encoder_comparison(monkeypatch: pytest.MonkeyP
                 ["bench", "--device", "cuda", "--encoders", "openvino", "--propagation", "off"]
             )
         )
+
+
+def _dies() -> dict:
+    import os
+
+    os._exit(3)
+
+
+def test_a_bench_process_that_dies_is_reported_not_waited_for() -> None:
+    from SPASegmentationLib.bench import _in_fresh_process
+
+    with pytest.raises(RuntimeError, match="benchmark of the dying step failed: its process ended with code 3"):
+        _in_fresh_process(_dies, {}, "the dying step")
