@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,10 @@ import torch
 
 # Under pytest-xdist (`make test` runs two workers) each worker computes on one core; alone, on two.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+
+# Every test, and every `spa` process a test starts with its own SPA_HOME, shares one folder of converted encoders:
+# OpenVINO converts LiteMedSAM's encoder once per run (about 10 s and 3 GB), not once per command.
+os.environ.setdefault("SPA_ENCODER_CACHE", str(Path(tempfile.gettempdir()) / "spa-test-encoder-cache"))
 
 
 def _imports_mrml(module) -> bool:

@@ -162,3 +162,11 @@ def test_flops_and_peak_are_counted():
     layer = torch.nn.Conv2d(3, 8, 1, bias=False)
     assert runtimes.encoder_flops(layer, 16) == 2 * 3 * 8 * 16 * 16
     assert runtimes.matmul_peak_gflops(size=256, repeats=2) > 1.0
+
+
+def test_the_encoder_cache_folder_can_be_moved(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPA_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("SPA_ENCODER_CACHE", raising=False)
+    assert runtimes.default_cache_dir() == tmp_path / "home" / "cache" / "encoders"
+    monkeypatch.setenv("SPA_ENCODER_CACHE", str(tmp_path / "shared"))
+    assert runtimes.default_cache_dir() == tmp_path / "shared"

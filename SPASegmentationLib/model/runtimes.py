@@ -136,11 +136,15 @@ def resolve_propagation_runtime(
     return None if chosen is sessions else chosen
 
 
+ENCODER_CACHE_ENV = "SPA_ENCODER_CACHE"
+
+
 def default_cache_dir() -> Path:
-    """Where converted encoders are kept: ``$SPA_HOME/cache/encoders``."""
+    """Where converted encoders are kept: ``$SPA_ENCODER_CACHE``, else ``$SPA_HOME/cache/encoders``."""
     from ..resources import spa_home
 
-    return spa_home() / "cache" / "encoders"
+    override = os.environ.get(ENCODER_CACHE_ENV)
+    return Path(override) if override else spa_home() / "cache" / "encoders"
 
 
 class CompiledEncoder:
