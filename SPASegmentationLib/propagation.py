@@ -208,19 +208,23 @@ def propagate(
     def estimate(remaining: dict[str, int]) -> int:
         return done + sum(remaining[d] for d in DIRECTIONS if d not in stopped)
 
+    def result() -> PropagationResult:
+        return PropagationResult(
+            masks,
+            {d: stopped[d] for d in DIRECTIONS},
+            time.perf_counter() - began,
+            start_index,
+            None if weights is None else weights.copy(),
+            areas,
+            mixture_weights,
+        )
+
     remaining = dict(reach)
     ahead = _SlicePrefetch(model, get_slice, window, embeddings, total_slices)
     try:
         if progress is not None and progress(0, estimate(remaining)) is False:
-            return PropagationResult(
-                masks,
-                {d: CANCELLED for d in DIRECTIONS},
-                time.perf_counter() - began,
-                start_index,
-                None if weights is None else weights.copy(),
-                areas,
-                mixture_weights,
-            )
+            stopped.update({d: CANCELLED for d in DIRECTIONS})
+            return result()
 
         for direction in DIRECTIONS:  # the first slice of each direction is encoded while the other one runs
             if reach[direction]:
@@ -233,8 +237,7 @@ def propagate(
                 index += step
                 if count < reach[direction]:
                     ahead.request(index + step)  # the next slice's embedding, while this one's round runs
-                embedding = ahead.take(index)
-                image = np.asarray(get_slice(index))
+                image, embedding = ahead.take(index)
                 if image.shape[:2] != start_mask.shape:
                     raise InputError(
                         f"slice {index} is {image.shape[0]}×{image.shape[1]} but the start slice is "
@@ -279,15 +282,7 @@ def propagate(
                 stopped[direction] = IMAGE_EDGE if at_edge else MAX_SLICES
             if all(d in stopped for d in DIRECTIONS):
                 break
-        return PropagationResult(
-            masks,
-            {d: stopped[d] for d in DIRECTIONS},
-            time.perf_counter() - began,
-            start_index,
-            None if weights is None else weights.copy(),
-            areas,
-            mixture_weights,
-        )
+        return result()
     finally:
         ahead.close()
 
@@ -338,15 +333,15 @@ class _SlicePrefetch:
         self._model, self._get_slice, self._window, self._embeddings = model, get_slice, window, embeddings
         self._n_slices = n_slices
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spa-propagation-encoder")
-        self._pending: dict[int, Future[torch.Tensor]] = {}
+        self._pending: dict[int, Future[tuple[np.ndarray, torch.Tensor]]] = {}
 
     def request(self, index: int) -> None:
         """Start encoding slice ``index`` (if it is in the volume and not asked for already)."""
         if 0 <= index < self._n_slices and index not in self._pending:
             self._pending[index] = self._pool.submit(self._encode, index)
 
-    def take(self, index: int) -> torch.Tensor:
-        """Slice ``index``'s embedding, waiting for it (asked for now if it was not)."""
+    def take(self, index: int) -> tuple[np.ndarray, torch.Tensor]:
+        """Slice ``index`` and its embedding, waiting for them (asked for now if they were not)."""
         self.request(index)
         return self._pending.pop(index).result()
 
@@ -355,11 +350,11 @@ class _SlicePrefetch:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._pending.clear()
 
-    def _encode(self, index: int) -> torch.Tensor:
-        image = np.asarray(self._get_slice(index))
+    def _encode(self, index: int) -> tuple[np.ndarray, torch.Tensor]:
+        image = np.asarray(self._get_slice(index))  # read once: the round uses the slice the embedding is of
         if self._embeddings is not None:
-            return self._embeddings.get(image, self._window, bulk=True)
-        return self._model.encode(image, self._window, bulk=True)[0]
+            return image, self._embeddings.get(image, self._window, bulk=True)
+        return image, self._model.encode(image, self._window, bulk=True)[0]
 
 
 def _slice_source(slices: SliceSource, n_slices: int | None) -> tuple[Callable[[int], np.ndarray], int]:

@@ -150,10 +150,9 @@ def default_cache_dir() -> Path:
 class CompiledEncoder:
     """The image encoder compiled for one runtime: (B, 3, S, S) float32 → (B, C, e, e) float32 on the CPU."""
 
-    def __init__(self, runtime: EncoderRuntime, run: Callable[[torch.Tensor], torch.Tensor], build_seconds: float):
+    def __init__(self, runtime: EncoderRuntime, run: Callable[[torch.Tensor], torch.Tensor]):
         self.runtime = runtime
         self.precision = RUNTIMES[runtime].precision
-        self.build_seconds = build_seconds
         self._run = run
         self._lock = threading.Lock()  # an OpenVINO or ONNX Runtime request serves one call at a time
 
@@ -187,7 +186,6 @@ def compile_encoder(
         raise InputError("resolve 'auto' with resolve_runtime() before compiling")
     threads = int(threads or torch.get_num_threads())
     example = torch.zeros(1, 3, image_size, image_size, device=_device_of(encoder))
-    began = time.perf_counter()
     if runtime is EncoderRuntime.TORCH:
         run = encoder
     elif runtime is EncoderRuntime.TORCH_CHANNELS_LAST:
@@ -195,7 +193,7 @@ def compile_encoder(
     elif runtime is EncoderRuntime.TORCH_JIT:
         run = _traced(encoder, example)
     elif runtime is EncoderRuntime.TORCH_COMPILE:
-        run = _compiled(encoder, example)
+        run = torch.compile(encoder, dynamic=False)
     elif runtime is EncoderRuntime.TORCH_BF16:
         run = _torch_bf16(encoder)
     elif runtime is EncoderRuntime.TORCH_INT8:
@@ -206,9 +204,8 @@ def compile_encoder(
             run = _onnxruntime(encoder, example, folder, weights_key, threads)
         else:
             run = _openvino(encoder, example, folder, weights_key, threads, runtime is EncoderRuntime.OPENVINO_BF16)
-    compiled = CompiledEncoder(runtime, run, 0.0)
-    compiled(example)  # the first call builds kernels and buffers; count it as compiling
-    compiled.build_seconds = time.perf_counter() - began
+    compiled = CompiledEncoder(runtime, run)
+    compiled(example)  # the first call builds kernels and buffers: here, not in the user's first encoding
     return compiled
 
 
@@ -237,10 +234,6 @@ def _quiet_tracing() -> None:
     turned into constants, as wanted here; TorchScript's deprecation, which OpenVINO's converter still uses)."""
     warnings.simplefilter("ignore", torch.jit.TracerWarning)
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
-
-
-def _compiled(encoder: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    return torch.compile(encoder, dynamic=False)
 
 
 def _torch_bf16(encoder: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -283,6 +276,18 @@ def _cached(folder: Path, names: tuple[str, ...], write: Callable[[Path], None])
     return folder
 
 
+def _one_image_at_a_time(infer: Callable[[np.ndarray], np.ndarray]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A runtime's single-image call (a (1, 3, S, S) float32 array in, its embedding out) as a batch encoder on
+    tensors; the output is copied out of the runtime's buffers, which its next call overwrites."""
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        batch = images.detach().cpu().float().numpy()
+        outputs = [np.array(infer(batch[i : i + 1]), dtype=np.float32) for i in range(len(batch))]
+        return torch.from_numpy(np.concatenate(outputs))
+
+    return run
+
+
 def _onnxruntime(
     encoder: nn.Module, example: torch.Tensor, root: Path, weights_key: str, threads: int
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -311,12 +316,7 @@ def _onnxruntime(
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = onnxruntime.InferenceSession(str(folder / "encoder.onnx"), options, providers=["CPUExecutionProvider"])
 
-    def run(images: torch.Tensor) -> torch.Tensor:
-        batch = images.detach().cpu().float().numpy()
-        outputs = [session.run(None, {"image": batch[i : i + 1]})[0] for i in range(batch.shape[0])]
-        return torch.from_numpy(np.concatenate(outputs))
-
-    return run
+    return _one_image_at_a_time(lambda image: session.run(None, {"image": image})[0])
 
 
 def _openvino(
@@ -349,12 +349,7 @@ def _openvino(
     core = openvino.Core()
     request = core.compile_model(core.read_model(str(folder / "encoder.xml")), "CPU", config).create_infer_request()
 
-    def run(images: torch.Tensor) -> torch.Tensor:
-        batch = images.detach().cpu().float().numpy()
-        outputs = [np.array(request.infer({0: batch[i : i + 1]})[0], dtype=np.float32) for i in range(len(batch))]
-        return torch.from_numpy(np.concatenate(outputs))
-
-    return run
+    return _one_image_at_a_time(lambda image: request.infer({0: image})[0])
 
 
 # ----- arithmetic ----------------------------------------------------------------------------------------------
