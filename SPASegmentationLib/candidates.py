@@ -8,14 +8,19 @@
 - signed differences: +1 where a candidate adds pixels to the recommendation, −1 where it removes.
 - feedback: the chosen candidate becomes a point where it differs most from the other candidates
   (one of the top-20 such pixels, labelled by the candidate) plus the candidate itself as mask prompt.
+
+Aggregation and clustering run in torch on the device the maps are on (the model's: a GPU round keeps its
+N maps there and copies back only what the user is shown); numpy maps are clustered on the CPU.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.cluster import KMeans
+import torch
 
 from .errors import InputError
 
@@ -23,6 +28,8 @@ N_CANDIDATES = 4
 FEATURE_SIDE = 64  # k-means runs on maps pooled to at most this side; centroids use full resolution
 FEEDBACK_TOP_PIXELS = 20
 MIN_FEEDBACK_SCORE = 0.05
+KMEANS_RESTARTS = 3  # k-means++ starts per round; the one with the least inertia wins
+KMEANS_ITERATIONS = 30  # Lloyd steps, a fixed number (no convergence test: no host synchronisation on a GPU)
 
 
 @dataclass
@@ -41,55 +48,165 @@ class CandidateClusters:
         return int(self.masks.shape[0])
 
 
-def aggregate(probabilities: np.ndarray, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """N probability maps (N, h, w) → (mean probability, recommended mask, per-pixel std)."""
-    mean = probabilities.mean(axis=0)
-    return mean.astype(np.float32), mean >= threshold, probabilities.std(axis=0).astype(np.float32)
+def as_tensor(probabilities: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Probability maps as a float32 tensor, where they are (numpy maps: on the CPU, without a copy when
+    they are float32 already)."""
+    if isinstance(probabilities, torch.Tensor):
+        return probabilities.float()
+    return torch.from_numpy(np.ascontiguousarray(probabilities, dtype=np.float32))
 
 
-def _pooled(probabilities: np.ndarray, side: int) -> np.ndarray:
-    n, h, w = probabilities.shape
-    factor = max(1, int(np.ceil(max(h, w) / side)))
+def aggregate(
+    probabilities: np.ndarray | torch.Tensor, threshold: float = 0.5
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """N probability maps (N, h, w) → (mean probability, recommended mask, per-pixel std), on the host."""
+    maps = as_tensor(probabilities)
+    std, mean = torch.std_mean(maps, dim=0, correction=0)
+    mean_np = mean.cpu().numpy()
+    return mean_np, mean_np >= threshold, std.cpu().numpy()
+
+
+def _pooled(maps: torch.Tensor, side: int) -> torch.Tensor:
+    """(N, h, w) maps averaged over square blocks so that neither side exceeds ``side``; flattened (N, D)."""
+    n, h, w = maps.shape
+    factor = max(1, math.ceil(max(h, w) / side))
     h2, w2 = (h // factor) * factor, (w // factor) * factor
     if factor == 1 or h2 == 0 or w2 == 0:
-        return probabilities.reshape(n, -1)
-    trimmed = probabilities[:, :h2, :w2].reshape(n, h2 // factor, factor, w2 // factor, factor)
-    return trimmed.mean(axis=(2, 4)).reshape(n, -1)
+        return maps.reshape(n, -1)
+    return torch.nn.functional.avg_pool2d(maps[None, :, :h2, :w2], factor)[0].reshape(n, -1)
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_weights(length: int, device: str) -> torch.Tensor:
+    """Fixed random int64 weights that hash a flattened mask of ``length`` pixels (see :func:`_distinct_count`)."""
+    generator = torch.Generator().manual_seed(0x5350)
+    return torch.randint(-(2**62), 2**62, (length,), generator=generator, dtype=torch.int64).to(device)
+
+
+def _distinct_count(binary: torch.Tensor) -> torch.Tensor:
+    """How many different masks the rows of ``binary`` (N, P) hold, as a 0-d tensor on their device.
+
+    Each mask is hashed exactly (integer arithmetic, wrapping in int64) with fixed random weights; equal masks
+    hash equal, different ones collide with probability about N² / 2⁶⁴."""
+    weights = _hash_weights(binary.shape[1], str(binary.device))
+    keys = torch.sort(torch.where(binary, weights, 0).sum(dim=1)).values
+    return 1 + (keys[1:] != keys[:-1]).sum()
+
+
+def _squared_distances(points: torch.Tensor, norms: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """(N, D) points with their (N,) squared norms and (I, k, D) centres → (I, N, k) squared distances."""
+    cross = torch.matmul(points, centres.transpose(1, 2))  # (I, N, k)
+    return (norms[:, None] - 2.0 * cross + centres.square().sum(-1)[:, None, :]).clamp_(min=0.0)
+
+
+def kmeans_labels(
+    features: torch.Tensor,
+    k: int,
+    active: torch.Tensor,
+    generator: torch.Generator,
+    restarts: int = KMEANS_RESTARTS,
+    iterations: int = KMEANS_ITERATIONS,
+) -> torch.Tensor:
+    """k-means of (N, D) features → (N,) cluster labels, on the features' device, without host round trips.
+
+    ``active`` (0-d tensor) is how many of the k clusters to use; the rest stay empty. Each of ``restarts``
+    starts is seeded by greedy k-means++ (each new centre the best of 2 + ln k draws ∝ squared distance, as
+    scikit-learn seeds), refined by up to ``iterations`` Lloyd steps (an emptied cluster keeps its centre); the start
+    with the least inertia wins. Float64 throughout, as scikit-learn. ``generator`` lives on the CPU: the same
+    seed gives the same starts on any device."""
+    n = features.shape[0]
+    device = features.device
+    points = features.double()
+    norms = points.square().sum(-1)
+    every = torch.arange(restarts, device=device)
+    trials = 2 + int(math.log(k))
+    first = torch.randint(n, (restarts,), generator=generator).to(device)
+    centres = points[first][:, None, :].repeat(1, k, 1)  # (I, k, D); centres not yet drawn repeat the first
+    closest = _squared_distances(points, norms, centres[:, :1])[..., 0]  # (I, N)
+    for j in range(1, k):
+        uniform = torch.rand((restarts, trials), generator=generator, dtype=torch.float64).to(device)
+        cumulative = torch.cumsum(closest + 1e-12, dim=1)
+        picks = torch.searchsorted(cumulative, uniform * cumulative[:, -1:]).clamp_(max=n - 1)  # (I, T)
+        candidates = points[picks]  # (I, T, D)
+        potential = torch.minimum(closest[:, None, :], _squared_distances(points, norms, candidates).transpose(1, 2))
+        best = potential.sum(-1).argmin(-1)  # (I,)
+        centres[:, j] = candidates[every, best]
+        closest = potential[every, best]
+    unused = torch.where(torch.arange(k, device=device) < active, 0.0, math.inf).double()
+    labels = None
+    for _ in range(iterations + 1):
+        distances = _squared_distances(points, norms, centres) + unused
+        previous, labels = labels, distances.argmin(-1)  # (I, N)
+        # settled: the next centres would be these again. Tested on the CPU only, where it costs no synchronisation
+        # (the result is the same either way: a settled assignment stays settled)
+        if device.type == "cpu" and previous is not None and torch.equal(previous, labels):
+            break
+        members = torch.nn.functional.one_hot(labels, k).double()  # (I, N, k)
+        counts = members.sum(1)  # (I, k)
+        centres = torch.where(
+            counts[..., None] > 0, (members.transpose(1, 2) @ points) / counts.clamp(min=1)[..., None], centres
+        )
+    inertia = distances.min(-1).values.sum(-1)  # (I,) of the last assignment
+    return labels[inertia.argmin()]
 
 
 def cluster_candidates(
-    probabilities: np.ndarray, k: int = N_CANDIDATES, seed: int = 0, threshold: float = 0.5
+    probabilities: np.ndarray | torch.Tensor, k: int = N_CANDIDATES, seed: int = 0, threshold: float = 0.5
 ) -> CandidateClusters:
-    """k-means over N probability maps (N, h, w) → at most k distinct candidates, smallest first."""
-    if probabilities.ndim != 3 or probabilities.shape[0] < 1:
-        raise ValueError(f"expected probability maps (N, h, w), got shape {probabilities.shape}")
-    n = probabilities.shape[0]
-    binary = probabilities >= threshold
-    distinct = len({np.packbits(m).tobytes() for m in binary})
-    n_clusters = max(1, min(k, distinct, n))
-    if n_clusters == 1:
-        labels = np.zeros(n, dtype=np.int64)
+    """k-means over N probability maps (N, h, w) → at most k distinct candidates, smallest first.
+
+    As many clusters as the samples hold distinct thresholded masks (at most k); clusters whose mean maps
+    threshold to the same mask are merged. Runs where the maps are; one copy to the host at the end."""
+    maps = as_tensor(probabilities)
+    if maps.ndim != 3 or maps.shape[0] < 1:
+        raise ValueError(f"expected probability maps (N, h, w), got shape {tuple(maps.shape)}")
+    n = maps.shape[0]
+    k = max(1, min(k, n))
+    flat = maps.reshape(n, -1)
+    binary = flat >= threshold
+    if k == 1:
+        labels = torch.zeros(n, dtype=torch.int64, device=maps.device)
     else:
-        features = _pooled(probabilities, FEATURE_SIDE)
-        kmeans = KMeans(n_clusters=n_clusters, n_init=3, random_state=seed)
-        labels = kmeans.fit_predict(features.astype(np.float64))
-    # Merge clusters whose thresholded centroids coincide: the user could not tell them apart.
-    groups: dict[bytes, list[int]] = {}
-    for cluster in range(n_clusters):
-        members = labels == cluster
-        if not members.any():
-            continue
-        centroid = probabilities[members].mean(axis=0)
-        groups.setdefault(np.packbits(centroid >= threshold).tobytes(), []).append(cluster)
+        generator = torch.Generator().manual_seed(int(seed))
+        labels = kmeans_labels(_pooled(maps, FEATURE_SIDE), k, _distinct_count(binary), generator)
+    members = torch.nn.functional.one_hot(labels, k).to(flat.dtype)  # (N, k)
+    counts = members.sum(0)
+    centroids = (members.T @ flat) / counts.clamp(min=1)[:, None]  # (k, P)
+    centroid_masks = centroids >= threshold
+    same = (centroid_masks[:, None, :] == centroid_masks[None, :, :]).all(-1)  # (k, k)
+    # the one copy back: labels, counts, which thresholded centroids coincide, the centroids
+    labels_np, counts_np, same_np = labels.cpu().numpy(), counts.cpu().numpy().astype(np.float64), same.cpu().numpy()
+    centroids_np = centroids.cpu().numpy().astype(np.float64)
+    return _merged(labels_np, counts_np, same_np, centroids_np, maps.shape[1:], threshold)
+
+
+def _merged(
+    labels: np.ndarray,
+    counts: np.ndarray,
+    same: np.ndarray,
+    centroids: np.ndarray,
+    shape: tuple[int, int],
+    threshold: float,
+) -> CandidateClusters:
+    """Clusters whose thresholded mean maps coincide merged into one candidate (the user could not tell them
+    apart), ordered by area, then by share."""
+    n = labels.shape[0]
+    groups: list[list[int]] = []
+    for cluster in np.flatnonzero(counts > 0):
+        group = next((g for g in groups if same[g[0], cluster]), None)
+        if group is None:
+            groups.append([int(cluster)])
+        else:
+            group.append(int(cluster))
     merged_labels = np.empty(n, dtype=np.int64)
     probs, masks, shares = [], [], []
-    for new_index, clusters in enumerate(groups.values()):
-        members = np.isin(labels, clusters)
-        merged_labels[members] = new_index
-        centroid = probabilities[members].mean(axis=0).astype(np.float32)
+    for new_index, clusters in enumerate(groups):
+        merged_labels[np.isin(labels, clusters)] = new_index
+        weight = counts[clusters]
+        centroid = (weight @ centroids[clusters] / weight.sum()).astype(np.float32).reshape(shape)
         probs.append(centroid)
         masks.append(centroid >= threshold)
-        shares.append(members.mean())
+        shares.append(weight.sum() / n)
     areas = np.array([m.sum() for m in masks])
     order = np.lexsort((-np.array(shares), areas))  # area ascending, then larger share first
     remap = np.empty(len(order), dtype=np.int64)

@@ -92,9 +92,15 @@ def sample_round(
 
 
 def summarise_round(
-    model: SPAModel, prompt: Prompt, mixture: PreferenceMixture, probabilities: np.ndarray, n_candidates: int, seed: int
+    model: SPAModel,
+    prompt: Prompt,
+    mixture: PreferenceMixture,
+    probabilities: torch.Tensor | np.ndarray,
+    n_candidates: int,
+    seed: int,
 ) -> ModelRound:
-    """One image's N probability maps (N, rows, cols) → aggregate and candidate clusters."""
+    """One image's N probability maps (N, rows, cols) → aggregate and candidate clusters, computed where the maps
+    are (a GPU round copies back only these)."""
     threshold = model.config.recommend_threshold
     with stage("aggregation"):
         mean, _, std = aggregate(probabilities, threshold)
@@ -103,10 +109,11 @@ def summarise_round(
     return ModelRound(prompt, mixture.detach(), clusters, mean, std)
 
 
-def valid_probabilities(model: SPAModel, logits: torch.Tensor, geometry: ImageGeometry) -> np.ndarray:
-    """(N, m, m) logits of one image → (N, rows, cols) probabilities of the part the image covers."""
+def valid_probabilities(model: SPAModel, logits: torch.Tensor, geometry: ImageGeometry) -> torch.Tensor:
+    """(N, m, m) logits of one image → (N, rows, cols) float32 probabilities of the part the image covers, on the
+    logits' device."""
     rows, cols = geometry.valid_shape_at(model.backbone.mask_size)
-    return torch.sigmoid(logits[:, :rows, :cols]).float().cpu().numpy()
+    return torch.sigmoid(logits[:, :rows, :cols].float()).contiguous()
 
 
 @torch.no_grad()
@@ -118,8 +125,9 @@ def sample_probabilities(
     previous_weights: torch.Tensor,
     n_samples: int,
     seed: int,
-) -> tuple[np.ndarray, PreferenceMixture]:
-    """One image's N sample probability maps (N, rows, cols) for the prompt, and the mixture they came from."""
+) -> tuple[torch.Tensor, PreferenceMixture]:
+    """One image's N sample probability maps (N, rows, cols; on the model's device) for the prompt, and the mixture
+    they came from."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     sampled = sample_round(model, embedding, [prompt], previous_weights.to(model.device)[None], n_samples, generator)
     with stage("aggregation"):
@@ -142,14 +150,15 @@ def run_model_round(
     return summarise_round(model, prompt, mixture, probabilities, n_candidates, seed)
 
 
-def pull_towards(probabilities: np.ndarray, choice: np.ndarray, weight: float) -> np.ndarray:
+def pull_towards(probabilities: torch.Tensor, choice: np.ndarray, weight: float) -> torch.Tensor:
     """Sample maps (N, h, w) moved the share ``weight`` (0..1) of the way to the chosen candidate's map (h, w).
 
     Aggregation and clustering are linear in the maps, so the recommendation moves the same share.
     """
     if weight == 0.0:
         return probabilities
-    return ((1.0 - weight) * probabilities + weight * choice[None]).astype(np.float32)
+    target = torch.as_tensor(choice, dtype=probabilities.dtype, device=probabilities.device)
+    return (1.0 - weight) * probabilities + weight * target[None]
 
 
 def feedback_prompt(model: SPAModel, model_round: ModelRound, chosen: int, seed: int) -> Prompt:

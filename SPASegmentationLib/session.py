@@ -243,7 +243,7 @@ class Session:
         self._choices: list[int] = []
         self._model_rounds: list[ModelRound] = []
         self._rounds: list[Round] = []
-        self._sample_maps: list[np.ndarray] = []  # each round's N sample maps (model frame)
+        self._sample_maps: list[torch.Tensor] = []  # each round's N sample maps (model frame, model's device)
         self.accepted = False
         self.accepted_candidate: int | None = None  # set when a candidate, not the recommendation, was accepted
 
@@ -291,7 +291,7 @@ class Session:
         probabilities, mixture = sample_probabilities(
             self.model, embedding, geometry, prompt, self.initial_weights, self.n_samples, round_seed(self.seed, 1)
         )
-        mean = probabilities.mean(axis=0).astype(np.float32)  # as candidates.aggregate, without its std
+        mean = probabilities.mean(dim=0).cpu().numpy()  # as candidates.aggregate, without its std
         recommended = self._maps_to_image(mean[None])[0] >= self.model.config.recommend_threshold
         return recommended, mixture.weights.cpu().numpy().astype(np.float64)
 
@@ -370,7 +370,7 @@ class Session:
         """The current round's N sample masks (N, H, W) bool at the image's size, after the anchor: what the
         recommendation and the candidates were made from (the evaluation's distribution measures use them)."""
         self._require_round()
-        return self._maps_to_image(self._sample_maps[-1]) >= self.model.config.recommend_threshold
+        return self._maps_to_image(self._sample_maps[-1].cpu().numpy()) >= self.model.config.recommend_threshold
 
     @property
     def rounds(self) -> list[Round]:
@@ -573,7 +573,7 @@ class Session:
         weight = 0.0
         if chosen is not None and self.anchor is not ChoiceAnchor.NONE:
             choice = self._model_rounds[-1].clusters.probabilities[chosen]
-            weight = self._anchor_weight(probabilities.mean(axis=0), choice, chosen)
+            weight = self._anchor_weight(probabilities.mean(dim=0).cpu().numpy(), choice, chosen)
             probabilities = pull_towards(probabilities, choice, weight)
         model_round = summarise_round(self.model, prompt, mixture, probabilities, self.n_candidates, seed)
         self._sample_maps.append(probabilities)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
 from SPASegmentationLib.candidates import aggregate, cluster_candidates, feedback_from_choice
 from SPASegmentationLib.errors import InputError
@@ -91,3 +94,84 @@ def test_simulated_user_picks_the_candidate_nearest_the_target():
     cands = cluster_candidates(discs([8] * 12 + [14] * 12 + [20] * 12 + [26] * 12))
     target = discs([19])[0] >= 0.5
     assert nearest_candidate(cands.masks, target) == 2
+
+
+# ----- the torch k-means against scikit-learn's -------------------------------------------------------------------
+def _sklearn_labels(maps: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """scikit-learn's KMeans as the candidates ran it before issue 12: on the same pooled maps, n_init 3."""
+    from sklearn.cluster import KMeans
+
+    from SPASegmentationLib.candidates import FEATURE_SIDE, _pooled
+
+    features = _pooled(torch.from_numpy(maps), FEATURE_SIDE).double().numpy()
+    return KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(features)
+
+
+def _candidate_masks(maps: np.ndarray, labels: np.ndarray) -> list[bytes]:
+    return sorted((maps[labels == c].mean(0) >= 0.5).tobytes() for c in np.unique(labels))
+
+
+def _inertia(maps: np.ndarray, labels: np.ndarray) -> float:
+    from SPASegmentationLib.candidates import FEATURE_SIDE, _pooled
+
+    features = _pooled(torch.from_numpy(maps), FEATURE_SIDE).double().numpy()
+    return float(sum(((features[labels == c] - features[labels == c].mean(0)) ** 2).sum() for c in np.unique(labels)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_torch_kmeans_gives_scikit_learns_candidates_on_separable_samples(seed):
+    pytest.importorskip("sklearn")
+    rng = np.random.default_rng(seed)
+    radii = rng.permutation([8.0] * 9 + [13.0] * 15 + [19.0] * 11 + [25.0] * 13) + rng.normal(0, 0.6, 48)
+    maps = np.clip(discs(radii) + rng.normal(0, 0.03, (48, 64, 64)), 0, 1).astype(np.float32)
+    ours = cluster_candidates(maps, k=4, seed=seed)
+    assert _candidate_masks(maps, ours.sample_cluster) == _candidate_masks(maps, _sklearn_labels(maps, 4, seed))
+    assert len(ours) == 4
+
+
+@pytest.fixture(scope="module")
+def real_round_maps(shipped_model):
+    """The N sample maps of the first round on five of the real LIDC-IDRI crops (shipped model, seed 0)."""
+    from SPASegmentationLib.data.detect import open_dataset
+    from SPASegmentationLib.session import Session
+    from SPASegmentationLib.simulation.prompts import initial_point
+
+    dataset = open_dataset(Path(__file__).resolve().parent / "data" / "lidc-cimd")
+    rounds = []
+    for case_id in dataset.split("test")[:5]:
+        case = dataset.load(case_id)
+        target = max(case.raters.values(), key=np.sum)
+        session = Session(shipped_model, case.image, seed=0)
+        session.start(point=initial_point(case.raters, target))
+        rounds.append(session._sample_maps[-1].cpu().numpy())
+    return rounds
+
+
+def test_torch_kmeans_clusters_real_rounds_as_tightly_as_scikit_learn(real_round_maps):
+    """On real rounds k-means has near-ties (scikit-learn with another seed changes the candidates of some too):
+    the torch clustering must be as good by k-means' own measure (inertia), round by round and overall."""
+    pytest.importorskip("sklearn")
+    ratios = []
+    for maps in real_round_maps:
+        ours = cluster_candidates(maps, k=4, seed=0)
+        if len(ours) < 4:
+            continue
+        ratios.append(_inertia(maps, ours.sample_cluster) / _inertia(maps, _sklearn_labels(maps, 4, 0)))
+    assert len(ratios) >= 4
+    assert np.mean(ratios) <= 1.0 and max(ratios) <= 1.25, ratios
+
+
+def test_clustering_is_the_same_from_numpy_and_from_a_tensor(real_round_maps):
+    maps = real_round_maps[0]
+    a = cluster_candidates(maps, seed=3)
+    b = cluster_candidates(torch.from_numpy(maps), seed=3)
+    assert np.array_equal(a.masks, b.masks) and np.array_equal(a.sample_cluster, b.sample_cluster)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_clustering_on_the_gpu_gives_the_cpus_candidates(real_round_maps):
+    for maps in real_round_maps:
+        here = cluster_candidates(maps, seed=5)
+        there = cluster_candidates(torch.from_numpy(maps).cuda(), seed=5)
+        assert np.array_equal(here.masks, there.masks)
+        assert np.allclose(here.probabilities, there.probabilities, atol=1e-5)

