@@ -249,7 +249,7 @@ def bench_encoder(runtime: str, repeats: int, threads: int | None, weights: str 
         "candidates": [first.candidates, second.candidates],
     }
     if chosen is EncoderRuntime.TORCH:
-        report["flops"] = encoder_flops(model.backbone.image_encoder, model.backbone.image_size)
+        report["flops"] = encoder_flops(model.backbone.torch_image_encoder(), model.backbone.image_size)
         report["peak_gflops"] = {"float32": matmul_peak_gflops(torch.float32)}
         if native_bfloat16():
             report["peak_gflops"]["bfloat16"] = matmul_peak_gflops(torch.bfloat16)

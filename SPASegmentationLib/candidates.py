@@ -28,6 +28,7 @@ N_CANDIDATES = 4
 FEATURE_SIDE = 64  # k-means runs on maps pooled to at most this side; centroids use full resolution
 FEEDBACK_TOP_PIXELS = 20
 MIN_FEEDBACK_SCORE = 0.05
+FEEDBACK_SCORE_STEP = 1e-3  # resolution of the score that ranks feedback pixels
 KMEANS_RESTARTS = 3  # k-means++ starts per round; the one with the least inertia wins
 KMEANS_ITERATIONS = 30  # Lloyd steps, a fixed number (no convergence test: no host synchronisation on a GPU)
 
@@ -235,7 +236,9 @@ def feedback_from_choice(
         others = np.delete(candidates.probabilities, chosen, axis=0).mean(axis=0)
     else:
         others = mean_probability
-    score = np.abs(selected - others).ravel()
+    # scores in steps of FEEDBACK_SCORE_STEP, ties in pixel order: rounding-level differences between runtimes
+    # (OpenVINO's encoder against PyTorch's, one thread against two) do not reorder the top pixels
+    score = np.floor(np.abs(selected - others).ravel() / FEEDBACK_SCORE_STEP) * FEEDBACK_SCORE_STEP
     top = np.argsort(-score, kind="stable")[:FEEDBACK_TOP_PIXELS]
     top = top[score[top] >= MIN_FEEDBACK_SCORE]
     mask = candidates.masks[chosen]

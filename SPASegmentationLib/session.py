@@ -243,7 +243,7 @@ class Session:
         self._choices: list[int] = []
         self._model_rounds: list[ModelRound] = []
         self._rounds: list[Round] = []
-        self._sample_maps: list[torch.Tensor] = []  # each round's N sample maps (model frame, model's device)
+        self._sample_maps: list[torch.Tensor] = []  # each round's N sample maps (model frame, model's device, float16)
         self.accepted = False
         self.accepted_candidate: int | None = None  # set when a candidate, not the recommendation, was accepted
 
@@ -370,7 +370,8 @@ class Session:
         """The current round's N sample masks (N, H, W) bool at the image's size, after the anchor: what the
         recommendation and the candidates were made from (the evaluation's distribution measures use them)."""
         self._require_round()
-        return self._maps_to_image(self._sample_maps[-1].cpu().numpy()) >= self.model.config.recommend_threshold
+        maps = self._sample_maps[-1].float().cpu().numpy()
+        return self._maps_to_image(maps) >= self.model.config.recommend_threshold
 
     @property
     def rounds(self) -> list[Round]:
@@ -576,7 +577,7 @@ class Session:
             weight = self._anchor_weight(probabilities.mean(dim=0).cpu().numpy(), choice, chosen)
             probabilities = pull_towards(probabilities, choice, weight)
         model_round = summarise_round(self.model, prompt, mixture, probabilities, self.n_candidates, seed)
-        self._sample_maps.append(probabilities)
+        self._sample_maps.append(probabilities.half())  # kept for sample_masks() only: half the memory
         self._model_rounds.append(model_round)
         round_ = self._to_image(index, model_round, time.perf_counter() - began)
         round_.anchor_weight = weight

