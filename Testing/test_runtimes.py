@@ -151,8 +151,13 @@ def test_unusable_runtimes_are_refused_with_the_fix(monkeypatch):
         resolve_runtime("tensorrt", "cpu")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
-    with pytest.raises(InputError, match="needs the onnxruntime package: pip install"):
+    with pytest.raises(InputError, match="needs onnxruntime and onnx: pip install 'onnxruntime==1.31.1'"):
         resolve_runtime("onnxruntime", "cpu")
+    # OpenVINO reads the encoder's ONNX export: without onnx, auto falls back to PyTorch and openvino says why
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    assert resolve_runtime("auto", "cpu") is EncoderRuntime.TORCH
+    with pytest.raises(InputError, match=r"needs openvino and onnx: pip install .*'onnx==1.23.2' \(or SPASeg"):
+        resolve_runtime("openvino", "cpu")
     monkeypatch.setattr(runtimes, "native_bfloat16", lambda: False)
     with pytest.raises(InputError, match="no native bfloat16"):
         runtimes.compile_encoder(torch.nn.Conv2d(3, 4, 1), 8, "openvino-bf16", weights_key="x")

@@ -189,7 +189,7 @@ class Backbone(nn.Module):
             if which is EncoderRuntime.TORCH:
                 return None
             # the torch runtimes run the module itself; a converted graph needs one only when it is not cached
-            source = self.torch_image_encoder if RUNTIMES[which].package is None else self._new_image_encoder
+            source = self._new_image_encoder if RUNTIMES[which].converted else self.torch_image_encoder
             return compile_encoder(
                 source,
                 self.image_size,
