@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test test-mrml-5.11 lint format bench train evaluate clean
+.PHONY: install demo test test-mrml-5.11 lint format bench bench-gpu train evaluate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,12 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/spa bench
+
+# issue 12's GPU numbers in one command, on a machine with a CUDA GPU: the main table on the GPU plus rounds in
+# float32 / bfloat16 / float16 and SAM ViT-B at 1024² (VIT_CHECKPOINT=path for real ViT-B weights)
+bench-gpu: $(STAMP)
+	$(BIN)/spa bench --device cuda --gpu --repeats 20 --propagation off --out output/bench_gpu \
+		$(if $(VIT_CHECKPOINT),--vit-checkpoint $(VIT_CHECKPOINT))
 
 clean:
 	rm -rf output .pytest_cache

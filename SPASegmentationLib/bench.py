@@ -647,3 +647,205 @@ def format_service_report(report: dict[str, Any]) -> str:
             f"decode {report['frame_decode_ms']:.1f} ms)",
         ]
     )
+
+
+# ----- the GPU: rounds in each precision, and SAM ViT-B at 1024² ------------------------------------------------
+GPU_ROUND_GOAL_MS = {"token": 10.0, "concat": 25.0}  # issue 12 (concat: the paper's conditioning): N = 48, K = 4, CUDA-synchronised
+
+
+def random_sam_checkpoint(path: Path, spec: Any = None, seed: int = 0) -> Path:
+    """A SAM-format checkpoint (image encoder, prompt encoder, mask decoder) with random weights, of ViT shape
+    ``spec`` (ViT-B by default): for timing a backbone whose real weights are not on the machine (the arithmetic
+    does not depend on the values)."""
+    from .model.backbone import VIT_B, Backbone, BackboneInfo, _prompt_and_decoder, sam_modeling
+
+    spec = spec or VIT_B
+    torch.manual_seed(seed)
+    encoder = sam_modeling().ImageEncoderViT(
+        depth=spec.depth,
+        embed_dim=spec.embed_dim,
+        img_size=spec.image_size,
+        mlp_ratio=4,
+        norm_layer=lambda dim: torch.nn.LayerNorm(dim, eps=1e-6),
+        num_heads=spec.num_heads,
+        patch_size=spec.patch_size,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=spec.global_attn_indexes,
+        window_size=spec.window_size,
+        out_chans=256,
+    )
+    embedding = spec.image_size // spec.patch_size
+    prompt_encoder, mask_decoder = _prompt_and_decoder(spec.image_size, embedding)
+    info = BackboneInfo("sam_vit_b", spec.image_size, embedding, "", "", "sam")
+    torch.save(Backbone(encoder, prompt_encoder, mask_decoder, info).state_dict(), path)
+    return path
+
+
+def _timed_rounds(model: Any, embedding: Any, geometry: Any, prompt: Any, n_samples: int, repeats: int) -> dict:
+    """``repeats`` rounds after two warm-ups, each timed to its end on the device (a round ends by copying its
+    candidates to the host; CUDA is synchronised as well): the median, and the last round for comparisons."""
+    from .engine import round_seed, run_model_round
+    from .preference import uniform_weights
+
+    weights = uniform_weights(model.config.n_components)
+    times, last = [], None
+    for index in range(repeats + 2):
+        began = time.perf_counter()
+        last = run_model_round(model, embedding, geometry, prompt, weights, n_samples, round_seed(0, 1))
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        if index >= 2:
+            times.append(time.perf_counter() - began)
+    return {"round_ms": 1000.0 * statistics.median(times), "round": last}
+
+
+def _precision_rows(model: Any, embedding: Any, geometry: Any, prompt: Any, n_samples: int, repeats: int) -> list:
+    """The round in each precision the device has, against the float32 round of the same seed: time, the largest
+    difference of the mean probability, Dice of the recommendation, whether the candidates are identical."""
+    import numpy as np
+
+    from .metrics import dice
+    from .model.spa import RoundPrecision
+
+    precisions = [RoundPrecision.FLOAT32, RoundPrecision.BFLOAT16]
+    if model.device.type == "cuda":
+        precisions.append(RoundPrecision.FLOAT16)
+    rows, reference = [], None
+    for precision in precisions:
+        model.use_round_precision(precision)
+        timed = _timed_rounds(model, embedding, geometry, prompt, n_samples, repeats)
+        ours = timed.pop("round")
+        reference = reference or ours
+        threshold = model.config.recommend_threshold
+        rows.append(
+            {
+                "precision": precision.value,
+                "round_ms": timed["round_ms"],
+                "max_probability_difference": float(np.abs(ours.mean_probability - reference.mean_probability).max()),
+                "recommendation_dice": dice(
+                    ours.mean_probability >= threshold, reference.mean_probability >= threshold
+                ),
+                "candidates_identical": bool(
+                    ours.clusters.masks.shape == reference.clusters.masks.shape
+                    and np.array_equal(ours.clusters.masks, reference.clusters.masks)
+                ),
+            }
+        )
+    model.use_round_precision(RoundPrecision.FLOAT32)
+    return rows
+
+
+def bench_gpu(
+    n_samples: int = 48,
+    repeats: int = 20,
+    device: str = "cuda",
+    weights: str | None = None,
+    vit_checkpoint: str | None = None,
+    vit_spec: dict | None = None,
+) -> dict[str, Any]:
+    """What issue 12 asks of a GPU, in one fresh process: per conditioning (default with the shipped weights, the
+    paper's), the image encoding and a round (N samples, K = 4) in float32, bfloat16 and float16, CUDA-synchronised,
+    with each half-precision round's accuracy against float32 and the float32 round's stages; then SAM ViT-B at
+    1024² (``vit_checkpoint``, else random weights of the same shape: the timing is the same) encoding and rounds.
+    Runs on the CPU too (bfloat16 only): the tests check it there."""
+    from .data.folder import MultiRaterFolder
+    from .engine import round_seed, run_model_round, start_prompt
+    from .model.backbone import ViTSpec
+    from .model.build import build_model, load_model
+    from .model.spa import SPAConfig
+    from .preference import uniform_weights
+    from .resources import default_model_path, sample_case_dir
+    from .simulation.prompts import initial_point
+    from .stages import StageClock
+
+    sample = sample_case_dir()
+    case = MultiRaterFolder(sample.parent).load(sample.name)
+    point = initial_point(case.raters, max(case.raters.values(), key=lambda m: int(m.sum())))
+
+    def measure(model: Any, image: Any, click: tuple[float, float]) -> dict[str, Any]:
+        encodes = []
+        for _ in range(repeats + 2):
+            began = time.perf_counter()
+            embedding, geometry = model.encode(image)
+            if model.device.type == "cuda":
+                torch.cuda.synchronize(model.device)
+            encodes.append(time.perf_counter() - began)
+        prompt = start_prompt(geometry, point=click)
+        rows = _precision_rows(model, embedding, geometry, prompt, n_samples, repeats)
+        uniform = uniform_weights(model.config.n_components)
+        with StageClock(model.device) as clock:
+            run_model_round(model, embedding, geometry, prompt, uniform, n_samples, round_seed(0, 1))
+        return {
+            "encode_ms": 1000.0 * statistics.median(encodes[2:]),
+            "precisions": rows,
+            "stages_ms": {k: 1000.0 * v for k, v in clock.seconds.items()},
+        }
+
+    report: dict[str, Any] = {"device": device, "n_samples": n_samples, "repeats": repeats, "conditionings": {}}
+    if device.startswith("cuda"):
+        report["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    for conditioning in GPU_ROUND_GOAL_MS:
+        shipped = weights or (str(default_model_path()) if default_model_path().is_file() else None)
+        if conditioning == "token" and shipped:
+            model = load_model(Path(shipped), device=device)
+        else:
+            model = build_model(SPAConfig(conditioning=conditioning), device=device)
+        entry = measure(model, case.image, point)
+        entry["model_fingerprint"] = model.fingerprint()
+        entry["goal_ms"] = GPU_ROUND_GOAL_MS[conditioning]
+        entry["within_goal"] = bool(entry["precisions"][0]["round_ms"] <= entry["goal_ms"])
+        report["conditionings"][conditioning] = entry
+        del model
+    import tempfile
+
+    spec = ViTSpec(**{**vit_spec, "global_attn_indexes": tuple(vit_spec["global_attn_indexes"])}) if vit_spec else None
+    with tempfile.TemporaryDirectory(prefix="spa-bench-vit-") as folder:
+        checkpoint = Path(vit_checkpoint) if vit_checkpoint else random_sam_checkpoint(Path(folder) / "vit.pth", spec)
+        config = SPAConfig(backbone="sam_vit_b", vit_spec=vit_spec)
+        model = build_model(config, backbone_checkpoint=checkpoint, device=device)
+        side = model.backbone.image_size
+        image = (
+            torch.nn.functional.interpolate(
+                torch.from_numpy(case.image.astype("float32"))[None, None], size=(side, side), mode="bilinear"
+            )[0, 0]
+            .numpy()
+            .astype(case.image.dtype)
+        )
+        scale = side / case.image.shape[0]
+        entry = measure(model, image, (point[0] * scale, point[1] * scale))
+        entry["checkpoint"] = str(vit_checkpoint) if vit_checkpoint else "random weights (timing only)"
+        entry["image_size"] = side
+        report["vit_b"] = entry
+    report["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
+    return report
+
+
+def run_gpu_bench(**kwargs: Any) -> dict[str, Any]:
+    """:func:`bench_gpu` in a fresh spawned process."""
+    return _in_fresh_process(bench_gpu, kwargs, "the GPU")
+
+
+def format_gpu_report(report: dict[str, Any]) -> str:
+    """The GPU section as plain text."""
+    lines = [
+        f"{report.get('gpu', report['device'])}: N={report['n_samples']}, K=4, median of {report['repeats']} "
+        "rounds (synchronised)",
+        f"{'model':<10} {'encode ms':>9} {'precision':<9} {'round ms':>8} {'goal':>6} {'max |Δp|':>9} "
+        f"{'Dice':>6} {'candidates':>10}",
+    ]
+    entries = list(report["conditionings"].items()) + [("ViT-B " + str(report["vit_b"]["image_size"]), report["vit_b"])]
+    for name, entry in entries:
+        for index, row in enumerate(entry["precisions"]):
+            goal = entry.get("goal_ms")
+            verdict = "" if goal is None or index else ("ok" if row["round_ms"] <= goal else "OVER")
+            lines.append(
+                f"{name if index == 0 else '':<10} {format(entry['encode_ms'], '9.1f') if index == 0 else '':>9} "
+                f"{row['precision']:<9} {row['round_ms']:8.2f} {verdict:>6} {row['max_probability_difference']:9.4f} "
+                f"{row['recommendation_dice']:6.3f} {'identical' if row['candidates_identical'] else 'differ':>10}"
+            )
+    stages = report["conditionings"]["token"]["stages_ms"]
+    lines.append("token float32 round by stage (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
+    if report.get("peak_gpu_mb") is not None:
+        lines.append(f"peak GPU memory {report['peak_gpu_mb']:.0f} MB")
+    return "\n".join(lines)

@@ -696,6 +696,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         comparison = run_encoder_bench(encoders, repeats=args.repeats, threads=args.threads, weights=args.model or None)
         print(format_encoder_report(comparison))
         payload["encoders"] = comparison
+    if args.gpu:
+        from .bench import format_gpu_report, run_gpu_bench
+
+        print(f"timing rounds in float32, bfloat16 and float16 and SAM ViT-B at 1024² on {device} …")
+        gpu = run_gpu_bench(
+            n_samples=args.samples,
+            repeats=args.repeats,
+            device=device,
+            weights=args.model or None,
+            vit_checkpoint=args.vit_checkpoint,
+        )
+        print(format_gpu_report(gpu))
+        payload["gpu"] = gpu
     if args.service or args.service_only:
         from .bench import run_service_bench
 
@@ -1179,6 +1192,14 @@ def build_parser() -> argparse.ArgumentParser:
         "of at most 30 ms added per round (about a minute more)",
     )
     p.add_argument("--service-only", action="store_true", help="only the --service section")
+    p.add_argument(
+        "--gpu",
+        action="store_true",
+        help="also the GPU section (with --device cuda; `make bench-gpu`): rounds of both conditionings in float32, "
+        "bfloat16 and float16 against the 10 ms / 25 ms goals, each one's accuracy against float32, and SAM ViT-B at "
+        "1024² (--vit-checkpoint, else random weights of that shape: the timing is the same)",
+    )
+    p.add_argument("--vit-checkpoint", help="a SAM ViT-B checkpoint for --gpu's ViT-B timing")
     encoder_option(p)
     propagation_encoder_option(p)
     p.add_argument(

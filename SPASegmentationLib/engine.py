@@ -129,10 +129,14 @@ def sample_probabilities(
     """One image's N sample probability maps (N, rows, cols; on the model's device) for the prompt, and the mixture
     they came from."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    sampled = sample_round(model, embedding, [prompt], previous_weights.to(model.device)[None], n_samples, generator)
+    with model.round_autocast():
+        sampled = sample_round(
+            model, embedding, [prompt], previous_weights.to(model.device)[None], n_samples, generator
+        )
     with stage("aggregation"):
         probabilities = valid_probabilities(model, sampled.logits[0], geometry)
-    return probabilities, sampled.mixture.select(0)
+    mixture = sampled.mixture.select(0)  # float32 whatever the round's precision: it is kept and saved in profiles
+    return probabilities, PreferenceMixture(mixture.weights.float(), mixture.means.float(), mixture.stds.float())
 
 
 def run_model_round(

@@ -97,3 +97,32 @@ def test_a_bench_process_that_dies_is_reported_not_waited_for() -> None:
 
     with pytest.raises(RuntimeError, match="benchmark of the dying step failed: its process ended with code 3"):
         _in_fresh_process(_dies, {}, "the dying step")
+
+
+def test_the_gpu_bench_runs_its_whole_plan_on_the_cpu():
+    """`make bench-gpu` is run where a GPU is lent (CI has none): its code path, on the CPU in float32 and bfloat16
+    with a tiny ViT in place of ViT-B, gives every number the issue asks for, and the float32 row is its own
+    reference."""
+    from SPASegmentationLib.bench import bench_gpu, format_gpu_report
+
+    tiny = {
+        "embed_dim": 48,
+        "depth": 2,
+        "num_heads": 2,
+        "global_attn_indexes": [1],
+        "image_size": 64,
+        "window_size": 2,
+        "patch_size": 16,
+    }
+    report = bench_gpu(n_samples=6, repeats=1, device="cpu", vit_spec=tiny)
+    for name in ("token", "concat"):
+        entry = report["conditionings"][name]
+        assert [row["precision"] for row in entry["precisions"]] == ["float32", "bfloat16"]
+        exact = entry["precisions"][0]
+        assert exact["max_probability_difference"] == 0.0 and exact["candidates_identical"]
+        assert exact["recommendation_dice"] == 1.0
+        assert entry["precisions"][1]["max_probability_difference"] < 0.2
+        assert entry["encode_ms"] > 0 and {"kmeans", "conditioning_and_decoding"} <= set(entry["stages_ms"])
+    assert report["vit_b"]["image_size"] == 64 and report["vit_b"]["checkpoint"].startswith("random weights")
+    text = format_gpu_report(report)
+    assert "ViT-B 64" in text and "bfloat16" in text and "kmeans" in text

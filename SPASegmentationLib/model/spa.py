@@ -8,6 +8,7 @@ and loading models is :mod:`.build`; one round of sampling is :mod:`SPASegmentat
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..enums import TextEnum
+from ..errors import CheckpointError, InputError
 from ..fingerprints import tensor_fingerprint
 from ..preference import DEFAULT_COMPONENTS, DEFAULT_LATENT_DIM, PreferenceMixture, SamplingMode
 from .backbone import Backbone, BackboneName
@@ -111,6 +113,14 @@ class Prompt:
         return Prompt(points, labels, self.box, mask)
 
 
+class RoundPrecision(TextEnum):
+    """The arithmetic of a session's round: float32, or half precision under autocast (GPU rounds)."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
 class SPAModel(nn.Module):
     """Backbone + Preference Distribution Generator + preference conditioning."""
 
@@ -124,10 +134,28 @@ class SPAModel(nn.Module):
         self.conditioning = build_conditioning(config.conditioning, config.latent_dim)
         self.training_info: dict[str, Any] = {}
         self._fingerprint: str | None = None
+        self.round_precision = RoundPrecision.FLOAT32  # how sessions' rounds compute; see use_round_precision
 
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def use_round_precision(self, precision: RoundPrecision | str) -> RoundPrecision:
+        """Compute sessions' rounds (prompt encoding, mixture, decoding of the N samples) under autocast in
+        ``precision``: float16 on a CUDA GPU only, bfloat16 where the device has it; training is unaffected.
+        Aggregation and clustering stay float32."""
+        chosen = RoundPrecision.parse(precision, "round precision")
+        if chosen is RoundPrecision.FLOAT16 and self.device.type != "cuda":
+            raise InputError(f"float16 rounds need a CUDA GPU (the model is on {self.device}); use bfloat16 or float32")
+        self.round_precision = chosen
+        return chosen
+
+    def round_autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context of :attr:`round_precision` (none for float32)."""
+        if self.round_precision is RoundPrecision.FLOAT32:
+            return contextlib.nullcontext()
+        dtype = torch.float16 if self.round_precision is RoundPrecision.FLOAT16 else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype)
 
     # ----- images --------------------------------------------------------------------------------
     def geometry_of(self, image: np.ndarray) -> ImageGeometry:
