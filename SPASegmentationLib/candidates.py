@@ -121,11 +121,14 @@ def kmeans_labels(
     norms = points.square().sum(-1)
     every = torch.arange(restarts, device=device)
     trials = 2 + int(math.log(k))
-    first = torch.randint(n, (restarts,), generator=generator).to(device)
+    # every draw is made on the CPU generator (the same seed gives the same starts on any device) and copied without
+    # waiting (non-blocking): nothing here synchronises with the GPU
+    first = torch.randint(n, (restarts,), generator=generator).to(device, non_blocking=True)
     centres = points[first][:, None, :].repeat(1, k, 1)  # (I, k, D); centres not yet drawn repeat the first
     closest = _squared_distances(points, norms, centres[:, :1])[..., 0]  # (I, N)
     for j in range(1, k):
-        uniform = torch.rand((restarts, trials), generator=generator, dtype=torch.float64).to(device)
+        uniform = torch.rand((restarts, trials), generator=generator, dtype=torch.float64)
+        uniform = uniform.to(device, non_blocking=True)
         cumulative = torch.cumsum(closest + 1e-12, dim=1)
         picks = torch.searchsorted(cumulative, uniform * cumulative[:, -1:]).clamp_(max=n - 1)  # (I, T)
         candidates = points[picks]  # (I, T, D)
@@ -142,13 +145,13 @@ def kmeans_labels(
         # (the result is the same either way: a settled assignment stays settled)
         if device.type == "cpu" and previous is not None and torch.equal(previous, labels):
             break
-        members = torch.nn.functional.one_hot(labels, k).double()  # (I, N, k)
+        members = (labels[..., None] == torch.arange(k, device=device)).double()  # (I, N, k)
         counts = members.sum(1)  # (I, k)
         centres = torch.where(
             counts[..., None] > 0, (members.transpose(1, 2) @ points) / counts.clamp(min=1)[..., None], centres
         )
     inertia = distances.min(-1).values.sum(-1)  # (I,) of the last assignment
-    return labels[inertia.argmin()]
+    return labels.index_select(0, inertia.argmin()[None])[0]  # (a tensor index: no host read)
 
 
 def cluster_candidates(
@@ -170,7 +173,7 @@ def cluster_candidates(
     else:
         generator = torch.Generator().manual_seed(int(seed))
         labels = kmeans_labels(_pooled(maps, FEATURE_SIDE), k, _distinct_count(binary), generator)
-    members = torch.nn.functional.one_hot(labels, k).to(flat.dtype)  # (N, k)
+    members = (labels[:, None] == torch.arange(k, device=labels.device)).to(flat.dtype)  # (N, k)
     counts = members.sum(0)
     centroids = (members.T @ flat) / counts.clamp(min=1)[:, None]  # (k, P)
     centroid_masks = centroids >= threshold

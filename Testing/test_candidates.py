@@ -175,3 +175,21 @@ def test_clustering_on_the_gpu_gives_the_cpus_candidates(real_round_maps):
         there = cluster_candidates(torch.from_numpy(maps).cuda(), seed=5)
         assert np.array_equal(here.masks, there.masks)
         assert np.allclose(here.probabilities, there.probabilities, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_kmeans_never_waits_for_the_host(real_round_maps):
+    """The k-means and the distinct count queue their work without one synchronisation (a round copies to the host
+    once, at its end)."""
+    from SPASegmentationLib.candidates import FEATURE_SIDE, _distinct_count, _pooled, kmeans_labels
+
+    maps = torch.from_numpy(real_round_maps[0]).cuda()
+    features, binary = _pooled(maps, FEATURE_SIDE), maps.reshape(len(maps), -1) >= 0.5
+    _distinct_count(binary)  # the hash weights are made (and copied to the GPU) once per size
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        labels = kmeans_labels(features, 4, _distinct_count(binary), torch.Generator().manual_seed(0))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert labels.device.type == "cuda" and labels.shape == (len(maps),)
