@@ -658,24 +658,11 @@ def random_sam_checkpoint(path: Path, spec: Any = None, seed: int = 0) -> Path:
     """A SAM-format checkpoint (image encoder, prompt encoder, mask decoder) with random weights, of ViT shape
     ``spec`` (ViT-B by default): for timing a backbone whose real weights are not on the machine (the arithmetic
     does not depend on the values)."""
-    from .model.backbone import VIT_B, Backbone, BackboneInfo, _prompt_and_decoder, sam_modeling
+    from .model.backbone import VIT_B, Backbone, BackboneInfo, _prompt_and_decoder, sam_vit_encoder
 
     spec = spec or VIT_B
     torch.manual_seed(seed)
-    encoder = sam_modeling().ImageEncoderViT(
-        depth=spec.depth,
-        embed_dim=spec.embed_dim,
-        img_size=spec.image_size,
-        mlp_ratio=4,
-        norm_layer=lambda dim: torch.nn.LayerNorm(dim, eps=1e-6),
-        num_heads=spec.num_heads,
-        patch_size=spec.patch_size,
-        qkv_bias=True,
-        use_rel_pos=True,
-        global_attn_indexes=spec.global_attn_indexes,
-        window_size=spec.window_size,
-        out_chans=256,
-    )
+    encoder = sam_vit_encoder(spec)
     embedding = spec.image_size // spec.patch_size
     prompt_encoder, mask_decoder = _prompt_and_decoder(spec.image_size, embedding)
     info = BackboneInfo("sam_vit_b", spec.image_size, embedding, "", "", "sam")

@@ -379,16 +379,9 @@ def build_litemedsam(checkpoint: Path | None = None) -> Backbone:
     return backbone.eval()
 
 
-def build_sam_vit(name: str, checkpoint: Path, spec: ViTSpec = VIT_B) -> Backbone:
-    """SAM (``sam_vit_b``) or MedSAM (``medsam_vit_b``) ViT from a checkpoint; ``spec`` sets the shape."""
-    ImageEncoderViT = sam_modeling().ImageEncoderViT  # noqa: N806 (a class)
-
-    if name not in ("sam_vit_b", "medsam_vit_b"):
-        raise InputError(f"unknown SAM backbone {name!r}; use sam_vit_b or medsam_vit_b")
-    checkpoint = Path(checkpoint)
-    state = read_state_dict(checkpoint)
-    embedding_size = spec.image_size // spec.patch_size
-    image_encoder = ImageEncoderViT(
+def sam_vit_encoder(spec: ViTSpec = VIT_B) -> nn.Module:
+    """segment-anything's ViT image encoder of shape ``spec``, freshly initialised."""
+    return sam_modeling().ImageEncoderViT(
         depth=spec.depth,
         embed_dim=spec.embed_dim,
         img_size=spec.image_size,
@@ -402,6 +395,17 @@ def build_sam_vit(name: str, checkpoint: Path, spec: ViTSpec = VIT_B) -> Backbon
         window_size=spec.window_size,
         out_chans=PROMPT_EMBED_DIM,
     )
+
+
+def build_sam_vit(name: str, checkpoint: Path, spec: ViTSpec = VIT_B) -> Backbone:
+    """SAM (``sam_vit_b``) or MedSAM (``medsam_vit_b``) ViT from a checkpoint; ``spec`` sets the shape."""
+
+    if name not in ("sam_vit_b", "medsam_vit_b"):
+        raise InputError(f"unknown SAM backbone {name!r}; use sam_vit_b or medsam_vit_b")
+    checkpoint = Path(checkpoint)
+    state = read_state_dict(checkpoint)
+    embedding_size = spec.image_size // spec.patch_size
+    image_encoder = sam_vit_encoder(spec)
     prompt_encoder, mask_decoder = _prompt_and_decoder(spec.image_size, embedding_size)
     # SAM normalises 0..255 pixels with ImageNet statistics; MedSAM feeds [0, 1] images as they are.
     normalisation = "sam" if name == "sam_vit_b" else "unit"
