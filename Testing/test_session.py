@@ -333,3 +333,22 @@ def test_a_click_the_whole_image_finds_no_box_for_is_looked_at_closer(shipped_mo
     assert dice(near.recommended, target) > 0.45 > 0.2 > dice(alone.recommended, target)
     restored = Session.restore(shipped_model, case.image, json.loads(json.dumps(closer.state().to_dict())))
     assert restored.focus_window == window and np.array_equal(restored.current.probability, near.probability)
+
+
+def test_a_bfloat16_round_stays_close_to_float32_and_keeps_a_float32_mixture(shipped_model):
+    """Half-precision rounds (GPU servers: --round-precision) change masks slightly, never the mixture's type: the
+    weights a profile saves stay float32 and sum to one. float16 is refused off a GPU, with the fix."""
+    image = disc_image()
+    try:
+        rounds = {}
+        for precision in ("float32", "bfloat16"):
+            shipped_model.use_round_precision(precision)
+            rounds[precision] = Session(shipped_model, image, seed=3, n_samples=12).start(box=(80, 50, 160, 130))
+        half = rounds["bfloat16"]
+        assert np.abs(half.probability - rounds["float32"].probability).max() < 0.1
+        assert dice(half.recommended, rounds["float32"].recommended) > 0.95
+        assert half.mixture_weights.dtype == np.float64 and abs(half.mixture_weights.sum() - 1.0) < 1e-6
+        with pytest.raises(InputError, match="float16 rounds need a CUDA GPU"):
+            shipped_model.use_round_precision("float16")
+    finally:
+        shipped_model.use_round_precision("float32")

@@ -83,8 +83,9 @@ def serve(
     out: TextIO = sys.stdout,
     encoder: str = "auto",
     propagation_encoder: str = "auto",
+    round_precision: str = "float32",
 ) -> None:
-    """Load the model and serve it until interrupted."""
+    """Load the model and serve it until interrupted (``round_precision``: see ``SPAModel.use_round_precision``)."""
     import uvicorn
 
     from ..model.build import default_model, load_model
@@ -105,6 +106,7 @@ def serve(
         tokens[token] = None
     model = default_model(device) if model_path is None else load_model(model_path, checkpoint, device)
     runtime = model.backbone.use_encoder_runtime(encoder, propagation=propagation_encoder)
+    model.use_round_precision(round_precision)
     profiles = SQLiteProfileStore(
         profiles_db or spa_home() / "serve" / "profiles.sqlite3",
         model_fingerprint=model.fingerprint(),
@@ -132,6 +134,7 @@ def serve(
         "model_fingerprint": model.fingerprint(),
         "encoder": runtime.value,
         "propagation_encoder": model.backbone.propagation_runtime.value,
+        "round_precision": model.round_precision.value,
     }
     if generated is not None:
         ready["token"] = generated
