@@ -788,7 +788,7 @@ def bench_gpu(
         del model
     import tempfile
 
-    spec = ViTSpec(**{**vit_spec, "global_attn_indexes": tuple(vit_spec["global_attn_indexes"])}) if vit_spec else None
+    spec = ViTSpec.from_dict(vit_spec) if vit_spec else None
     with tempfile.TemporaryDirectory(prefix="spa-bench-vit-") as folder:
         checkpoint = Path(vit_checkpoint) if vit_checkpoint else random_sam_checkpoint(Path(folder) / "vit.pth", spec)
         config = SPAConfig(backbone="sam_vit_b", vit_spec=vit_spec)

@@ -94,6 +94,12 @@ def _distinct_count(binary: torch.Tensor) -> torch.Tensor:
     return 1 + (keys[1:] != keys[:-1]).sum()
 
 
+def _memberships(labels: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Labels (..., N) in 0..k-1 → one-hot memberships (..., N, k) of ``dtype``, by comparison (``one_hot`` may
+    check its input on the host)."""
+    return (labels[..., None] == torch.arange(k, device=labels.device)).to(dtype)
+
+
 def _squared_distances(points: torch.Tensor, norms: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     """(N, D) points with their (N,) squared norms and (I, k, D) centres → (I, N, k) squared distances."""
     cross = torch.matmul(points, centres.transpose(1, 2))  # (I, N, k)
@@ -145,7 +151,7 @@ def kmeans_labels(
         # (the result is the same either way: a settled assignment stays settled)
         if device.type == "cpu" and previous is not None and torch.equal(previous, labels):
             break
-        members = (labels[..., None] == torch.arange(k, device=device)).double()  # (I, N, k)
+        members = _memberships(labels, k, torch.float64)  # (I, N, k)
         counts = members.sum(1)  # (I, k)
         centres = torch.where(
             counts[..., None] > 0, (members.transpose(1, 2) @ points) / counts.clamp(min=1)[..., None], centres
@@ -173,7 +179,7 @@ def cluster_candidates(
     else:
         generator = torch.Generator().manual_seed(int(seed))
         labels = kmeans_labels(_pooled(maps, FEATURE_SIDE), k, _distinct_count(binary), generator)
-    members = (labels[:, None] == torch.arange(k, device=labels.device)).to(flat.dtype)  # (N, k)
+    members = _memberships(labels, k, flat.dtype)  # (N, k)
     counts = members.sum(0)
     centroids = (members.T @ flat) / counts.clamp(min=1)[:, None]  # (k, P)
     centroid_masks = centroids >= threshold

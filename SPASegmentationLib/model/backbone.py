@@ -65,6 +65,11 @@ class ViTSpec:
     window_size: int = 14
     patch_size: int = 16
 
+    @classmethod
+    def from_dict(cls, values: dict) -> ViTSpec:
+        """The spec stored as a plain dict (``SPAConfig.vit_spec``: JSON turns the tuple into a list)."""
+        return cls(**{**values, "global_attn_indexes": tuple(values["global_attn_indexes"])})
+
 
 VIT_B = ViTSpec()
 

@@ -48,11 +48,7 @@ def build_model(
     from torch's global generator.
     """
     config = config or SPAConfig()
-    spec = (
-        ViTSpec(**{**config.vit_spec, "global_attn_indexes": tuple(config.vit_spec["global_attn_indexes"])})
-        if config.vit_spec
-        else None
-    )
+    spec = ViTSpec.from_dict(config.vit_spec) if config.vit_spec else None
     backbone = build_backbone(config.backbone, backbone_checkpoint, spec)
     with torch.random.fork_rng(devices=[]):
         if seed is not None:

@@ -248,7 +248,7 @@ def _traced(encoder: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor
 
 def _quiet_tracing() -> None:
     """Inside ``warnings.catch_warnings()``: silence what tracing says that a user cannot act on (shape arithmetic
-    turned into constants, as wanted here; TorchScript's deprecation, which OpenVINO's converter still uses)."""
+    turned into constants, as wanted here; TorchScript's deprecation notes)."""
     warnings.simplefilter("ignore", torch.jit.TracerWarning)
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
 
