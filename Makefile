@@ -8,10 +8,10 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 # pip over a network that drops connections (a CI run once failed on a 43 MB wheel cut at 21 MB six times in a row):
 # pip's own retries and resumes (PIP_NET needs the pip the venv is upgraded to), then the whole install again after a
-# pause, four times in all. Usage: $(call with_retries,COMMAND); COMMAND must not contain a comma.
+# pause, four times in all (a full disk fails all four: its error is printed each time). Usage: $(call with_retries,COMMAND); COMMAND must not contain a comma.
 PIP_NET := --retries 10 --timeout 60 --resume-retries 30
 with_retries = for attempt in 1 2 3 4; do $(1) && break; \
-	if [ $$attempt = 4 ]; then echo "install failed 4 times: check the network, then rerun make" >&2; exit 1; fi; \
+	if [ $$attempt = 4 ]; then echo "install failed 4 times (pip's last error is above: network, disk space?); mend it, then rerun make" >&2; exit 1; fi; \
 	echo "install failed (attempt $$attempt of 4); trying again in $$((attempt * 30)) s" >&2; sleep $$((attempt * 30)); done
 
 .PHONY: install demo test test-mrml-5.11 lint format bench bench-gpu train evaluate clean
