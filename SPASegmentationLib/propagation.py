@@ -220,7 +220,7 @@ def propagate(
         )
 
     remaining = dict(reach)
-    ahead = _SlicePrefetch(model, get_slice, window, embeddings, total_slices)
+    ahead = _SlicePrefetch(model, get_slice, window, embeddings, total_slices, start_mask.shape)
     try:
         if progress is not None and progress(0, estimate(remaining)) is False:
             stopped.update({d: CANCELLED for d in DIRECTIONS})
@@ -238,11 +238,6 @@ def propagate(
                 if count < reach[direction]:
                     ahead.request(index + step)  # the next slice's embedding, while this one's round runs
                 image, embedding = ahead.take(index)
-                if image.shape[:2] != start_mask.shape:
-                    raise InputError(
-                        f"slice {index} is {image.shape[0]}×{image.shape[1]} but the start slice is "
-                        f"{start_mask.shape[0]}×{start_mask.shape[1]}; every slice must have the same size"
-                    )
                 mask, mixture_weights[index] = _segment_slice(
                     model,
                     image,
@@ -320,7 +315,8 @@ def _segment_slice(
 
 class _SlicePrefetch:
     """A propagation's slice embeddings, encoded on one background thread ahead of need (the propagation's
-    encoder, through the embedding cache when there is one); what is still pending at :meth:`close` is dropped."""
+    encoder, through the embedding cache when there is one); what is still pending at :meth:`close` is dropped.
+    A slice whose size is not the start slice's is refused before it is encoded."""
 
     def __init__(
         self,
@@ -329,9 +325,10 @@ class _SlicePrefetch:
         window: tuple[float, float] | None,
         embeddings: EmbeddingCache | None,
         n_slices: int,
+        slice_shape: tuple[int, ...],
     ) -> None:
         self._model, self._get_slice, self._window, self._embeddings = model, get_slice, window, embeddings
-        self._n_slices = n_slices
+        self._n_slices, self._slice_shape = n_slices, tuple(slice_shape)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spa-propagation-encoder")
         self._pending: dict[int, Future[tuple[np.ndarray, torch.Tensor]]] = {}
 
@@ -352,6 +349,12 @@ class _SlicePrefetch:
 
     def _encode(self, index: int) -> tuple[np.ndarray, torch.Tensor]:
         image = np.asarray(self._get_slice(index))  # read once: the round uses the slice the embedding is of
+        if image.shape[:2] != self._slice_shape:
+            height, width = self._slice_shape
+            raise InputError(
+                f"slice {index} is {image.shape[0]}×{image.shape[1]} but the start slice is {height}×{width}; "
+                "every slice must have the same size"
+            )
         if self._embeddings is not None:
             return image, self._embeddings.get(image, self._window, bulk=True)
         return image, self._model.encode(image, self._window, bulk=True)[0]

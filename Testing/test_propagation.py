@@ -196,7 +196,7 @@ def test_adapted_weights_seed_every_slice(untrained_model, volume, lookup):
         assert not np.allclose(a.mixture_weights[index], b.mixture_weights[index])
 
 
-def test_bad_inputs_are_explained(untrained_model, volume):
+def test_bad_inputs_are_explained(untrained_model, volume, monkeypatch):
     image, truth = volume
     with pytest.raises(InputError, match="start mask is empty"):
         propagate(untrained_model, image, START, np.zeros((SIZE, SIZE), dtype=bool))
@@ -218,9 +218,18 @@ def test_bad_inputs_are_explained(untrained_model, volume):
         propagate(untrained_model, image, START, truth[START], initial_weights=np.ones(4))
     with pytest.raises(InputError, match="prompt"):
         propagate(untrained_model, image, START, truth[START], prompt="lasso")
-    ragged = {3: image[3], 4: image[4], 5: image[5][:80]}
-    with pytest.raises(InputError, match="same size"):
+    ragged = {3: image[3][:80], 4: image[4], 5: image[5]}  # slice 5 (forward) is encoded, slice 3 must not be
+    encoded: list[tuple[int, ...]] = []
+    encode = untrained_model.encode
+
+    def recording_encode(picture, *args, **kwargs):
+        encoded.append(np.asarray(picture).shape)
+        return encode(picture, *args, **kwargs)
+
+    monkeypatch.setattr(untrained_model, "encode", recording_encode)
+    with pytest.raises(InputError, match="slice 3 is 80×.* but the start slice is .*same size"):
         propagate(untrained_model, lambda i: ragged[i], START, truth[START], n_slices=6, n_samples=SAMPLES)
+    assert encoded and all(shape[:2] == truth[START].shape for shape in encoded)  # refused before it was encoded
 
 
 def test_slices_are_encoded_on_the_propagation_encoder_and_cached_under_its_key(untrained_model, volume, propagated):
