@@ -635,7 +635,9 @@ def _encoder_list(text: str) -> list[str]:
     unknown = [w for w in words if w not in known]
     if unknown or not words:
         raise InputError(f"--encoders {text!r}: unknown {unknown or 'empty list'}; use default, all or some of {known}")
-    return list(dict.fromkeys(words))
+    if len(set(words)) != len(words):
+        raise InputError(f"--encoders {text!r} names a runtime twice; list each once")
+    return words
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

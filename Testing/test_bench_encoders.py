@@ -48,10 +48,13 @@ def test_the_encoder_comparison_reports_time_accuracy_and_arithmetic(
     assert "against before issue 12" in printed
 
 
-def test_unknown_encoders_are_named() -> None:
+def test_unknown_encoders_are_named(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["bench", "--encoder", "tensorrt"])
     assert main(["bench", "--encoders", "openvino,tensorrt"]) == 2
+    assert "unknown ['tensorrt']" in capsys.readouterr().err
+    assert main(["bench", "--encoders", "torch,openvino,torch"]) == 2  # as every list option: each named once
+    assert "names a runtime twice" in capsys.readouterr().err
 
 
 def test_the_bench_volume_has_the_structure_on_every_slice() -> None:
