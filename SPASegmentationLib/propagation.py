@@ -325,10 +325,10 @@ class _SlicePrefetch:
         window: tuple[float, float] | None,
         embeddings: EmbeddingCache | None,
         n_slices: int,
-        slice_shape: tuple[int, ...],
+        slice_shape: tuple[int, int],
     ) -> None:
         self._model, self._get_slice, self._window, self._embeddings = model, get_slice, window, embeddings
-        self._n_slices, self._slice_shape = n_slices, tuple(slice_shape)
+        self._n_slices, self._slice_shape = n_slices, slice_shape
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spa-propagation-encoder")
         self._pending: dict[int, Future[tuple[np.ndarray, torch.Tensor]]] = {}
 
